@@ -1,0 +1,15 @@
+"""lorakernels: fused LoRA for Phi-3, usable exactly where loralib is.
+
+    import lorakernels as lora
+    layer = lora.Linear(3072, 3072, r=16, lora_alpha=32)
+"""
+from .dispatch import lora_linear
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .params import lora_state_dict, mark_only_lora_as_trainable
+from .parts import LoraParts
+
+__all__ = [
+    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoraParts",
+    "MergedLinear", "lora_linear", "lora_state_dict", "mark_only_lora_as_trainable",
+]
+__version__ = "0.1.0"

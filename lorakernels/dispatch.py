@@ -1,0 +1,59 @@
+"""The one place where a LoRA linear layer's forward chooses its implementation.
+
+``LORAKERNELS_BACKEND`` selects it, read at every call so tests can switch it:
+``auto`` (default) uses the Triton kernels for CUDA tensors and the eager
+reference otherwise; ``triton`` forces the kernels (on CPU tensors too, under
+``TRITON_INTERPRET=1``); ``eager`` forces the reference.
+"""
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .parts import LoraParts
+from .reference import lora_linear_reference, merged_lora_linear_reference
+
+BACKEND_ENV = "LORAKERNELS_BACKEND"
+BACKENDS = ("auto", "triton", "eager")
+
+
+def selected_backend(x: torch.Tensor) -> str:
+    """'triton' or 'eager' for this input, from ``LORAKERNELS_BACKEND``."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not one of {', '.join(BACKENDS)}"
+        )
+    if choice == "auto":
+        return "triton" if x.is_cuda else "eager"
+    return choice
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    parts: Optional[LoraParts] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, on the selected backend.
+
+    x: [..., K], weight: [N, K] (any strides), A: [r·G, K], B: [N_lora, r].
+    ``parts`` describes a fused projection with one A/B pair per enabled part;
+    ``None`` means one pair over the whole output. Dropout is active only when
+    ``training`` and ``dropout_p > 0``.
+    """
+    if selected_backend(x) == "triton":
+        raise NotImplementedError(
+            f"{BACKEND_ENV}=triton: the Triton LoRA kernels are not available yet; "
+            f"use {BACKEND_ENV}=eager"
+        )
+    lora_input = F.dropout(x, dropout_p, training=True) if training and dropout_p > 0 else None
+    if parts is None:
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
+    return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)

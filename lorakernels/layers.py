@@ -1,0 +1,307 @@
+"""LoRA layers, a drop-in for ``import loralib as lora`` (loralib 0.1.2).
+
+Each layer subclasses the torch layer it adapts, so ``weight`` and ``bias`` keep
+their names and a pretrained state dict loads unchanged; ``lora_A``/``lora_B``
+have loralib's names, shapes, initialisation and scaling, so state dicts move
+between loralib models and ours in both directions. ``eval()`` merges the
+low-rank update into the frozen weight, ``train()`` takes it out again.
+
+Beyond loralib: ``MergedLinear(split_sizes=...)`` for fused projections with
+unequal parts (grouped-query qkv), ``use_rslora`` (scaling alpha/sqrt(r)),
+Conv1d/Conv3d with shapes that work for any kernel size, dropout honoured by the
+conv layers, and clear ``ValueError``s for impossible arguments.
+"""
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .dispatch import lora_linear
+from .parts import LoraParts
+
+
+class LoRALayer:
+    """Mixin holding what every LoRA layer shares: rank, alpha, dropout, merge state.
+
+    Subclasses create ``lora_A``/``lora_B`` when they have a low-rank path and
+    implement ``delta_weight()``: the scaled update in the frozen weight's layout.
+    """
+
+    def __init__(
+        self,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        merge_weights: bool,
+        use_rslora: bool = False,
+    ):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {r!r}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.lora_dropout = nn.Dropout(p=lora_dropout)
+        self.use_rslora = use_rslora
+        if r > 0:
+            self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.merged = False
+        self.merge_weights = merge_weights
+
+    @property
+    def has_lora(self) -> bool:
+        return "lora_A" in self._parameters
+
+    @property
+    def lora_base_weight(self) -> nn.Parameter:
+        """The frozen weight the update merges into."""
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        """Unmerge on ``train()``, merge on ``eval()`` (when ``merge_weights``)."""
+        super().train(mode)
+        if self.merge_weights and self.merged == mode:
+            if self.has_lora:
+                weight = self.lora_base_weight
+                delta = self.delta_weight().to(weight.dtype)
+                weight.data += -delta if mode else delta
+            self.merged = not mode
+        return self
+
+
+class Linear(LoRALayer, nn.Linear):
+    """``nn.Linear`` plus ``s·(dropout(x)·Aᵀ)·Bᵀ``. A: [r, in], B: [out, r]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ):
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def reset_parameters(self):
+        nn.Linear.reset_parameters(self)
+        if self.has_lora:
+            # A as nn.Linear's default init, B zero: training starts from the base model.
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def _oriented_weight(self) -> torch.Tensor:
+        """The weight as [out, in], a view whatever ``fan_in_fan_out`` says."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._oriented_weight()
+        if not self.has_lora or self.merged:
+            return F.linear(x, weight, self.bias)
+        return lora_linear(
+            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            dropout_p=self.lora_dropout.p, training=self.training,
+        )
+
+
+class MergedLinear(Linear):
+    """One ``nn.Linear`` holding several projections (e.g. q, k, v), LoRA per part.
+
+    ``enable_lora`` says which parts adapt; parts are equal (loralib) unless
+    ``split_sizes`` gives their sizes. A: [r·G, in] and B: [sum of enabled part
+    sizes, r] for G enabled parts, stacked in part order as in loralib.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        enable_lora: Sequence[bool] = (False,),
+        fan_in_fan_out: bool = False,
+        merge_weights: bool = True,
+        split_sizes: Optional[Sequence[int]] = None,
+        use_rslora: bool = False,
+        **kwargs,
+    ):
+        if split_sizes is None:
+            parts = LoraParts.equal(out_features, enable_lora)
+        else:
+            parts = LoraParts(tuple(split_sizes), tuple(enable_lora))
+            if parts.out_features != out_features:
+                raise ValueError(
+                    f"split_sizes {list(split_sizes)} sum to {parts.out_features}, "
+                    f"not out_features ({out_features})"
+                )
+        nn.Linear.__init__(self, in_features, out_features, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        self.enable_lora = list(enable_lora)
+        self.lora_parts = parts
+        self.fan_in_fan_out = fan_in_fan_out
+        if r > 0 and parts.num_enabled > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * parts.num_enabled, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((parts.lora_out_features, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+        if fan_in_fan_out:
+            self.weight.data = self.weight.data.transpose(0, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Each enabled part's B_g·A_g in its rows, zeros in disabled parts."""
+        delta = self.lora_B.new_zeros((self.out_features, self.in_features))
+        for g, ((out_start, out_end), (b_start, b_end)) in enumerate(
+            zip(self.lora_parts.enabled_out_cols, self.lora_parts.enabled_b_rows)
+        ):
+            part_A = self.lora_A[g * self.r : (g + 1) * self.r]
+            delta[out_start:out_end] = self.lora_B[b_start:b_end] @ part_A
+        delta = delta * self.scaling
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self._oriented_weight()
+        if not self.has_lora or self.merged:
+            return F.linear(x, weight, self.bias)
+        return lora_linear(
+            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
+        )
+
+
+class Embedding(LoRALayer, nn.Embedding):
+    """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r] (normal)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ):
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, 0.0, merge_weights, use_rslora)
+        if r > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
+            self.weight.requires_grad = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.Embedding.reset_parameters(self)
+        if self.has_lora:
+            nn.init.zeros_(self.lora_A)
+            nn.init.normal_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).t() * self.scaling
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(
+            ids, table, self.padding_idx, self.max_norm,
+            self.norm_type, self.scale_grad_by_freq, self.sparse,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self._lookup(x, self.weight)
+        if not self.has_lora or self.merged:
+            return result
+        return result + (self._lookup(x, self.lora_A.t()) @ self.lora_B.t()) * self.scaling
+
+
+class _ConvLoRA(LoRALayer, nn.Module):
+    """A convolution (``self.conv``, as in loralib) with a low-rank weight update.
+
+    For a d-dimensional square kernel k: A: [r·k, in·k^(d-1)], B: [out/groups·k, r·k],
+    and B·A is viewed as the conv weight. For d = 2 these are loralib's shapes;
+    loralib's Conv1d/Conv3d shapes only work for k = 1, where ours equal theirs.
+    """
+
+    conv_class: type
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        r: int = 0,
+        lora_alpha: float = 1,
+        lora_dropout: float = 0.0,
+        merge_weights: bool = True,
+        use_rslora: bool = False,
+        **kwargs,
+    ):
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+            raise ValueError(f"kernel_size must be an int (a square kernel), got {kernel_size!r}")
+        nn.Module.__init__(self)
+        self.conv = self.conv_class(in_channels, out_channels, kernel_size, **kwargs)
+        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        if r > 0:
+            dims = len(self.conv.kernel_size)
+            weight = self.conv.weight
+            self.lora_A = nn.Parameter(
+                weight.new_zeros((r * kernel_size, in_channels * kernel_size ** (dims - 1)))
+            )
+            self.lora_B = nn.Parameter(
+                weight.new_zeros((out_channels // self.conv.groups * kernel_size, r * kernel_size))
+            )
+            weight.requires_grad = False
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.conv.reset_parameters()
+        if self.has_lora:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    @property
+    def lora_base_weight(self) -> nn.Parameter:
+        return self.conv.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_lora or self.merged:
+            return self.conv(x)
+        if self.training and self.lora_dropout.p > 0:
+            # Dropout applies to the low-rank path's input only, so it needs its own conv.
+            base = self.conv(x)
+            return base + self.conv._conv_forward(self.lora_dropout(x), self.delta_weight(), None)
+        return self.conv._conv_forward(x, self.conv.weight + self.delta_weight(), self.conv.bias)
+
+
+class Conv1d(_ConvLoRA):
+    conv_class = nn.Conv1d
+
+
+class Conv2d(_ConvLoRA):
+    conv_class = nn.Conv2d
+
+
+class Conv3d(_ConvLoRA):
+    conv_class = nn.Conv3d

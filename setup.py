@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lorakernels",
+    version="0.1.0",
+    description="Fused Triton LoRA kernels and a hand-written Phi-3 for fast, lean LoRA fine-tuning",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        # Triton ships wheels for Linux only; elsewhere the eager backend runs.
+        "triton>=3.2; sys_platform == 'linux'",
+        "safetensors",
+        "tokenizers",
+        "huggingface_hub",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        # Reference implementations, used only by the tests to check parity and interchange.
+        "test": ["pytest", "transformers", "peft", "loralib==0.1.2"],
+    },
+)
