@@ -48,12 +48,17 @@ def lora_linear(
     ``None`` means one pair over the whole output. Dropout is active only when
     ``training`` and ``dropout_p > 0``.
     """
-    if selected_backend(x) == "triton":
-        raise NotImplementedError(
-            f"{BACKEND_ENV}=triton: the Triton LoRA kernels are not available yet; "
-            f"use {BACKEND_ENV}=eager"
+    dropout_active = training and dropout_p > 0
+    if selected_backend(x) == "triton" and x.numel() > 0:
+        from .ops.lora_linear import fused_lora_linear  # imports Triton only when used
+
+        # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_active else 0
+        return fused_lora_linear(
+            x, weight, bias, lora_A, lora_B, scaling,
+            dropout_p if dropout_active else 0.0, seed, parts,
         )
-    lora_input = F.dropout(x, dropout_p, training=True) if training and dropout_p > 0 else None
+    lora_input = F.dropout(x, dropout_p, training=True) if dropout_active else None
     if parts is None:
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
     return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)
