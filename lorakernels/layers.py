@@ -77,6 +77,8 @@ class LoRALayer:
 class Linear(LoRALayer, nn.Linear):
     """``nn.Linear`` plus ``s·(dropout(x)·Aᵀ)·Bᵀ``. A: [r, in], B: [out, r]."""
 
+    lora_parts: Optional[LoraParts] = None  # one A/B pair over the whole output
+
     def __init__(
         self,
         in_features: int,
@@ -111,8 +113,12 @@ class Linear(LoRALayer, nn.Linear):
         """The weight as [out, in], a view whatever ``fan_in_fan_out`` says."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
+    def _low_rank_product(self) -> torch.Tensor:
+        """B·A as [out, in]."""
+        return self.lora_B @ self.lora_A
+
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B @ self.lora_A) * self.scaling
+        delta = self._low_rank_product() * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,7 +127,7 @@ class Linear(LoRALayer, nn.Linear):
             return F.linear(x, weight, self.bias)
         return lora_linear(
             x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-            dropout_p=self.lora_dropout.p, training=self.training,
+            dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
         )
 
 
@@ -169,25 +175,15 @@ class MergedLinear(Linear):
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
 
-    def delta_weight(self) -> torch.Tensor:
-        """Each enabled part's B_g·A_g in its rows, zeros in disabled parts."""
-        delta = self.lora_B.new_zeros((self.out_features, self.in_features))
+    def _low_rank_product(self) -> torch.Tensor:
+        """Each enabled part's B_g·A_g in its rows, zeros in disabled parts: [out, in]."""
+        product = self.lora_B.new_zeros((self.out_features, self.in_features))
         for g, ((out_start, out_end), (b_start, b_end)) in enumerate(
             zip(self.lora_parts.enabled_out_cols, self.lora_parts.enabled_b_rows)
         ):
             part_A = self.lora_A[g * self.r : (g + 1) * self.r]
-            delta[out_start:out_end] = self.lora_B[b_start:b_end] @ part_A
-        delta = delta * self.scaling
-        return delta.t() if self.fan_in_fan_out else delta
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._oriented_weight()
-        if not self.has_lora or self.merged:
-            return F.linear(x, weight, self.bias)
-        return lora_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-            dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
-        )
+            product[out_start:out_end] = self.lora_B[b_start:b_end] @ part_A
+        return product
 
 
 class Embedding(LoRALayer, nn.Embedding):

@@ -173,3 +173,19 @@ def test_clear_errors(change, error, message):
     b = torch.randn(*change.get("b_shape", (16, 4)), device=DEVICE)
     with pytest.raises(error, match=message):
         fused_lora_linear(x, w, None, a, b, 1.0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU")
+@pytest.mark.parametrize("M", [1, 333, 4096])
+@pytest.mark.parametrize("variant", ["plain", "qkv_q_and_v", "gqa_unequal_k_off"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_large_shapes_on_gpu(M, variant, dtype):
+    scale = 64  # parts ×64: qkv 3072 → (1024·3), GQA (2560, 768, 768)
+    N, parts = VARIANTS[variant]
+    big_parts = None if parts is None else lora.LoraParts(
+        tuple(s * scale for s in parts.split_sizes), parts.enabled)
+    VARIANTS[f"{variant}_large"] = (N * scale, big_parts)
+    try:
+        run_case(M, 3072, f"{variant}_large", 16, dtype, 0.05)
+    finally:
+        del VARIANTS[f"{variant}_large"]
