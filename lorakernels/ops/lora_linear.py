@@ -267,13 +267,20 @@ ROW_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)],
 )
 
-_gemm_lowrank = triton.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCK_R", "CAST_FP32"],
-                                prune_configs_by={"early_config_prune": _prune_gemm_configs})(
-    _gemm_lowrank_kernel)
-_lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"])(_lora_shrink_kernel)
-_lora_grad_s_b = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "N", "BLOCK_R"],
+# Keys hold every argument that changes the kernel's cost: the role (stride_wk tells F2's
+# Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
+_gemm_lowrank = triton.autotune(
+    GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
+         "CAST_FP32"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)(_gemm_lowrank_kernel)
+_lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
+    _lora_shrink_kernel)
+_lora_grad_s_b = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "N", "BLOCK_R", "GATHER_B"],
                                  reset_to_zero=["db_ptr"])(_lora_grad_s_b_kernel)
-_lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R"])(_lora_grad_a_kernel)
+_lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
+    _lora_grad_a_kernel)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -433,6 +440,7 @@ class FusedLoraLinear(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
         ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed = layout, scaling, dropout_p, seed
         ctx.x_shape = x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
@@ -454,7 +462,7 @@ class FusedLoraLinear(torch.autograd.Function):
         if need_dw:
             dw = (dy2.t() @ x2).to(weight.dtype)
         if need_db:
-            db = dy2.sum(0).to(dy.dtype)
+            db = dy2.sum(0).to(ctx.bias_dtype)
         return dx, dw, db, da, dB, None, None, None, None
 
 

@@ -1,0 +1,89 @@
+"""The one-command GPU check: the test suite on the GPU, then every benchmark in benchmarks/.
+
+    python benchmarks/gpu_check.py
+
+Each step runs in its own process with a time limit; its output goes to
+benchmarks/results/gpu_check_<device>/<step>.log, and a summary with device,
+versions and date to benchmarks/results/gpu_check_<device>.json and .md.
+Benchmarks write their own results next to it. Any issue lent a GPU runs this first.
+"""
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def device_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def steps() -> list:
+    """(name, command) pairs: the tests first, then each benchmark script."""
+    found = [("tests", [sys.executable, "-m", "pytest", "-q", "tests"])]
+    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
+        found.append((script.stem, [sys.executable, str(script.relative_to(ROOT))]))
+    return found
+
+
+def run_step(name: str, command: list, timeout_s: int, log_dir: Path) -> dict:
+    start = time.perf_counter()
+    log = log_dir / f"{name}.log"
+    with log.open("w") as out:
+        try:
+            rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+    return dict(step=name, command=" ".join(command), returncode=rc,
+                seconds=round(time.perf_counter() - start, 1), last_line=tail[0],
+                log=str(log.relative_to(ROOT)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--timeout", type=int, default=240, help="seconds allowed per step")
+    parser.add_argument("--list", action="store_true", help="print the steps and exit")
+    args = parser.parse_args()
+    if args.list:
+        for name, command in steps():
+            print(f"{name}: {' '.join(command)}")
+        return 0
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA GPU; on CPU run `python -m pytest -q` instead")
+
+    slug = device_slug()
+    log_dir = ROOT / "benchmarks" / "results" / f"gpu_check_{slug}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    summary = dict(device=torch.cuda.get_device_name(), date=datetime.now(timezone.utc).isoformat(),
+                   torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+                   cuda=torch.version.cuda, steps=[])
+    for name, command in steps():
+        print(f"== {name}", flush=True)
+        summary["steps"].append(run_step(name, command, args.timeout, log_dir))
+        print(summary["steps"][-1], flush=True)
+
+    results = ROOT / "benchmarks" / "results"
+    (results / f"gpu_check_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# GPU check on {summary['device']}",
+             f"{summary['date']} · torch {summary['torch']} · triton {summary['triton']} · "
+             f"CUDA {summary['cuda']} · Python {summary['python']}", "",
+             "| step | result | seconds | last line |", "|---|---|---|---|"]
+    lines += [f"| {s['step']} | {'ok' if s['returncode'] == 0 else s['returncode']} | {s['seconds']} "
+              f"| {s['last_line']} |" for s in summary["steps"]]
+    (results / f"gpu_check_{slug}.md").write_text("\n".join(lines) + "\n")
+    return 0 if all(s["returncode"] == 0 for s in summary["steps"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
