@@ -311,11 +311,14 @@ class _Layout:
         self.R = lora_A.shape[0]
         self.block_r = next_block(self.R)
         if parts is None:
-            self.rank, self.gather = self.R, False
-            self.b_row = self.b_off = lora_B  # unused pointers when not gathering
+            self.rank, self.b_index = self.R, None
         else:
-            self.rank, self.gather = self.R // parts.num_enabled, True
-            self.b_row, self.b_off = _b_index(parts, self.rank, lora_B.device)
+            self.rank = self.R // parts.num_enabled
+            self.b_index = _b_index(parts, self.rank, lora_B.device)
+
+    def b_index_pointers(self, placeholder: torch.Tensor):
+        """(b_row, b_off) for a kernel; any tensor stands in when there is nothing to gather."""
+        return self.b_index if self.b_index is not None else (placeholder, placeholder)
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_p: float,
@@ -333,10 +336,15 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_
 
 
 def gemm_lowrank(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
-                 q_row: torch.Tensor, q_off: torch.Tensor, q_rank: int, gather: bool,
+                 q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
                  block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
                  dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view)."""
+    """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
+
+    q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
+    q expanded to the output columns (B̂ of a fused projection).
+    """
+    q_row, q_off = q_index if q_index is not None else (q, q)
     M, K = x.shape
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -346,7 +354,8 @@ def gemm_lowrank(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, q: torch.Ten
         M, N, K, p.shape[1], q_rank, scaling, seed, _m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
-        P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None, GATHER_Q=gather,
+        P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
+        GATHER_Q=q_index is not None,
         CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
     return out
@@ -359,10 +368,11 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     ds = torch.empty((M, layout.R), device=dy.device, dtype=torch.float32)
     db = torch.zeros(lora_B.shape, device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    b_row, b_off = layout.b_index_pointers(lora_B)
     _lora_grad_s_b[grid](
-        dy, s, lora_B, layout.b_row, layout.b_off, ds, db, M, N, layout.R, layout.rank, scaling,
+        dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank, scaling,
         _m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        GATHER_B=layout.gather, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
+        GATHER_B=layout.b_index is not None, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
     return ds, db
 
@@ -435,8 +445,8 @@ class FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
         s = lora_shrink(x2, lora_A, layout, dropout_p, seed)
-        y = gemm_lowrank(x2, weight.t(), s, lora_B, layout.b_row, layout.b_off, layout.rank,
-                         layout.gather, layout.block_r, scaling, bias)
+        y = gemm_lowrank(x2, weight.t(), s, lora_B, layout.b_index, layout.rank, layout.block_r,
+                         scaling, bias)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
         ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed = layout, scaling, dropout_p, seed
         ctx.x_shape = x.shape
@@ -452,9 +462,8 @@ class FusedLoraLinear(torch.autograd.Function):
         dx = dw = db = da = dB = None
         ds, dB32 = lora_grad_s_b(dy2, s, lora_B, layout, scaling)
         if need_dx:
-            identity = weight  # unused index pointers: A needs no gather
-            dx = gemm_lowrank(dy2, weight, ds, lora_A.t(), identity, identity, layout.R, False,
-                              layout.block_r, 1.0, dropout_p=p, seed=seed).view(ctx.x_shape)
+            dx = gemm_lowrank(dy2, weight, ds, lora_A.t(), None, layout.R, layout.block_r, 1.0,
+                              dropout_p=p, seed=seed).view(ctx.x_shape)
         if need_da:
             da = lora_grad_a(ds, x2, layout, p, seed).to(lora_A.dtype)
         if need_dB:
