@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         # Triton ships wheels for Linux only; elsewhere the eager backend runs.
         "triton>=3.2; sys_platform == 'linux'",
         "safetensors",

@@ -1,4 +1,5 @@
-"""The hand-written Phi-3 family (mini-4k, mini-128k / 3.5-mini with LongRoPE, medium with GQA).
+"""The hand-written Phi-3 family: mini-4k, mini-128k / 3.5-mini (LongRoPE), medium (GQA)."""
+from .config import PRESETS, Phi3Config
+from .phi3 import Phi3ForCausalLM
 
-Lands with the model issue; the package exists now so the layout is stable.
-"""
+__all__ = ["PRESETS", "Phi3Config", "Phi3ForCausalLM"]

@@ -1,0 +1,133 @@
+"""Phi3Config: the architecture numbers, read from a checkpoint's config.json or a named preset."""
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+# config.json keys that carry no meaning for this implementation (all zero or bookkeeping in
+# every published Phi-3 checkpoint); anything else unknown is an error, not silently dropped.
+IGNORED_HF_KEYS = {
+    "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+    "use_cache", "attention_dropout", "embd_pdrop", "resid_pdrop", "attention_bias",
+    "initializer_range", "partial_rotary_factor", "_name_or_path", "output_attentions",
+    "output_hidden_states", "return_dict",
+}
+
+
+@dataclass
+class Phi3Config:
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (head_dim/2 each).
+    rope_scaling: Optional[dict] = None
+    sliding_window: Optional[int] = 2047
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    bos_token_id: int = 1
+    eos_token_id: int = 32000
+    pad_token_id: int = 32000
+    tie_word_embeddings: bool = False
+    extra: dict = field(default_factory=dict, repr=False)  # ignored keys, kept for save_pretrained
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Phi-3 uses silu)")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind not in ("longrope", "su", "default"):  # "su" is LongRoPE's first name
+                raise ValueError(f"rope_scaling type {kind!r} is not supported (longrope only)")
+            if kind == "default":
+                self.rope_scaling = None
+            else:
+                half = self.head_dim // 2
+                for key in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling.get(key, ())) != half:
+                        raise ValueError(f"rope_scaling.{key} must have head_dim/2 = {half} values")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_split_sizes(self):
+        """Rows of q, k and v in ``qkv_proj``: unequal under grouped-query attention."""
+        kv = self.num_key_value_heads * self.head_dim
+        return (self.hidden_size, kv, kv)
+
+    @property
+    def rope_attention_scaling(self) -> float:
+        """LongRoPE's cos/sin scale sqrt(1 + ln(L/L0)/ln(L0)); 1 without LongRoPE."""
+        factor = self.max_position_embeddings / self.original_max_position_embeddings
+        if self.rope_scaling is None or factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(factor) / math.log(self.original_max_position_embeddings))
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "Phi3Config":
+        """From Hugging Face's config.json keys; unknown keys are an error naming the source."""
+        values = dict(values)
+        if "rope_parameters" in values and "rope_scaling" not in values:  # transformers 5 layout
+            params = dict(values.pop("rope_parameters") or {})
+            values.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+            kind = params.get("rope_type", params.get("type", "default"))
+            values["rope_scaling"] = None if kind == "default" else params
+        known = {f.name for f in fields(cls)} - {"extra"}
+        extra = {k: values.pop(k) for k in list(values) if k in IGNORED_HF_KEYS}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown Phi-3 config keys {unknown}")
+        if values.get("original_max_position_embeddings") is None:
+            values["original_max_position_embeddings"] = values.get("max_position_embeddings", 4096)
+        for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if isinstance(values.get(key), list):  # some configs list several; the first is the EOS
+                values[key] = values[key][0]
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def from_json(cls, path) -> "Phi3Config":
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        return cls.from_dict(values, source=str(path))
+
+    @classmethod
+    def from_name(cls, name: str) -> "Phi3Config":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**PRESETS[name])
+
+    def to_hf_dict(self, dtype: str = "bfloat16") -> dict:
+        """config.json as Hugging Face writes it for Phi3ForCausalLM."""
+        values = asdict(self)
+        extra = values.pop("extra")
+        return {**extra, **values, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+                "torch_dtype": dtype}
+
+
+PRESETS = {
+    # The embedded default: a few million parameters, Phi-3's layout and special tokens.
+    "phi3-tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=688,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=4096, original_max_position_embeddings=4096,
+                      sliding_window=2047),
+    "phi3-mini-4k": dict(),
+    "phi3-medium-4k": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                           num_attention_heads=40, num_key_value_heads=10),
+}

@@ -1,0 +1,132 @@
+"""Hugging Face safetensors checkpoints in and out: single file or shards with an index.
+
+Weights go straight to the target dtype and device tensor by tensor (peak host
+memory about one tensor, never a full fp32 copy). Every key and shape is checked;
+a mismatch stops with the missing, unexpected and mis-shaped names listed.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Phi3Config
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path], revision: Optional[str] = None) -> Path:
+    """A local directory as is; otherwise a hub repo id through huggingface_hub's cache.
+
+    ``HF_HUB_OFFLINE=1`` makes the hub path use only what is cached.
+    """
+    local = Path(path_or_repo_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ValueError(f"{local} is a file; pass the checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(
+        str(path_or_repo_id), revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+    ))
+
+
+def shard_files(directory: Path) -> List[Path]:
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / SINGLE_FILE).exists():
+        return [directory / SINGLE_FILE]
+    raise FileNotFoundError(
+        f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (found: "
+        f"{', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})"
+    )
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[attr]
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
+def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.dtype,
+                                device: Union[str, torch.device]) -> None:
+    """Fill ``model``'s parameters (possibly on the meta device) from the checkpoint's shards."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    seen, unexpected, misshaped = set(), [], []
+    device = torch.device(device)
+    for shard in shard_files(directory):
+        with safe_open(str(shard), framework="pt", device=str(device)) as reader:
+            for name in reader.keys():
+                if name not in expected:
+                    unexpected.append(name)
+                    continue
+                shape = tuple(reader.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    misshaped.append(f"{name}: checkpoint {shape}, model {expected[name]}")
+                    continue
+                _set_tensor(model, name, reader.get_tensor(name).to(dtype))
+                seen.add(name)
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or misshaped:
+        problems = [f"{label} ({len(names)}): {', '.join(names[:20])}"
+                    for label, names in (("missing", missing), ("unexpected", sorted(unexpected)),
+                                         ("mis-shaped", misshaped)) if names]
+        raise ValueError(f"{directory} does not match the model:\n  " + "\n  ".join(problems))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename: never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_safetensors_checkpoint(state: Dict[str, torch.Tensor], config: Phi3Config,
+                                directory: Union[str, Path],
+                                max_shard_bytes: Optional[int] = None) -> None:
+    """config.json plus model.safetensors, or Hugging Face-named shards and their index."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_write(directory / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
+            weight_map.update({key: name for key in shard})
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": weight_map}
+        _atomic_write(directory / INDEX_FILE,
+                      lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
+        json.dumps(config.to_hf_dict(dtype), indent=2) + "\n"))

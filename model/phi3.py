@@ -1,0 +1,212 @@
+"""Phi-3 as a plain PyTorch module tree whose parameter names equal Hugging Face's.
+
+Data flows RMSNorm → attention (fused qkv, RoPE, SDPA) → residual → RMSNorm →
+MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
+Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
+dtype, LongRoPE's long factors when positions pass the original context).
+"""
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import Phi3Config
+from .loading import (CONFIG_FILE, load_safetensors_checkpoint, resolve_checkpoint_dir,
+                      save_safetensors_checkpoint)
+
+
+class Phi3RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class Phi3RotaryEmbedding(nn.Module):
+    """cos/sin for given positions; LongRoPE switches to long factors past the original context."""
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        dim = config.head_dim
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+        base_freq = config.rope_theta ** exponents
+        scaling = config.rope_scaling
+        short = torch.tensor(scaling["short_factor"]) if scaling else torch.ones(dim // 2)
+        long = torch.tensor(scaling["long_factor"]) if scaling else torch.ones(dim // 2)
+        self.register_buffer("short_inv_freq", 1.0 / (short * base_freq), persistent=False)
+        self.register_buffer("long_inv_freq", 1.0 / (long * base_freq), persistent=False)
+        self.original_max_positions = config.original_max_position_embeddings
+        self.attention_scaling = config.rope_attention_scaling
+        self.longrope = scaling is not None
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B, T] → cos, sin [B, T, head_dim] in ``dtype``."""
+        inv_freq = self.short_inv_freq
+        if self.longrope and int(position_ids.max()) + 1 > self.original_max_positions:
+            inv_freq = self.long_inv_freq
+        freqs = position_ids[..., None].float() * inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return ((angles.cos() * self.attention_scaling).to(dtype),
+                (angles.sin() * self.attention_scaling).to(dtype))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D], cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention_mask(position_ids: torch.Tensor, segment_ids: Optional[torch.Tensor],
+                   sliding_window: Optional[int]) -> Optional[torch.Tensor]:
+    """Boolean [B, 1, T, T] mask (True = attend), or None when plain causal attention suffices.
+
+    Tokens attend to earlier tokens of their own segment (packed sequences never see
+    each other) within the sliding window: key k is visible from query q when
+    0 <= q - k < window, as in transformers.
+    """
+    T = position_ids.shape[-1]
+    window_matters = sliding_window is not None and sliding_window < T
+    if segment_ids is None and not window_matters:
+        return None
+    index = torch.arange(T, device=position_ids.device)
+    distance = index[:, None] - index[None, :]
+    mask = distance >= 0
+    if window_matters:
+        mask = mask & (distance < sliding_window)
+    mask = mask[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+class Phi3Attention(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        # Registered in Hugging Face's order, so state dicts list keys identically.
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(config.qkv_split_sizes), bias=False)
+        self.split_sizes = config.qkv_split_sizes
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Phi3MLP(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Phi3DecoderLayer(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.self_attn = Phi3Attention(config)
+        self.mlp = Phi3MLP(config)
+        self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Phi3Model(nn.Module):
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = Phi3RotaryEmbedding(config)
+        self.sliding_window = config.sliding_window
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None):
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        mask = attention_mask(position_ids, segment_ids, self.sliding_window)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.norm(x)
+
+
+class Phi3ForCausalLM(nn.Module):
+    """Phi-3 with the LM head. ``model(input_ids)`` → logits [B, T, vocab].
+
+    ``position_ids`` [B, T] and ``segment_ids`` [B, T] (one id per packed
+    conversation) are optional: packed sequences restart positions per segment
+    and never attend across segments.
+    """
+
+    def __init__(self, config: Phi3Config):
+        super().__init__()
+        self.config = config
+        self.model = Phi3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations."""
+        self.model.gradient_checkpointing = enabled
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None):
+        return self.lm_head(self.model(input_ids, position_ids, segment_ids))
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
+                        device: Union[str, torch.device] = "cpu",
+                        revision: Optional[str] = None) -> "Phi3ForCausalLM":
+        """A local checkpoint directory or a hub id (e.g. microsoft/Phi-3-mini-4k-instruct)."""
+        directory = resolve_checkpoint_dir(path_or_repo_id, revision)
+        config = Phi3Config.from_json(directory / CONFIG_FILE)
+        with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
+            model = cls(config)
+        load_safetensors_checkpoint(model, directory, dtype, device)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.model.rotary_emb = Phi3RotaryEmbedding(config).to(device)  # buffers were on meta
+        return model
+
+    def save_pretrained(self, directory: Union[str, Path], max_shard_bytes: Optional[int] = None):
+        """config.json and safetensors (sharded with an index past ``max_shard_bytes``)."""
+        state = dict(self.state_dict())
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_safetensors_checkpoint(state, self.config, directory, max_shard_bytes)
