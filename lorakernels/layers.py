@@ -104,8 +104,11 @@ class Linear(LoRALayer, nn.Linear):
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        """A as nn.Linear's default init, B zero: training starts from the base model."""
         if self.has_lora:
-            # A as nn.Linear's default init, B zero: training starts from the base model.
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
 
@@ -209,6 +212,9 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def reset_parameters(self):
         nn.Embedding.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
         if self.has_lora:
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)

@@ -1,0 +1,72 @@
+"""LoRA injection into Phi-3 by module name: the fused projections become our LoRA layers.
+
+The frozen base weight is shared, not copied; LoRA parameters are created in fp32
+(optimizer state stays fp32 over a bf16 base). By default a fused projection
+(``qkv_proj``, ``gate_up_proj``) gets one A/B pair over its whole output, as
+PEFT does, so adapters move to PEFT unchanged; ``per_part=True`` gives each part
+its own pair (loralib's MergedLinear, grouped-query split sizes included).
+"""
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+import lorakernels as lora
+
+from .phi3 import Phi3ForCausalLM
+
+DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+SUPPORTED_TARGETS = DEFAULT_TARGETS + ("lm_head", "embed_tokens")
+
+
+def _part_sizes(name: str, model: Phi3ForCausalLM, out_features: int):
+    if name == "qkv_proj":
+        return model.config.qkv_split_sizes
+    if name == "gate_up_proj":
+        return (out_features // 2, out_features // 2)
+    return None
+
+
+def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lora_alpha: float,
+               lora_dropout: float, use_rslora: bool, per_part: bool) -> nn.Module:
+    """The LoRA layer for ``module``, built on the meta device, then given the module's weight."""
+    options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, device="meta")
+    if isinstance(module, nn.Embedding):
+        twin = lora.Embedding(module.num_embeddings, module.embedding_dim,
+                              padding_idx=module.padding_idx, **options)
+    else:
+        sizes = _part_sizes(name, model, module.out_features) if per_part else None
+        cls_options = dict(options, lora_dropout=lora_dropout, bias=module.bias is not None)
+        if sizes:
+            twin = lora.MergedLinear(module.in_features, module.out_features, split_sizes=sizes,
+                                     enable_lora=[True] * len(sizes), **cls_options)
+        else:
+            twin = lora.Linear(module.in_features, module.out_features, **cls_options)
+        twin.bias = module.bias
+    twin.weight = module.weight
+    device = module.weight.device
+    twin.lora_A = nn.Parameter(torch.empty(twin.lora_A.shape, device=device, dtype=torch.float32))
+    twin.lora_B = nn.Parameter(torch.empty(twin.lora_B.shape, device=device, dtype=torch.float32))
+    twin.reset_lora_parameters()
+    return twin
+
+
+def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+               targets: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
+               per_part: bool = False) -> Phi3ForCausalLM:
+    """Swap every module named in ``targets`` for its LoRA twin, then train only LoRA parameters."""
+    targets = tuple(targets)
+    unknown = sorted(set(targets) - set(SUPPORTED_TARGETS))
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; supported: {', '.join(SUPPORTED_TARGETS)}")
+    replaced = 0
+    for full_name, module in list(model.named_modules()):
+        parent_name, _, name = full_name.rpartition(".")
+        if name in targets and not isinstance(module, lora.LoRALayer):
+            twin = _lora_twin(module, name, model, r, lora_alpha, lora_dropout, use_rslora, per_part)
+            setattr(model.get_submodule(parent_name), name, twin)
+            replaced += 1
+    if replaced == 0:
+        raise ValueError(f"no module named {list(targets)} in the model")
+    lora.mark_only_lora_as_trainable(model)
+    return model
