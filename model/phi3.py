@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import Phi3Config
+from .kv_cache import KVCache
 from .loading import (CONFIG_FILE, load_safetensors_checkpoint, resolve_checkpoint_dir,
                       save_safetensors_checkpoint)
 
@@ -69,20 +70,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def attention_mask(position_ids: torch.Tensor, segment_ids: Optional[torch.Tensor],
-                   sliding_window: Optional[int]) -> Optional[torch.Tensor]:
-    """Boolean [B, 1, T, T] mask (True = attend), or None when plain causal attention suffices.
+def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Tensor],
+                   sliding_window: Optional[int], device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean [B or 1, 1, Tq, Tk] mask (True = attend), or None when SDPA needs no mask.
 
-    Tokens attend to earlier tokens of their own segment (packed sequences never see
-    each other) within the sliding window: key k is visible from query q when
-    0 <= q - k < window, as in transformers.
+    Queries are the last ``query_len`` of ``key_len`` positions (a KV cache holds the
+    rest). Key k is visible from query q when 0 <= q - k < window, as in
+    transformers, and, for packed sequences, when both have the same segment id.
     """
-    T = position_ids.shape[-1]
-    window_matters = sliding_window is not None and sliding_window < T
-    if segment_ids is None and not window_matters:
+    window_matters = sliding_window is not None and sliding_window < key_len
+    plain = query_len == key_len or query_len == 1  # causal SDPA, or one query seeing all
+    if segment_ids is None and not window_matters and plain:
         return None
-    index = torch.arange(T, device=position_ids.device)
-    distance = index[:, None] - index[None, :]
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)
+    distance = query_pos[:, None] - torch.arange(key_len, device=device)[None, :]
     mask = distance >= 0
     if window_matters:
         mask = mask & (distance < sliding_window)
@@ -93,8 +94,10 @@ def attention_mask(position_ids: torch.Tensor, segment_ids: Optional[torch.Tenso
 
 
 class Phi3Attention(nn.Module):
-    def __init__(self, config: Phi3Config):
+    def __init__(self, config: Phi3Config, layer_index: int):
         super().__init__()
+        self.layer_index = layer_index
+        self.sliding_window = config.sliding_window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -103,15 +106,18 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(config.qkv_split_sizes), bias=False)
         self.split_sizes = config.qkv_split_sizes
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, segment_ids=None, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
+        mask = attention_mask(T, k.shape[2], segment_ids, self.sliding_window, x.device)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -129,15 +135,15 @@ class Phi3MLP(nn.Module):
 
 
 class Phi3DecoderLayer(nn.Module):
-    def __init__(self, config: Phi3Config):
+    def __init__(self, config: Phi3Config, layer_index: int):
         super().__init__()
-        self.self_attn = Phi3Attention(config)
+        self.self_attn = Phi3Attention(config, layer_index)
         self.mlp = Phi3MLP(config)
         self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, segment_ids=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -145,24 +151,25 @@ class Phi3Model(nn.Module):
     def __init__(self, config: Phi3Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
-        self.sliding_window = config.sliding_window
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, position_ids=None, segment_ids=None):
+    def forward(self, input_ids, position_ids=None, segment_ids=None, cache=None):
         B, T = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+            start = 0 if cache is None else cache.length
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        mask = attention_mask(position_ids, segment_ids, self.sliding_window)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, segment_ids, cache)
+        if cache is not None:
+            cache.length += T
         return self.norm(x)
 
 
@@ -186,8 +193,15 @@ class Phi3ForCausalLM(nn.Module):
         """Recompute each decoder layer in backward instead of keeping its activations."""
         self.model.gradient_checkpointing = enabled
 
-    def forward(self, input_ids, position_ids=None, segment_ids=None):
-        return self.lm_head(self.model(input_ids, position_ids, segment_ids))
+    def forward(self, input_ids, position_ids=None, segment_ids=None,
+                cache: Optional[KVCache] = None):
+        return self.lm_head(self.model(input_ids, position_ids, segment_ids, cache))
+
+    def generate(self, input_ids: torch.Tensor, **options) -> torch.Tensor:
+        """See ``model.generation.generate``: KV-cached greedy or top-p sampling."""
+        from .generation import generate
+
+        return generate(self, input_ids, **options)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
