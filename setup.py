@@ -7,6 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*"]),
+    package_data={"model": ["assets/phi3-tiny/*.json"]},  # the embedded default's tokenizer
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)

@@ -123,7 +123,7 @@ class Phi3Config:
 
 PRESETS = {
     # The embedded default: a few million parameters, Phi-3's layout and special tokens.
-    "phi3-tiny": dict(vocab_size=2048, hidden_size=256, intermediate_size=688,
+    "phi3-tiny": dict(vocab_size=1088,  # the shipped tokenizer's 1035 tokens, padded to 64s hidden_size=256, intermediate_size=688,
                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                       max_position_embeddings=4096, original_max_position_embeddings=4096,
                       sliding_window=2047),

@@ -30,7 +30,9 @@ def _part_sizes(name: str, model: Phi3ForCausalLM, out_features: int):
 def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lora_alpha: float,
                lora_dropout: float, use_rslora: bool, per_part: bool) -> nn.Module:
     """The LoRA layer for ``module``, built on the meta device, then given the module's weight."""
-    options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, device="meta")
+    # No merge on eval(): merging into a bf16 weight and back is lossy; merge_lora does it once.
+    options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=False,
+                   device="meta")
     if isinstance(module, nn.Embedding):
         twin = lora.Embedding(module.num_embeddings, module.embedding_dim,
                               padding_idx=module.padding_idx, **options)

@@ -115,3 +115,24 @@ def test_presets():
     assert medium.qkv_split_sizes == (5120, 1280, 1280)
     with pytest.raises(ValueError, match="unknown preset 'phi4'"):
         Phi3Config.from_name("phi4")
+
+
+def test_bf16_logits_close_to_transformers_bf16(tmp_path):
+    reference = hf_model(dict(num_key_value_heads=2, sliding_window=6), tmp_path).to(torch.bfloat16)
+    ours = Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 16))
+    with torch.no_grad():
+        expected, got = reference(ids).logits.float(), ours(ids).float()
+    # Both round every op to bf16 (2^-8 relative); allow a few roundings of the logit scale.
+    assert (got - expected).abs().max() <= 3e-2 * expected.abs().max()
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_model(dict(), tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, tmp_path / "model.safetensors", {"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \(1\): model.layers.1.mlp.down_proj.weight"):
+        Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
