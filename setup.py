@@ -6,8 +6,9 @@ setup(
     description="Fused Triton LoRA kernels and a hand-written Phi-3 for fast, lean LoRA fine-tuning",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*"]),
-    package_data={"model": ["assets/phi3-tiny/*.json"]},  # the embedded default's tokenizer
+    packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*", "training"]),
+    # The embedded default's tokenizer and the LongRoPE presets' factors.
+    package_data={"model": ["assets/*.json", "assets/phi3-tiny/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)

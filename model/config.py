@@ -121,6 +121,10 @@ class Phi3Config:
                 "torch_dtype": dtype}
 
 
+LONGROPE_FACTORS = json.loads((Path(__file__).parent / "assets" / "longrope_factors.json").read_text())
+LONG_CONTEXT = dict(max_position_embeddings=131072, original_max_position_embeddings=4096,
+                    sliding_window=262144)
+
 PRESETS = {
     # The embedded default: a few million parameters, Phi-3's layout and special tokens.
     "phi3-tiny": dict(vocab_size=1088,  # the shipped tokenizer's 1035 tokens, padded to 64s hidden_size=256, intermediate_size=688,
@@ -128,6 +132,8 @@ PRESETS = {
                       max_position_embeddings=4096, original_max_position_embeddings=4096,
                       sliding_window=2047),
     "phi3-mini-4k": dict(),
+    "phi3-mini-128k": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3-mini-128k"]),
+    "phi3.5-mini": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3.5-mini"]),
     "phi3-medium-4k": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
                            num_attention_heads=40, num_key_value_heads=10),
 }

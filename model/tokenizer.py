@@ -45,6 +45,10 @@ class Phi3Tokenizer:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos else ids
 
+    def save(self, path: Union[str, Path]) -> None:
+        """Write tokenizer.json, e.g. beside a merged checkpoint."""
+        self._tokenizer.save(str(path))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -113,6 +113,10 @@ def test_presets():
     assert (mini.hidden_size, mini.num_hidden_layers, mini.vocab_size, mini.sliding_window) == (3072, 32, 32064, 2047)
     medium = Phi3Config.from_name("phi3-medium-4k")
     assert medium.qkv_split_sizes == (5120, 1280, 1280)
+    for name in ("phi3-mini-128k", "phi3.5-mini"):
+        long = Phi3Config.from_name(name)
+        assert long.max_position_embeddings == 131072 and len(long.rope_scaling["long_factor"]) == 48
+        assert abs(long.rope_attention_scaling - 1.1902380714238083) < 1e-12  # sqrt(1 + ln 32 / ln 4096)
     with pytest.raises(ValueError, match="unknown preset 'phi4'"):
         Phi3Config.from_name("phi4")
 
