@@ -62,15 +62,21 @@ class LoRALayer:
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def set_merged(self, merged: bool) -> None:
+        """Add the low-rank update into the frozen weight, or take it out again."""
+        if self.merged != merged:
+            if self.has_lora:
+                weight = self.lora_base_weight
+                with torch.no_grad():
+                    delta = self.delta_weight().to(weight.dtype)
+                    weight.data += delta if merged else -delta
+            self.merged = merged
+
     def train(self, mode: bool = True):
         """Unmerge on ``train()``, merge on ``eval()`` (when ``merge_weights``)."""
         super().train(mode)
-        if self.merge_weights and self.merged == mode:
-            if self.has_lora:
-                weight = self.lora_base_weight
-                delta = self.delta_weight().to(weight.dtype)
-                weight.data += -delta if mode else delta
-            self.merged = not mode
+        if self.merge_weights:
+            self.set_merged(not mode)
         return self
 
 

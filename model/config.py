@@ -127,10 +127,11 @@ LONG_CONTEXT = dict(max_position_embeddings=131072, original_max_position_embedd
 
 PRESETS = {
     # The embedded default: a few million parameters, Phi-3's layout and special tokens.
-    "phi3-tiny": dict(vocab_size=1088,  # the shipped tokenizer's 1035 tokens, padded to 64s hidden_size=256, intermediate_size=688,
-                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
-                      max_position_embeddings=4096, original_max_position_embeddings=4096,
-                      sliding_window=2047),
+    # Vocabulary: the shipped tokenizer's 1035 tokens padded to a multiple of 64, as Phi-3 pads.
+    "phi3-tiny": dict(vocab_size=1088, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
+                      original_max_position_embeddings=4096,
+                      sliding_window=2047, eos_token_id=1024, pad_token_id=1024),
     "phi3-mini-4k": dict(),
     "phi3-mini-128k": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3-mini-128k"]),
     "phi3.5-mini": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3.5-mini"]),

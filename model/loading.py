@@ -5,8 +5,6 @@ memory about one tensor, never a full fp32 copy). Every key and shape is checked
 a mismatch stops with the missing, unexpected and mis-shaped names listed.
 """
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -14,6 +12,8 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from lorakernels.files import atomic_write
 
 from .config import Phi3Config
 
@@ -86,18 +86,6 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
         raise ValueError(f"{directory} does not match the model:\n  " + "\n  ".join(problems))
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_safetensors_checkpoint(state: Dict[str, torch.Tensor], config: Phi3Config,
                                 directory: Union[str, Path],
                                 max_shard_bytes: Optional[int] = None) -> None:
@@ -117,16 +105,16 @@ def save_safetensors_checkpoint(state: Dict[str, torch.Tensor], config: Phi3Conf
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write(directory / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
+        atomic_write(directory / SINGLE_FILE, lambda tmp: save_file(shards[0], tmp, metadata))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, start=1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
+            atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
             weight_map.update({key: name for key in shard})
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                  "weight_map": weight_map}
-        _atomic_write(directory / INDEX_FILE,
+        atomic_write(directory / INDEX_FILE,
                       lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(
         json.dumps(config.to_hf_dict(dtype), indent=2) + "\n"))

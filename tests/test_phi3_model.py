@@ -140,3 +140,13 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(state, tmp_path / "model.safetensors", {"format": "pt"})
     with pytest.raises(ValueError, match=r"missing \(1\): model.layers.1.mlp.down_proj.weight"):
         Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_tiny_preset_matches_the_shipped_tokenizer():
+    from model.tokenizer import load_tokenizer
+
+    tokenizer, config = load_tokenizer(), Phi3Config.from_name("phi3-tiny")
+    assert tokenizer.vocab_size <= config.vocab_size and config.vocab_size % 64 == 0
+    assert (config.bos_token_id, config.eos_token_id) == (tokenizer.bos_id, tokenizer.eos_id)
+    assert config.hidden_size == 256
+    assert 2e6 < sum(p.numel() for p in Phi3ForCausalLM(config).parameters()) < 6e6

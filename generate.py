@@ -1,0 +1,88 @@
+"""Generate or chat with a Phi-3 base model plus a trained LoRA adapter.
+
+    python generate.py --adapter runs/phi3-lora/final --prompt "What is 2 plus 2?"
+    python generate.py --adapter runs/phi3-lora/final --chat
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lorakernels.adapters import load_peft_adapter
+from model.chat import tokenize_chat
+from model.lora import apply_lora
+from training.config import TrainConfig
+from training.loop import load_base_model, resolve_device, resolve_dtype
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="phi3-tiny",
+                        help="preset, checkpoint directory or hub id (default: phi3-tiny)")
+    parser.add_argument("--adapter", type=Path, help="a PEFT adapter directory (e.g. runs/x/final)")
+    parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
+    parser.add_argument("--prompt", help="one user message to answer")
+    parser.add_argument("--system", help="an optional system message")
+    parser.add_argument("--chat", action="store_true", help="interactive chat on stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=42,
+                        help="sampling seed; for a preset, also the seed its random base was built with")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="auto")
+    return parser
+
+
+def load(args):
+    """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
+    device = resolve_device(args.device)
+    config = TrainConfig(model=args.model, tokenizer=args.tokenizer, seed=args.seed,
+                         dtype=args.dtype, device=args.device)
+    model, tokenizer = load_base_model(config, resolve_dtype(args.dtype, device), device)
+    if args.adapter:
+        settings = json.loads((args.adapter / "adapter_config.json").read_text())
+        apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],
+                   targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False))
+        load_peft_adapter(model, args.adapter)
+    return model.eval(), tokenizer, device
+
+
+def reply(model, tokenizer, messages, args, device) -> str:
+    ids, _ = tokenize_chat(tokenizer, messages, add_generation_prompt=True)
+    prompt = torch.tensor([ids], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_p=args.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                         generator=generator)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.prompt and not args.chat:
+        parser.error("give --prompt TEXT or --chat")
+    try:
+        model, tokenizer, device = load(args)
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"generate.py: error: {error}\n")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        print(reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, device))
+        return 0
+    print("chat: an empty line ends it")
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line.strip()})
+        answer = reply(model, tokenizer, messages, args, device)
+        messages.append({"role": "assistant", "content": answer})
+        print(f"assistant: {answer}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""train.py end to end on the tiny preset: falling loss, exact resume, accumulation, PEFT, safe saves."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import training.loop as loop
+from model.lora import apply_lora
+from training.config import TrainConfig
+from training.data import collate
+from training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    lines = (ROOT / "examples" / "chat.jsonl").read_text().splitlines()[:48]
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def config(data, output, **overrides):
+    options = dict(data=data, output=str(output), max_seq_len=128, batch_size=2, lr=3e-3,
+                   lora_r=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, seed=3, log_every=1)
+    return TrainConfig(**{**options, **overrides})
+
+
+def lora_weights(directory):
+    return load_file(str(Path(directory) / "lora.safetensors"))
+
+
+def test_loss_falls_and_outputs_are_written(data, tmp_path):
+    summary = train(config(data, tmp_path, max_steps=30, eval_data=data, eval_every=10), log=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20, 30]
+    assert {"lr", "grad_norm", "tokens_per_s", "peak_memory_mb"} <= set(rows[0])
+    final = tmp_path / "final"
+    assert {"adapter_model.safetensors", "adapter_config.json", "lora.safetensors"} <= {p.name for p in final.iterdir()}
+    assert summary["step"] == 30 and summary["eval_ppl"] > 1
+
+
+def test_resume_is_exact(data, tmp_path):
+    train(config(data, tmp_path / "straight"), log=lambda _: None)
+    train(config(data, tmp_path / "split", max_steps=6, save_every=3), log=lambda _: None)
+    # Pretend the run stopped after step 3: resume from that checkpoint.
+    train(config(data, tmp_path / "resumed", resume=str(tmp_path / "split" / "checkpoint-3")),
+          log=lambda _: None)
+    expected, resumed = lora_weights(tmp_path / "straight" / "final"), lora_weights(tmp_path / "resumed" / "final")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_accumulation_equals_a_larger_batch(data):
+    """Gradients of 4 micro-batches of 1 equal those of one batch of 4 (dropout off)."""
+    cfg = config(data, "unused", lora_dropout=0.0, packing=False)
+    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    apply_lora(model, r=4, lora_alpha=8)
+    big = loop.prepare_batches(data, tokenizer, TrainConfig(**{**vars(cfg), "batch_size": 4}), 0)[0]
+    small = loop.prepare_batches(data, tokenizer, TrainConfig(**{**vars(cfg), "batch_size": 1}), 0)[0]
+    rows = big.order(0)[:4]
+    small_batches = [collate([small.rows[i]], tokenizer.pad_id) for i in rows]
+    big_batch = collate([big.rows[i] for i in rows], tokenizer.pad_id)
+
+    def gradients(micro):
+        model.zero_grad()
+        loss = loop.accumulate_gradients(model, micro)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss_big, grads_big = gradients([big_batch])
+    loss_acc, grads_acc = gradients(small_batches)
+    assert abs(loss_big - loss_acc) < 1e-5
+    for name in grads_big:
+        torch.testing.assert_close(grads_acc[name], grads_big[name], rtol=1e-4, atol=1e-7)
+
+
+def test_interrupt_saves_and_resume_continues(data, tmp_path, monkeypatch):
+    real = loop.token_loss_sum
+    calls = {"n": 0}
+
+    def interrupt_on_fourth_step(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "token_loss_sum", interrupt_on_fourth_step)
+    summary = train(config(data, tmp_path), log=lambda _: None)
+    assert summary["interrupted"] and summary["step"] == 3
+    monkeypatch.setattr(loop, "token_loss_sum", real)
+    assert train(config(data, tmp_path, resume="latest"), log=lambda _: None)["step"] == 6
+
+
+def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    import training.checkpoint as checkpoint
+
+    real = checkpoint.save_lora_state_dict
+    saves = {"n": 0}
+
+    def fail_second_save(*args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_lora_state_dict", fail_second_save)
+    with pytest.raises(OSError, match="disk full"):
+        train(config(data, tmp_path, save_every=2), log=lambda _: None)
+    assert [p.name for p in checkpoint.step_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert not (tmp_path / "checkpoint-4").exists()
+    monkeypatch.setattr(checkpoint, "save_lora_state_dict", real)
+    assert train(config(data, tmp_path, resume="latest"), log=lambda _: None)["step"] == 6
+
+
+def test_save_total_limit_keeps_the_newest(data, tmp_path):
+    train(config(data, tmp_path, save_every=1, save_total_limit=2), log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_adapter_loads_in_peft_with_our_logits(data, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = config(data, tmp_path / "run", max_steps=3)
+    train(cfg, log=lambda _: None)
+    base, _ = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    base.save_pretrained(tmp_path / "base")
+    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    hf = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "final").eval()
+    from generate import load
+    args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=3, dtype="float32",
+                                 device="cpu", adapter=tmp_path / "run" / "final"))
+    ours, _, _ = load(args)
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_reports_bad_data_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(bad),
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert f"{bad}:1: no assistant turn" in result.stderr and "Traceback" not in result.stderr

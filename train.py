@@ -1,0 +1,22 @@
+"""LoRA fine-tuning of Phi-3 on chat data.
+
+    python train.py --data examples/chat.jsonl
+    python train.py --help
+"""
+import sys
+
+from training.config import build_parser, parse_config
+from training.loop import train
+
+
+def main(argv=None) -> int:
+    try:
+        config = parse_config(argv)
+        train(config)
+    except ValueError as error:  # bad flags, config or data: say what and where, no traceback
+        build_parser().exit(2, f"train.py: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The chat fine-tuning job behind train.py: config, data, loop, checkpoints."""

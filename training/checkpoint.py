@@ -1,0 +1,119 @@
+"""Training checkpoints: the adapter (PEFT and loralib formats) plus everything resume needs.
+
+A checkpoint directory is written under a temporary name and renamed into place,
+so a run killed mid-save leaves the previous checkpoints intact. All tensors are
+safetensors; the rest is JSON.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lorakernels.adapters import load_lora_state_dict, save_lora_state_dict, save_peft_adapter
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.safetensors"
+LORA_FILE = "lora.safetensors"
+
+
+def step_checkpoints(output: Path) -> List[Path]:
+    """Complete ``checkpoint-STEP`` directories, oldest first."""
+    found = [p for p in output.glob("checkpoint-*")
+             if p.name.split("-", 1)[1].isdigit() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer):
+    """Per-parameter state as flat safetensors keys, and the JSON-able rest."""
+    state = optimizer.state_dict()
+    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
+               for index, per_param in state["state"].items()
+               for name, value in per_param.items() if torch.is_tensor(value)}
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list) -> None:
+    state: dict = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _rng_tensors() -> dict:
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _restore_rng(tensors: dict) -> None:
+    torch.set_rng_state(tensors["cpu"])
+    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1) if f"cuda{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, config: dict,
+                    target_modules: List[str]) -> Path:
+    """Adapter + optimizer + scheduler + RNG + position, atomically at ``directory``."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
+                      target_modules=target_modules)
+    save_lora_state_dict(model, tmp / LORA_FILE)
+    tensors, param_groups = _optimizer_tensors(optimizer)
+    save_file(tensors, str(tmp / OPTIMIZER_FILE))
+    save_file(_rng_tensors(), str(tmp / RNG_FILE))
+    state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
+             "config": config}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+    _replace_directory(tmp, directory)
+    return directory
+
+
+def resolve_resume(resume: str, output: Path) -> Optional[Path]:
+    """``latest`` → the newest complete checkpoint in ``output`` (None if there is none)."""
+    if resume == "latest":
+        found = step_checkpoints(output)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists():
+        raise ValueError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
+    return path
+
+
+def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
+    """Restore LoRA weights, optimizer, scheduler and RNG; returns the step to continue from."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    load_lora_state_dict(model, directory / LORA_FILE)
+    _restore_optimizer(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"])
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(load_file(str(directory / RNG_FILE)))
+    return state["step"]
+
+
+def prune_checkpoints(output: Path, keep: Optional[int]) -> None:
+    """Delete the oldest step checkpoints beyond ``keep`` (``final/`` is never touched)."""
+    if keep:
+        for old in step_checkpoints(output)[:-keep]:
+            shutil.rmtree(old)

@@ -1,0 +1,186 @@
+"""TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that order."""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import yaml
+
+DEFAULT_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
+# rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
+MODEL_DEFAULTS = {"lr": 2e-4, "max_seq_len": 2048, "epochs": 1.0}
+TINY_DEMO_DEFAULTS = {"lr": 3e-3, "max_seq_len": 512, "epochs": 10.0}
+
+
+@dataclass
+class TrainConfig:
+    """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on CPU."""
+
+    data: str = "examples/chat.jsonl"
+    eval_data: Optional[str] = None
+    model: str = "phi3-tiny"
+    tokenizer: Optional[str] = None
+    output: str = "runs/phi3-lora"
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    lr: Optional[float] = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: Optional[int] = None
+    packing: bool = True
+    train_on_prompt: bool = False
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    use_rslora: bool = False
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dtype: str = "auto"
+    device: str = "auto"
+    grad_checkpointing: bool = False
+    save_every: int = 0
+    save_total_limit: Optional[int] = None
+    eval_every: int = 0
+    log_every: int = 1
+    resume: Optional[str] = None
+
+    def __post_init__(self):
+        defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("max_steps", "save_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{flag(name)} must be positive, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
+            raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
+
+
+HELP = {
+    "data": "training chats, JSON Lines of {\"messages\": [{\"role\", \"content\"}, ...]}",
+    "eval_data": "held-out chats for loss and perplexity",
+    "model": "a preset (phi3-tiny, phi3-mini-4k, ...), a checkpoint directory or a hub id",
+    "tokenizer": "tokenizer.json or its directory (default: the model's, or phi3-tiny's)",
+    "output": "run directory: metrics.jsonl, checkpoint-STEP/, final/",
+    "max_steps": "optimizer steps (default: --epochs over the data)",
+    "epochs": "passes over the data when --max-steps is not given",
+    "lr": "peak learning rate (AdamW, cosine decay after warmup)",
+    "batch_size": "packed sequences per micro-batch",
+    "grad_accum": "micro-batches per optimizer step",
+    "max_seq_len": "tokens per packed sequence; longer chats are truncated (and counted)",
+    "packing": "pack several chats per sequence (attention never crosses them)",
+    "train_on_prompt": "also train on system and user turns (default: assistant replies only)",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "LoRA dropout",
+    "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head embed_tokens)",
+    "use_rslora": "scale alpha/sqrt(r) instead of alpha/r",
+    "warmup_ratio": "fraction of steps with linear warmup",
+    "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm (0: off)",
+    "seed": "seed for initialisation, data order and dropout",
+    "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
+    "device": "auto, cpu, cuda or cuda:N",
+    "grad_checkpointing": "recompute layer activations in backward to save memory",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "save_total_limit": "keep only the newest N step checkpoints",
+    "eval_every": "evaluate every N steps (0: only at the end, when --eval-data is given)",
+    "log_every": "write metrics every N steps",
+    "resume": "continue from the newest checkpoint in --output, or from PATH",
+}
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="LoRA fine-tuning of Phi-3 on chat data (lorakernels).",
+        argument_default=argparse.SUPPRESS,  # only flags the user gave override the YAML file
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
+    for f in dataclasses.fields(TrainConfig):
+        name, kind = f"--{flag(f.name)}", f.type
+        help_text = f"{HELP[f.name]} (default: {describe_default(f)})"
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "resume":
+            parser.add_argument(name, nargs="?", const="latest", metavar="PATH", help=help_text)
+        elif f.name == "target_modules":
+            parser.add_argument(name, nargs="+", metavar="NAME", help=help_text)
+        else:
+            parser.add_argument(name, type=scalar_type(kind), help=help_text)
+    return parser
+
+
+def scalar_type(kind):
+    return {int: int, float: float, str: str, Optional[int]: int, Optional[float]: float,
+            Optional[str]: str}[kind]
+
+
+def describe_default(f: dataclasses.Field) -> str:
+    if f.name in MODEL_DEFAULTS:
+        return f"{MODEL_DEFAULTS[f.name]}; {TINY_DEMO_DEFAULTS[f.name]} for phi3-tiny"
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return " ".join(value) if isinstance(value, list) else str(value)
+
+
+def read_yaml(path: Path) -> dict:
+    """Options from a YAML mapping; keys in kebab or snake case; unknown keys are an error."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path}: not valid YAML ({error})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    options = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(k for k in options if k not in known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(flag(k) for k in unknown)}")
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    return {name: coerce(value, types[name], f"--config {path}: {flag(name)}")
+            for name, value in options.items()}
+
+
+def coerce(value, kind, where: str):
+    """A YAML value as the option's type, or a ValueError saying where and what was expected."""
+    if value is None and kind in (Optional[int], Optional[float], Optional[str]):
+        return None
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == List[str]:
+        items = value.split() if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise ValueError(f"{where} must be a list of names, got {value!r}")
+        return items
+    try:
+        return scalar_type(kind)(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be {scalar_type(kind).__name__}, got {value!r}") from None
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Defaults, then the --config YAML, then explicit flags."""
+    given = vars(build_parser().parse_args(argv))
+    options = read_yaml(given.pop("config")) if "config" in given else {}
+    options.update(given)
+    return TrainConfig(**options)

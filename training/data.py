@@ -1,0 +1,143 @@
+"""Chat data: JSON Lines validated up front, tokenized with a loss mask, packed, batched by index.
+
+Batches are addressed by a global micro-batch index (epoch = index // per_epoch), so
+the data position of a run is one integer and resuming continues exactly.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+from model.chat import tokenize_chat, validate_messages
+from model.tokenizer import Phi3Tokenizer
+
+IGNORE = -100  # label of tokens that are not predicted
+
+
+def read_chats(path) -> List[List[dict]]:
+    """Every line's ``messages``; the first bad line stops with file, line and reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such data file")
+    chats = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or "messages" not in record:
+                raise ValueError(f"{where}: missing \"messages\"")
+            messages = record["messages"]
+            try:
+                validate_messages(messages)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+            for index, message in enumerate(messages):
+                if not message["content"].strip():
+                    raise ValueError(f"{where}: message {index} ({message['role']}) has empty content")
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ValueError(f"{where}: no assistant turn to learn from")
+            chats.append(messages)
+    if not chats:
+        raise ValueError(f"{path}: no conversations")
+    return chats
+
+
+@dataclass
+class Example:
+    """One tokenized conversation; ``targets`` marks the tokens the loss is computed on."""
+
+    input_ids: List[int]
+    targets: List[bool]
+
+
+def tokenize_chats(chats: Sequence[List[dict]], tokenizer: Phi3Tokenizer, max_seq_len: int,
+                   train_on_prompt: bool) -> Tuple[List[Example], int]:
+    """Examples cut to ``max_seq_len``, and how many were truncated."""
+    examples, truncated = [], 0
+    for messages in chats:
+        ids, assistant = tokenize_chat(tokenizer, messages)
+        targets = [True] * len(ids) if train_on_prompt else assistant
+        if len(ids) > max_seq_len:
+            truncated += 1
+            ids, targets = ids[:max_seq_len], targets[:max_seq_len]
+        examples.append(Example(ids, targets))
+    return examples, truncated
+
+
+@dataclass
+class PackedRow:
+    """One row of a batch: conversations side by side, each restarting positions."""
+
+    input_ids: List[int] = field(default_factory=list)
+    labels: List[int] = field(default_factory=list)
+    position_ids: List[int] = field(default_factory=list)
+    segment_ids: List[int] = field(default_factory=list)
+
+    def add(self, example: Example) -> None:
+        segment = self.segment_ids[-1] + 1 if self.segment_ids else 0
+        self.input_ids += example.input_ids
+        # The first token of a conversation is never predicted: across a packing
+        # boundary it would be predicted from another conversation.
+        self.labels += [IGNORE] + [tok if t else IGNORE for tok, t in
+                                   zip(example.input_ids[1:], example.targets[1:])]
+        self.position_ids += list(range(len(example.input_ids)))
+        self.segment_ids += [segment] * len(example.input_ids)
+
+
+def pack(examples: Sequence[Example], max_seq_len: int, packing: bool) -> List[PackedRow]:
+    """Greedy packing in data order: a conversation joins the current row if it fits."""
+    rows: List[PackedRow] = []
+    for example in examples:
+        if not rows or not packing or len(rows[-1].input_ids) + len(example.input_ids) > max_seq_len:
+            rows.append(PackedRow())
+        rows[-1].add(example)
+    return rows
+
+
+def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
+    """Tensors [B, L], L the longest row; padding is its own segment and never a target."""
+    length = max(len(r.input_ids) for r in rows)
+
+    def padded(values, fill):
+        return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
+
+    return {
+        "input_ids": padded([r.input_ids for r in rows], pad_id),
+        "labels": padded([r.labels for r in rows], IGNORE),
+        "position_ids": padded([r.position_ids for r in rows], 0),
+        "segment_ids": padded([r.segment_ids for r in rows], -1),
+    }
+
+
+class MicroBatches:
+    """Micro-batch ``i`` of the whole run: a seeded shuffle per epoch, random access by index."""
+
+    def __init__(self, rows: Sequence[PackedRow], batch_size: int, seed: int, pad_id: int):
+        self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.per_epoch = math.ceil(len(rows) / batch_size)
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> List[int]:
+        """This epoch's shuffle of the rows (kept for the epoch being read)."""
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(len(self.rows), generator=generator).tolist()
+        return self._order
+
+    def __getitem__(self, index: int) -> dict:
+        epoch, start = divmod(index, self.per_epoch)
+        picked = self.order(epoch)[start * self.batch_size:(start + 1) * self.batch_size]
+        return collate([self.rows[i] for i in picked], self.pad_id)
+
+
+def target_tokens(batch: dict) -> int:
+    """Tokens the loss is computed on (labels shifted by one, as the loss sees them)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())

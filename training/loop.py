@@ -1,0 +1,209 @@
+"""The training job: data, model, LoRA, AdamW with cosine warmup, eval, metrics, checkpoints."""
+import dataclasses
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import PRESETS, Phi3Config, Phi3ForCausalLM
+from model.loading import resolve_checkpoint_dir
+from model.lora import apply_lora
+from model.tokenizer import Phi3Tokenizer, load_tokenizer
+
+from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .config import TrainConfig
+from .data import IGNORE, MicroBatches, pack, read_chats, target_tokens, tokenize_chats
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 base weights on GPU, fp32 on CPU, unless asked otherwise."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_base_model(config: TrainConfig, dtype: torch.dtype,
+                    device: torch.device) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
+    """A preset (random weights, seeded) with the tiny tokenizer, or a checkpoint with its own."""
+    if config.model in PRESETS:
+        torch.manual_seed(config.seed)
+        model = Phi3ForCausalLM(Phi3Config.from_name(config.model))
+        for module in model.modules():  # Hugging Face's initializer_range
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                torch.nn.init.normal_(module.weight, std=0.02)
+        model = model.to(device=device, dtype=dtype)
+        tokenizer = load_tokenizer(config.tokenizer)
+    else:
+        directory = resolve_checkpoint_dir(config.model)
+        model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(config.tokenizer or directory)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary only {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross entropy over the target tokens of one micro-batch."""
+    logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                           batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def accumulate_gradients(model, micro_batches) -> float:
+    """Backward over one optimizer step's micro-batches; returns the step's mean token loss.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole step,
+    so accumulating 4 micro-batches of 1 gives the gradient of one batch of 4.
+    """
+    n_targets = max(1, sum(target_tokens(b) for b in micro_batches))
+    total = 0.0
+    for batch in micro_batches:
+        loss_sum = token_loss_sum(model, batch)
+        (loss_sum / n_targets).backward()
+        total += loss_sum.item()
+    return total / n_targets
+
+
+def cosine_with_warmup(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@torch.no_grad()
+def evaluate(model, batches: MicroBatches, device) -> dict:
+    """Token-weighted loss and perplexity over every eval batch (one pass, in order)."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for index in range(batches.per_epoch):
+        batch = {k: v.to(device) for k, v in batches[index].items()}
+        total += token_loss_sum(model, batch).item()
+        tokens += target_tokens(batch)
+    model.train()
+    loss = total / max(tokens, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
+
+
+def prepare_batches(path: str, tokenizer, config: TrainConfig, shuffle_seed: int) -> Tuple[MicroBatches, int]:
+    examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
+                                         config.train_on_prompt)
+    rows = pack(examples, config.max_seq_len, config.packing)
+    return MicroBatches(rows, config.batch_size, shuffle_seed, tokenizer.pad_id), truncated
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Run the job described by ``config``; returns the final summary."""
+    output = Path(config.output)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    # Validate all data before anything expensive: a bad line stops here.
+    read_chats(config.data)
+    if config.eval_data:
+        read_chats(config.eval_data)
+    model, tokenizer = load_base_model(config, dtype, device)
+    train_batches, truncated = prepare_batches(config.data, tokenizer, config, config.seed)
+    eval_batches = prepare_batches(config.eval_data, tokenizer, config, 0)[0] if config.eval_data else None
+    log(f"data: {len(train_batches.rows)} sequences of up to {config.max_seq_len} tokens, "
+        f"{truncated} conversations truncated")
+
+    apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
+               lora_dropout=config.lora_dropout, targets=config.target_modules,
+               use_rslora=config.use_rslora)
+    model.set_gradient_checkpointing(config.grad_checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+
+    torch.manual_seed(config.seed)  # dropout's stream starts here, whatever loading drew
+    start_step = 0
+    if config.resume:
+        checkpoint = resolve_resume(config.resume, output)
+        if checkpoint is not None:
+            start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+            log(f"resumed from {checkpoint} at step {start_step}")
+        else:
+            log(f"--resume: no checkpoint in {output}, starting fresh")
+
+    output.mkdir(parents=True, exist_ok=True)
+    settings = dataclasses.asdict(config)
+    save = lambda name, step: save_checkpoint(  # noqa: E731
+        output / name, model, optimizer, scheduler, step, settings, config.target_modules)
+    metrics = (output / "metrics.jsonl").open("a")
+    step, started, tokens_seen, loss = start_step, time.perf_counter(), 0, float("nan")
+    evaluation: Optional[dict] = None
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    try:
+        while step < total_steps:
+            micro = [{k: v.to(device) for k, v in train_batches[step * config.grad_accum + j].items()}
+                     for j in range(config.grad_accum)]
+            loss = accumulate_gradients(model, micro)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+                         if config.max_grad_norm > 0 else float("nan"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_per_s = tokens_seen / (time.perf_counter() - started)
+            memory = peak_memory_mb(device)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
+                            mem=f"{memory:.0f}MB")
+            row = {}
+            if step % config.log_every == 0 or step == total_steps:
+                row.update(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                           tokens_per_s=tokens_per_s, peak_memory_mb=memory,
+                           epoch=step * config.grad_accum / train_batches.per_epoch)
+            if eval_batches and ((config.eval_every and step % config.eval_every == 0)
+                                 or step == total_steps):
+                evaluation = evaluate(model, eval_batches, device)
+                row.update(step=step, **evaluation)
+            if row:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                save(f"checkpoint-{step}", step)
+                prune_checkpoints(output, config.save_total_limit)
+    except KeyboardInterrupt:
+        bar.close()
+        path = save(f"checkpoint-{step}", step)
+        log(f"interrupted: saved {path} at step {step}; continue with --resume")
+        return {"step": step, "interrupted": True, "checkpoint": str(path)}
+    finally:
+        bar.close()
+        metrics.close()
+    final = save("final", step)
+    summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
+               "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
+               "peak_memory_mb": round(peak_memory_mb(device)), "adapter": str(final)}
+    if evaluation:
+        summary.update(eval_loss=evaluation["eval_loss"], eval_ppl=evaluation["eval_ppl"])
+    log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in summary.items()))
+    return summary
