@@ -13,7 +13,7 @@ def main(argv=None) -> int:
     try:
         config = parse_config(argv)
         train(config)
-    except ValueError as error:  # bad flags, config or data: say what and where, no traceback
+    except (ValueError, FileNotFoundError) as error:  # bad flags, config, data or paths: no traceback
         build_parser().exit(2, f"train.py: error: {error}\n")
     return 0
 

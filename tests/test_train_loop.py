@@ -149,3 +149,34 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path):
                              "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert f"{bad}:1: no assistant turn" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(data):
+    cfg = config(data, "unused", lora_dropout=0.0)
+    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    apply_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = loop.prepare_batches(data, tokenizer, cfg, 0)[0][0]
+    grads = []
+    for enabled in (False, True):
+        model.zero_grad()
+        model.set_gradient_checkpointing(enabled)
+        loop.accumulate_gradients(model, [batch])
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_trains_from_a_checkpoint_directory(data, tmp_path):
+    cfg = config(data, tmp_path / "unused")
+    base, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save(tmp_path / "base" / "tokenizer.json")
+    summary = train(config(data, tmp_path / "run", model=str(tmp_path / "base"), max_steps=2),
+                    log=lambda _: None)
+    assert summary["step"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    settings = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == str(tmp_path / "base")
