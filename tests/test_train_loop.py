@@ -180,3 +180,20 @@ def test_trains_from_a_checkpoint_directory(data, tmp_path):
     assert summary["step"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
     settings = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert settings["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+@pytest.mark.parametrize("targets", [["qkv_proj"], ["qkv_proj", "lm_head"]])
+def test_chunked_loss_equals_full_logits_loss(data, targets):
+    cfg = config(data, "unused", lora_dropout=0.0)
+    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    apply_lora(model, r=4, lora_alpha=8, targets=targets)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    batch = loop.prepare_batches(data, tokenizer, cfg, 0)[0][0]
+    chunked = loop.token_loss_sum(model, batch)
+    logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             batch["labels"][:, 1:].reshape(-1), reduction="sum")
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-4)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from lorakernels import LoRALayer
+from lorakernels.ops.linear_cross_entropy import linear_cross_entropy
 from model import PRESETS, Phi3Config, Phi3ForCausalLM
 from model.loading import resolve_checkpoint_dir
 from model.lora import apply_lora
@@ -56,10 +58,24 @@ def load_base_model(config: TrainConfig, dtype: torch.dtype,
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross entropy over the target tokens of one micro-batch."""
-    logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                           batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum")
+    """Summed next-token cross entropy over the target tokens of one micro-batch.
+
+    The LM head and the loss run chunk by chunk (``linear_cross_entropy``), so the
+    [tokens, vocab] logits are never held in full; a LoRA head with dropout in
+    training is the one case that takes the plain path.
+    """
+    labels = batch["labels"][:, 1:].reshape(-1)
+    head = model.lm_head
+    lora = None
+    if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
+        if head.training and head.lora_dropout.p > 0:
+            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+            return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels,
+                                   ignore_index=IGNORE, reduction="sum")
+        lora = (head.lora_A, head.lora_B, head.scaling)
+    hidden = model.model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
+    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, labels,
+                                ignore_index=IGNORE, lora=lora)
 
 
 def accumulate_gradients(model, micro_batches) -> float:
