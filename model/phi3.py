@@ -3,7 +3,9 @@
 Data flows RMSNorm → attention (fused qkv, RoPE, SDPA) → residual → RMSNorm →
 MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
 Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
-dtype, LongRoPE's long factors when positions pass the original context).
+dtype, LongRoPE's long factors when positions pass the original context). With the
+Triton backend (``LORAKERNELS_BACKEND``, auto on CUDA) RMSNorm, RoPE and SwiGLU run
+as fused kernels (``lorakernels/ops``), like the LoRA linear layers.
 """
 from pathlib import Path
 from typing import Optional, Union
@@ -12,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from lorakernels.dispatch import selected_backend
 
 from .config import Phi3Config
 from .kv_cache import KVCache
@@ -26,6 +30,10 @@ class Phi3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if selected_backend(x) == "triton":
+            from lorakernels.ops.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -112,7 +120,12 @@ class Phi3Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if selected_backend(x) == "triton":
+            from lorakernels.ops.rope import apply_rope
+
+            q, k = apply_rope(q, k, cos, sin)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         mask = attention_mask(T, k.shape[2], segment_ids, self.sliding_window, x.device)
@@ -130,7 +143,12 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if selected_backend(x) == "triton":
+            from lorakernels.ops.swiglu import swiglu
+
+            return self.down_proj(swiglu(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
 
 

@@ -16,6 +16,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lorakernels.ops import lora_linear as ops
+from lorakernels.ops import rms_norm as rms_norm_ops
+from lorakernels.ops import rope as rope_ops
+from lorakernels.ops import swiglu as swiglu_ops
 
 TARGETS = {90: 232448, 86: 101376}  # compute capability -> max shared memory per block (bytes)
 M, K, N, R, RANK = 4096, 3072, 9216, 48, 16  # qkv with LoRA on three parts, r = 16
@@ -38,9 +41,54 @@ KERNEL_ARGS = {
     "_lora_grad_a_kernel": dict(
         ds_ptr="fp32", x_ptr="bf16", da_ptr="fp32", M=M, K=K, R=R, stride_xm=K, stride_xk=1,
         seed=12345, M_BUCKET=M),
+    # Row-wise fused ops at Phi-3-mini's shapes: hidden 3072, intermediate 8192, q/k as
+    # transposed views of qkv [B, T, 9216] (32 heads of 96), cos/sin [B, T, 96].
+    "_rms_norm_forward_kernel": dict(
+        x_ptr="bf16", w_ptr="bf16", y_ptr="bf16", rstd_ptr="fp32", n_rows=M, n_cols=K, eps=1e-5,
+        stride_xm=K, stride_xn=1, stride_ym=K, stride_yn=1),
+    "_rms_norm_backward_kernel": dict(
+        dy_ptr="bf16", x_ptr="bf16", w_ptr="bf16", rstd_ptr="fp32", dx_ptr="bf16",
+        dw_partial_ptr="fp32", n_rows=M, n_cols=K, rows_per_program=32, stride_dym=K, stride_dyn=1,
+        stride_xm=K, stride_xn=1, stride_dxm=K, stride_dxn=1),
+    "_swiglu_forward_kernel": dict(
+        gate_ptr="bf16", up_ptr="bf16", out_ptr="bf16", n_cols=8192, stride_in_m=16384,
+        stride_in_n=1, stride_out_m=8192, stride_out_n=1),
+    "_swiglu_backward_kernel": dict(
+        dout_ptr="bf16", gate_ptr="bf16", up_ptr="bf16", dgate_ptr="bf16", dup_ptr="bf16",
+        n_cols=8192, stride_dout_m=8192, stride_dout_n=1, stride_in_m=16384, stride_in_n=1,
+        stride_din_m=16384, stride_din_n=1),
+    "_rope_kernel": dict(
+        q_ptr="bf16", k_ptr="bf16", cos_ptr="bf16", sin_ptr="bf16", q_out_ptr="bf16",
+        k_out_ptr="bf16", T=2048, n_q_heads=32, n_k_heads=32, half=48,
+        stride_qb=2048 * N, stride_qh=96, stride_qt=N, stride_qd=1,
+        stride_kb=2048 * N, stride_kh=96, stride_kt=N, stride_kd=1,
+        stride_cb=2048 * 96, stride_ct=96, stride_cd=1, stride_sb=2048 * 96, stride_st=96,
+        stride_sd=1, stride_qob=32 * 2048 * 96, stride_qoh=2048 * 96, stride_qot=96, stride_qod=1,
+        stride_kob=32 * 2048 * 96, stride_koh=2048 * 96, stride_kot=96, stride_kod=1),
 }
 COMMON_CONSTEXPRS = dict(P=0.05, HAS_DROPOUT=True, HAS_BIAS=True, GATHER_Q=True, GATHER_B=True,
-                         CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R)
+                         CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
+                         EMULATE_BF16_RTNE=False, COMPUTE_DW=True)
+
+
+def _launch_configs(settings, sizes, **extra):
+    """The triton.Configs the fused ops' launchers pick for these row sizes (deduplicated)."""
+    configs = {}
+    for size in sizes:
+        meta, warps = settings(*size) if isinstance(size, tuple) else settings(size)
+        meta = {**meta, **extra}
+        configs[(tuple(sorted(meta.items())), warps)] = triton.Config(meta, num_warps=warps)
+    return list(configs.values())
+
+
+# Row lengths: a short row (several rows a program), Phi-3-mini, Phi-3-medium, the largest allowed.
+RMS_NORM_CONFIGS = _launch_configs(rms_norm_ops.rms_norm_settings,
+                                   [96, 3072, 5120, rms_norm_ops.MAX_ROW])
+SWIGLU_CONFIGS = _launch_configs(swiglu_ops.swiglu_settings, [96, 688, 8192, 17920])
+# (heads, head dim): tiny, Phi-3-mini, Phi-3-medium, the largest head dim; forward and backward.
+ROPE_CONFIGS = [config for backward in (False, True) for config in _launch_configs(
+    rope_ops.rope_settings, [(4, 16), (32, 96), (40, 128), (64, rope_ops.MAX_HEAD_DIM)],
+    BACKWARD=backward)]
 
 
 def source(kernel, config: triton.Config):
@@ -74,6 +122,11 @@ def main() -> int:
         (ops._lora_shrink_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_s_b_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_a_kernel, ops.ROW_CONFIGS, False),
+        (rms_norm_ops._rms_norm_forward_kernel, RMS_NORM_CONFIGS, False),
+        (rms_norm_ops._rms_norm_backward_kernel, RMS_NORM_CONFIGS, False),
+        (swiglu_ops._swiglu_forward_kernel, SWIGLU_CONFIGS, False),
+        (swiglu_ops._swiglu_backward_kernel, SWIGLU_CONFIGS, False),
+        (rope_ops._rope_kernel, ROPE_CONFIGS, False),
     ]
     failures = 0
     for arch, limit in TARGETS.items():

@@ -81,3 +81,26 @@ def test_lm_head_and_embedding_targets(checkpoint):
     assert model.model.embed_tokens.lora_A.grad is not None and model.lm_head.lora_A.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before)
+
+
+def test_whole_model_on_the_triton_kernels_equals_eager(checkpoint, monkeypatch):
+    """LORAKERNELS_BACKEND=triton routes LoRA linears, RMSNorm, RoPE and SwiGLU through the
+    kernels (interpreted on CPU): logits and LoRA gradients equal the eager model's."""
+    model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), r=4,
+                       lora_alpha=8)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    ids = torch.randint(0, 96, (2, 7))
+    results = {}
+    for backend in ("eager", "triton"):
+        monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+        model.zero_grad()
+        logits = model(ids)
+        logits.square().mean().backward()
+        results[backend] = (logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.requires_grad})
+    torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-4, atol=1e-5)
+    for name, grad in results["eager"][1].items():
+        torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-3, atol=1e-6, msg=name)

@@ -3,6 +3,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Triton picks interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -31,3 +32,40 @@ def max_shared_memory(device: torch.device) -> int:
 def autotune_configs(full, interpreted):
     """The interpreter runs every config it is given, so it gets one small one."""
     return interpreted if INTERPRETING else full
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a tile of ``block`` elements (Liger's calculate_settings rule)."""
+    if block >= 32768:
+        return 32
+    if block >= 8192:
+        return 16
+    if block >= 2048:
+        return 8
+    return 4
+
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    """fp32 x rounded to the nearest ``dtype`` value (ties to even), returned as fp32.
+
+    Triton's interpreter converts fp32 to bf16 by truncation, so under it
+    (EMULATE_BF16_RTNE) bf16 rounding is done on the bits; compiled code uses the
+    hardware's round-to-nearest-even conversion, which gives the same values.
+    """
+    if EMULATE_BF16_RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    """fp32 x converted to ``dtype`` with round-to-nearest-even, interpreted or compiled."""
+    if EMULATE_BF16_RTNE and dtype == tl.bfloat16:
+        return round_to(x, dtype, EMULATE_BF16_RTNE).to(dtype)  # exact: already a bf16 value
+    else:
+        return x.to(dtype)
