@@ -54,6 +54,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=int, default=240, help="seconds allowed per step")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
+    parser.add_argument("--only", nargs="+", metavar="STEP",
+                        help="run only these steps (e.g. to fit a per-command time limit)")
     args = parser.parse_args()
     if args.list:
         for name, command in steps():
@@ -68,7 +70,10 @@ def main() -> int:
     summary = dict(device=torch.cuda.get_device_name(), date=datetime.now(timezone.utc).isoformat(),
                    torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
                    cuda=torch.version.cuda, steps=[])
-    for name, command in steps():
+    chosen = [(name, command) for name, command in steps() if not args.only or name in args.only]
+    if args.only and len(chosen) != len(args.only):
+        sys.exit(f"unknown step in --only {args.only}; steps: {[name for name, _ in steps()]}")
+    for name, command in chosen:
         print(f"== {name}", flush=True)
         summary["steps"].append(run_step(name, command, args.timeout, log_dir))
         print(summary["steps"][-1], flush=True)
