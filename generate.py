@@ -14,7 +14,8 @@ from lorakernels.adapters import load_peft_adapter
 from model.chat import tokenize_chat
 from model.lora import apply_lora
 from training.config import TrainConfig
-from training.loop import load_base_model, resolve_device, resolve_dtype
+from training.distributed import resolve_device
+from training.loop import load_base_model, resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:

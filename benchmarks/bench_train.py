@@ -243,7 +243,7 @@ def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
     import lorakernels
     from model import Phi3ForCausalLM
     from model.lora import apply_lora
-    from training.loop import accumulate_gradients
+    from training.loop import StepLoss, accumulate_gradients
 
     model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device),
                        targets=TARGETS, **LORA)
@@ -255,7 +255,7 @@ def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
             module.lora_dropout.p = p
 
     def loss_backward(batch: dict) -> float:
-        return accumulate_gradients(model, [batch])  # what train.py runs, LM head and loss included
+        return accumulate_gradients(StepLoss(model), [batch])  # what train.py runs, LM head and loss included
 
     return Subject(loss_backward, model, lora, model.set_gradient_checkpointing, set_dropout)
 

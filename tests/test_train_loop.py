@@ -63,15 +63,13 @@ def test_accumulation_equals_a_larger_batch(data):
     cfg = config(data, "unused", lora_dropout=0.0, packing=False)
     model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
     apply_lora(model, r=4, lora_alpha=8)
-    big = loop.prepare_batches(data, tokenizer, TrainConfig(**{**vars(cfg), "batch_size": 4}), 0)[0]
-    small = loop.prepare_batches(data, tokenizer, TrainConfig(**{**vars(cfg), "batch_size": 1}), 0)[0]
-    rows = big.order(0)[:4]
-    small_batches = [collate([small.rows[i]], tokenizer.pad_id) for i in rows]
-    big_batch = collate([big.rows[i] for i in rows], tokenizer.pad_id)
+    rows = loop.prepare_rows(data, tokenizer, cfg)[0][:4]
+    small_batches = [collate([row], tokenizer.pad_id) for row in rows]
+    big_batch = collate(rows, tokenizer.pad_id)
 
     def gradients(micro):
         model.zero_grad()
-        loss = loop.accumulate_gradients(model, micro)
+        loss = loop.accumulate_gradients(loop.StepLoss(model), micro)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     loss_big, grads_big = gradients([big_batch])
@@ -159,12 +157,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
-    batch = loop.prepare_batches(data, tokenizer, cfg, 0)[0][0]
+    batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     grads = []
     for enabled in (False, True):
         model.zero_grad()
         model.set_gradient_checkpointing(enabled)
-        loop.accumulate_gradients(model, [batch])
+        loop.accumulate_gradients(loop.StepLoss(model), [batch])
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
@@ -191,7 +189,7 @@ def test_chunked_loss_equals_full_logits_loss(data, targets):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
-    batch = loop.prepare_batches(data, tokenizer, cfg, 0)[0][0]
+    batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     chunked = loop.token_loss_sum(model, batch)
     logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
     full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),

@@ -17,7 +17,6 @@ from lorakernels.adapters import load_lora_state_dict, save_lora_state_dict, sav
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-RNG_FILE = "rng.safetensors"
 LORA_FILE = "lora.safetensors"
 
 
@@ -45,20 +44,6 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_gr
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def _rng_tensors() -> dict:
-    tensors = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return tensors
-
-
-def _restore_rng(tensors: dict) -> None:
-    torch.set_rng_state(tensors["cpu"])
-    cuda = [tensors[f"cuda{i}"] for i in range(len(tensors) - 1) if f"cuda{i}" in tensors]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-
-
 def _replace_directory(tmp: Path, final: Path) -> None:
     """Move ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
     if final.exists():
@@ -72,7 +57,7 @@ def _replace_directory(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, config: dict,
                     target_modules: List[str]) -> Path:
-    """Adapter + optimizer + scheduler + RNG + position, atomically at ``directory``."""
+    """Adapter + optimizer + scheduler + position, atomically at ``directory``."""
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -83,7 +68,6 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
     save_lora_state_dict(model, tmp / LORA_FILE)
     tensors, param_groups = _optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    save_file(_rng_tensors(), str(tmp / RNG_FILE))
     state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
              "config": config}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
@@ -103,12 +87,14 @@ def resolve_resume(resume: str, output: Path) -> Optional[Path]:
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
-    """Restore LoRA weights, optimizer, scheduler and RNG; returns the step to continue from."""
+    """Restore LoRA weights, optimizer and scheduler; returns the step to continue from.
+
+    No RNG state: the loop seeds dropout from (seed, step, rank) at every step.
+    """
     state = json.loads((directory / STATE_FILE).read_text())
     load_lora_state_dict(model, directory / LORA_FILE)
     _restore_optimizer(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(load_file(str(directory / RNG_FILE)))
     return state["step"]
 
 

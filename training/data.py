@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
@@ -118,11 +118,19 @@ def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
 
 
 class MicroBatches:
-    """Micro-batch ``i`` of the whole run: a seeded shuffle per epoch, random access by index."""
+    """Micro-batch ``i`` of the whole run, for one rank: random access by index.
 
-    def __init__(self, rows: Sequence[PackedRow], batch_size: int, seed: int, pad_id: int):
+    Each epoch is a seeded shuffle of the rows; global batch i holds the next
+    ``batch_size × world_size`` rows of it (the epoch's last one filled up from its
+    start), and rank r reads its r-th slice. So the rows of a step do not depend on how
+    they are split across ranks, and one integer is the whole data position.
+    """
+
+    def __init__(self, rows: Sequence[PackedRow], batch_size: int, seed: int, pad_id: int,
+                 rank: int = 0, world_size: int = 1):
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
-        self.per_epoch = math.ceil(len(rows) / batch_size)
+        self.rank, self.global_batch = rank, batch_size * world_size
+        self.per_epoch = math.ceil(len(rows) / self.global_batch)
         self._epoch, self._order = None, None
 
     def order(self, epoch: int) -> List[int]:
@@ -134,8 +142,16 @@ class MicroBatches:
 
     def __getitem__(self, index: int) -> dict:
         epoch, start = divmod(index, self.per_epoch)
-        picked = self.order(epoch)[start * self.batch_size:(start + 1) * self.batch_size]
+        order = self.order(epoch)
+        first = start * self.global_batch + self.rank * self.batch_size
+        picked = [order[(first + i) % len(order)] for i in range(self.batch_size)]
         return collate([self.rows[i] for i in picked], self.pad_id)
+
+
+def batches_in_order(rows: Sequence[PackedRow], batch_size: int, pad_id: int) -> Iterator[dict]:
+    """Every row once, in order: for evaluation."""
+    for start in range(0, len(rows), batch_size):
+        yield collate(rows[start:start + batch_size], pad_id)
 
 
 def target_tokens(batch: dict) -> int:

@@ -1,4 +1,5 @@
 """The training job: data, model, LoRA, AdamW with cosine warmup, eval, metrics, checkpoints."""
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,13 +21,9 @@ from model.tokenizer import Phi3Tokenizer, load_tokenizer
 
 from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .config import TrainConfig
-from .data import IGNORE, MicroBatches, pack, read_chats, target_tokens, tokenize_chats
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, target_tokens,
+                   tokenize_chats)
+from .distributed import Distributed, resolve_device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -78,19 +75,25 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
                                 ignore_index=IGNORE, lora=lora)
 
 
-def accumulate_gradients(model, micro_batches) -> float:
+def accumulate_gradients(step_loss, micro_batches, dist: Optional[Distributed] = None) -> float:
     """Backward over one optimizer step's micro-batches; returns the step's mean token loss.
 
-    Each micro-batch's summed loss is divided by the target tokens of the whole step,
-    so accumulating 4 micro-batches of 1 gives the gradient of one batch of 4.
+    Each micro-batch's summed loss is divided by the target tokens of the whole step
+    on all ranks, so 4 micro-batches of 1 give the gradient of one batch of 4, and
+    2 ranks of batch 2 that of one process of batch 4 (DDP averages over ranks,
+    hence the factor world_size). Ranks synchronise once, on the last micro-batch.
     """
-    n_targets = max(1, sum(target_tokens(b) for b in micro_batches))
+    dist = dist or Distributed()
+    n_targets = max(1.0, dist.sum(sum(target_tokens(b) for b in micro_batches)))
     total = 0.0
-    for batch in micro_batches:
-        loss_sum = token_loss_sum(model, batch)
-        (loss_sum / n_targets).backward()
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not dist.enabled else step_loss.no_sync()
+        with sync:
+            loss_sum = step_loss(batch)
+            (loss_sum * dist.world_size / n_targets).backward()
         total += loss_sum.item()
-    return total / n_targets
+    return dist.sum(total) / n_targets
 
 
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
@@ -109,12 +112,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, batches: MicroBatches, device) -> dict:
-    """Token-weighted loss and perplexity over every eval batch (one pass, in order)."""
+def evaluate(model, rows, batch_size: int, pad_id: int, device) -> dict:
+    """Token-weighted loss and perplexity over every eval row, in order."""
     model.eval()
     total, tokens = 0.0, 0
-    for index in range(batches.per_epoch):
-        batch = {k: v.to(device) for k, v in batches[index].items()}
+    for batch in batches_in_order(rows, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
         total += token_loss_sum(model, batch).item()
         tokens += target_tokens(batch)
     model.train()
@@ -122,40 +125,62 @@ def evaluate(model, batches: MicroBatches, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def prepare_batches(path: str, tokenizer, config: TrainConfig, shuffle_seed: int) -> Tuple[MicroBatches, int]:
+def prepare_rows(path: str, tokenizer, config: TrainConfig):
+    """Packed rows of a data file, and how many conversations were truncated."""
     examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
                                          config.train_on_prompt)
-    rows = pack(examples, config.max_seq_len, config.packing)
-    return MicroBatches(rows, config.batch_size, shuffle_seed, tokenizer.pad_id), truncated
+    return pack(examples, config.max_seq_len, config.packing), truncated
+
+
+class StepLoss(torch.nn.Module):
+    """The model and its loss as one module, so DistributedDataParallel sees the forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return token_loss_sum(self.model, batch)
 
 
 def train(config: TrainConfig, log=print) -> dict:
-    """Run the job described by ``config``; returns the final summary."""
+    """Run the job described by ``config`` (one process, or one rank under torchrun)."""
+    dist = Distributed.from_env(config.device)
+    try:
+        return _train(config, dist, log if dist.is_main else (lambda _: None))
+    finally:
+        dist.close()
+
+
+def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     output = Path(config.output)
-    device = resolve_device(config.device)
+    device = dist.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     # Validate all data before anything expensive: a bad line stops here.
     read_chats(config.data)
     if config.eval_data:
         read_chats(config.eval_data)
     model, tokenizer = load_base_model(config, dtype, device)
-    train_batches, truncated = prepare_batches(config.data, tokenizer, config, config.seed)
-    eval_batches = prepare_batches(config.eval_data, tokenizer, config, 0)[0] if config.eval_data else None
-    log(f"data: {len(train_batches.rows)} sequences of up to {config.max_seq_len} tokens, "
-        f"{truncated} conversations truncated")
+    rows, truncated = prepare_rows(config.data, tokenizer, config)
+    train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
+                                 dist.rank, dist.world_size)
+    eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
+    log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
+        f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
+        f"{train_batches.global_batch} × {config.grad_accum} accumulation")
 
     apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
                lora_dropout=config.lora_dropout, targets=config.target_modules,
                use_rslora=config.use_rslora)
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.train()
+    step_loss = dist.wrap(StepLoss(model), device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
 
-    torch.manual_seed(config.seed)  # dropout's stream starts here, whatever loading drew
     start_step = 0
     if config.resume:
         checkpoint = resolve_resume(config.resume, output)
@@ -165,19 +190,30 @@ def train(config: TrainConfig, log=print) -> dict:
         else:
             log(f"--resume: no checkpoint in {output}, starting fresh")
 
-    output.mkdir(parents=True, exist_ok=True)
     settings = dataclasses.asdict(config)
-    save = lambda name, step: save_checkpoint(  # noqa: E731
-        output / name, model, optimizer, scheduler, step, settings, config.target_modules)
-    metrics = (output / "metrics.jsonl").open("a")
+
+    def save(name: str, step: int) -> Path:
+        """Rank 0 writes; every rank waits for it, so no rank runs ahead of a checkpoint."""
+        if dist.is_main:
+            save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
+                            config.target_modules)
+        dist.barrier()
+        return output / name
+
+    if dist.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+    metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
     step, started, tokens_seen, loss = start_step, time.perf_counter(), 0, float("nan")
     evaluation: Optional[dict] = None
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=not dist.is_main)
     try:
         while step < total_steps:
+            # Dropout masks are a function of (seed, step, rank): resume is exact with no RNG state.
+            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + dist.rank)
             micro = [{k: v.to(device) for k, v in train_batches[step * config.grad_accum + j].items()}
                      for j in range(config.grad_accum)]
-            loss = accumulate_gradients(model, micro)
+            loss = accumulate_gradients(step_loss, micro, dist)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
                          if config.max_grad_norm > 0 else float("nan"))
             lr = scheduler.get_last_lr()[0]
@@ -185,7 +221,7 @@ def train(config: TrainConfig, log=print) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_seen += sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_seen += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
             tokens_per_s = tokens_seen / (time.perf_counter() - started)
             memory = peak_memory_mb(device)
             bar.update(1)
@@ -196,16 +232,19 @@ def train(config: TrainConfig, log=print) -> dict:
                 row.update(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
                            tokens_per_s=tokens_per_s, peak_memory_mb=memory,
                            epoch=step * config.grad_accum / train_batches.per_epoch)
-            if eval_batches and ((config.eval_every and step % config.eval_every == 0)
-                                 or step == total_steps):
-                evaluation = evaluate(model, eval_batches, device)
-                row.update(step=step, **evaluation)
-            if row:
+            if eval_rows and ((config.eval_every and step % config.eval_every == 0)
+                              or step == total_steps):
+                if dist.is_main:
+                    evaluation = evaluate(model, eval_rows, config.batch_size, tokenizer.pad_id, device)
+                    row.update(step=step, **evaluation)
+                dist.barrier()
+            if row and metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             if config.save_every and step % config.save_every == 0 and step < total_steps:
                 save(f"checkpoint-{step}", step)
-                prune_checkpoints(output, config.save_total_limit)
+                if dist.is_main:
+                    prune_checkpoints(output, config.save_total_limit)
     except KeyboardInterrupt:
         bar.close()
         path = save(f"checkpoint-{step}", step)
@@ -213,7 +252,8 @@ def train(config: TrainConfig, log=print) -> dict:
         return {"step": step, "interrupted": True, "checkpoint": str(path)}
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
     final = save("final", step)
     summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),

@@ -1,0 +1,78 @@
+"""Data-parallel training under torchrun through torch.distributed: DDP over NCCL or gloo.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process and
+every method is a no-op. Each rank reads its own slice of every global batch; only
+rank 0 logs and writes files.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str) -> "Distributed":
+        """Join the process group torchrun described (NCCL on CUDA, gloo on CPU), if any."""
+        if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+            return cls()
+        context = cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                      int(os.environ.get("LOCAL_RANK", 0)))
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if on_cuda:
+            torch.cuda.set_device(context.local_rank)
+        dist.init_process_group("nccl" if on_cuda else "gloo")
+        return context
+
+    def device(self, name: str) -> torch.device:
+        """This rank's device: cuda:LOCAL_RANK on GPUs."""
+        device = resolve_device(name)
+        if device.type == "cuda" and device.index is None and self.enabled:
+            return torch.device("cuda", self.local_rank)
+        return device
+
+    def sum(self, value: float) -> float:
+        """``value`` added up over all ranks."""
+        if not self.enabled:
+            return value
+        total = torch.tensor([float(value)], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total)
+        return total.item()
+
+    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """DDP over the trainable (LoRA) parameters; the frozen base is never synchronised."""
+        if not self.enabled:
+            return module
+        ids = [device.index] if device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
