@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=4,
+    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=4, device="cpu",
                       max_seq_len=128, lora_r=4, seed=5), log=lambda _: None)
     return out / "final"
 
@@ -29,7 +29,7 @@ def run(*args):
 
 def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
     result = run("merge.py", "--adapter", adapter, "--output", tmp_path / "merged", "--seed", 5,
-                 "--dtype", "float32")
+                 "--dtype", "float32", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     merged = Phi3ForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=5, dtype="float32",
@@ -42,7 +42,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
 
 
 def test_generate_answers_a_prompt(adapter):
-    result = run("generate.py", "--adapter", adapter, "--seed", 5, "--prompt", "What is 2 plus 3?",
+    result = run("generate.py", "--adapter", adapter, "--seed", 5, "--device", "cpu", "--prompt", "What is 2 plus 3?",
                  "--max-new-tokens", 8)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()

@@ -12,7 +12,7 @@ from training.config import TrainConfig
 from training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = dict(max_seq_len=128, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=3e-3, seed=3,
+COMMON = dict(device="cpu", max_seq_len=128, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=3e-3, seed=3,
               max_steps=4, log_every=1)
 
 
@@ -27,7 +27,7 @@ def data(tmp_path_factory):
 def torchrun(data, output, batch_size, **extra):
     flags = {**COMMON, "batch_size": batch_size, **extra}
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            str(ROOT / "train.py"), "--data", data, "--output", str(output), "--device", "cpu"]
+            str(ROOT / "train.py"), "--data", data, "--output", str(output)]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
     result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)

@@ -86,13 +86,14 @@ def test_lm_head_and_embedding_targets(checkpoint):
 def test_whole_model_on_the_triton_kernels_equals_eager(checkpoint, monkeypatch):
     """LORAKERNELS_BACKEND=triton routes LoRA linears, RMSNorm, RoPE and SwiGLU through the
     kernels (interpreted on CPU): logits and LoRA gradients equal the eager model's."""
-    model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32), r=4,
-                       lora_alpha=8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA or the interpreter
+    model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=device),
+                       r=4, lora_alpha=8)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
-    ids = torch.randint(0, 96, (2, 7))
+    ids = torch.randint(0, 96, (2, 7), device=device)
     results = {}
     for backend in ("eager", "triton"):
         monkeypatch.setenv("LORAKERNELS_BACKEND", backend)

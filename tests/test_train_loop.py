@@ -26,7 +26,9 @@ def data(tmp_path_factory):
 
 
 def config(data, output, **overrides):
-    options = dict(data=data, output=str(output), max_seq_len=128, batch_size=2, lr=3e-3,
+    # CPU and fp32 even on a GPU machine: these tests compare runs bit for bit, and the
+    # GPU kernels reduce dB with atomics (not bitwise reproducible).
+    options = dict(data=data, output=str(output), device="cpu", max_seq_len=128, batch_size=2, lr=3e-3,
                    lora_r=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, seed=3, log_every=1)
     return TrainConfig(**{**options, **overrides})
 
