@@ -238,7 +238,8 @@ class Embedding(LoRALayer, nn.Embedding):
         result = self._lookup(x, self.weight)
         if not self.has_lora or self.merged:
             return result
-        return result + (self._lookup(x, self.lora_A.t()) @ self.lora_B.t()) * self.scaling
+        delta = (self._lookup(x, self.lora_A.t()) @ self.lora_B.t()) * self.scaling
+        return (result + delta).to(result.dtype)  # fp32 adapters keep a bf16 table's dtype
 
 
 class _ConvLoRA(LoRALayer, nn.Module):

@@ -82,20 +82,28 @@ def test_accumulation_equals_a_larger_batch(data):
 
 
 def test_interrupt_saves_and_resume_continues(data, tmp_path, monkeypatch):
+    """Ctrl-C during step 4 lets the step finish, saves checkpoint-4 and returns."""
+    import signal
+
     real = loop.token_loss_sum
     calls = {"n": 0}
 
-    def interrupt_on_fourth_step(model, batch):
+    def interrupt_during_fourth_step(model, batch):
         calls["n"] += 1
         if calls["n"] == 4:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "token_loss_sum", interrupt_on_fourth_step)
+    monkeypatch.setattr(loop, "token_loss_sum", interrupt_during_fourth_step)
     summary = train(config(data, tmp_path), log=lambda _: None)
-    assert summary["interrupted"] and summary["step"] == 3
+    assert summary["interrupted"] and summary["step"] == 4
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
     monkeypatch.setattr(loop, "token_loss_sum", real)
     assert train(config(data, tmp_path, resume="latest"), log=lambda _: None)["step"] == 6
+    resumed = lora_weights(tmp_path / "final")
+    train(config(data, tmp_path / "straight"), log=lambda _: None)
+    for key, value in lora_weights(tmp_path / "straight" / "final").items():
+        assert torch.equal(resumed[key], value), key
 
 
 def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Tuple
@@ -132,6 +134,26 @@ def prepare_rows(path: str, tokenizer, config: TrainConfig):
     return pack(examples, config.max_seq_len, config.packing), truncated
 
 
+class StopOnInterrupt:
+    """Turns Ctrl-C (SIGINT) into a request checked between steps, so a checkpoint is
+    never taken halfway through an optimizer step; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 class StepLoss(torch.nn.Module):
     """The model and its loss as one module, so DistributedDataParallel sees the forward."""
 
@@ -169,6 +191,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
         f"{train_batches.global_batch} × {config.grad_accum} accumulation")
 
+    torch.manual_seed(config.seed)  # the LoRA initialisation, whatever loading drew
     apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
                lora_dropout=config.lora_dropout, targets=config.target_modules,
                use_rslora=config.use_rslora)
@@ -207,6 +230,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     evaluation: Optional[dict] = None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not dist.is_main)
+    interrupt = StopOnInterrupt()
     try:
         while step < total_steps:
             # Dropout masks are a function of (seed, step, rank): resume is exact with no RNG state.
@@ -241,16 +265,18 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             if row and metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
+            saved = config.save_every and step % config.save_every == 0 and step < total_steps
+            if saved:
                 save(f"checkpoint-{step}", step)
                 if dist.is_main:
                     prune_checkpoints(output, config.save_total_limit)
-    except KeyboardInterrupt:
-        bar.close()
-        path = save(f"checkpoint-{step}", step)
-        log(f"interrupted: saved {path} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True, "checkpoint": str(path)}
+            # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
+            if dist.sum(interrupt.requested) > 0 and step < total_steps:
+                path = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
+                log(f"interrupted: saved {path} at step {step}; continue with --resume")
+                return {"step": step, "interrupted": True, "checkpoint": str(path)}
     finally:
+        interrupt.restore()
         bar.close()
         if metrics:
             metrics.close()

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ..parts import LoraParts
-from .triton_utils import INTERPRETING, autotune_configs, dot_precision, max_shared_memory, next_block
+from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, max_shared_memory,
+                           next_block, on_device)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -480,5 +481,6 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       dropout_p: float = 0.0, seed: int = 0,
                       parts: Optional[LoraParts] = None) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0."""
-    return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
-                                 float(dropout_p), int(seed), parts)
+    with on_device(x):
+        return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
+                                     float(dropout_p), int(seed), parts)

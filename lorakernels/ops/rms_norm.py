@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRETING, cast_to, num_warps_for, round_to
+from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device, round_to
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # A row is one register tile. ptxas (sm_90): no spills up to 8192 (Phi-3-medium's 5120),
@@ -190,7 +190,8 @@ class FusedRMSNorm(torch.autograd.Function):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Phi3RMSNorm on the Triton kernels: x [..., N], weight [N] → [..., N]."""
-    return FusedRMSNorm.apply(x, weight, float(eps))
+    with on_device(x):
+        return FusedRMSNorm.apply(x, weight, float(eps))
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

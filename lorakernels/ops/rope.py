@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRETING, cast_to, num_warps_for
+from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -182,7 +182,8 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """model/phi3.py's apply_rotary on q and k in one launch: q [B, Hq, T, D], k [B, Hk, T, D],
     cos/sin [B, T, D] → (rotated q, rotated k), new contiguous tensors."""
-    return FusedRoPE.apply(q, k, cos, sin)
+    with on_device(q):
+        return FusedRoPE.apply(q, k, cos, sin)
 
 
 def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_utils import INTERPRETING, cast_to, num_warps_for
+from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BLOCK = 8192  # elementwise: wider rows take several column blocks
@@ -146,7 +146,8 @@ class FusedSwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """up·silu(gate) on the Triton kernels: gate_up [..., 2I] (gate first) → [..., I]."""
-    return FusedSwiGLU.apply(gate_up)
+    with on_device(gate_up):
+        return FusedSwiGLU.apply(gate_up)
 
 
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:

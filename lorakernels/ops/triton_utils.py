@@ -1,4 +1,5 @@
 """What every kernel launcher shares: interpreter detection, dot precision, autotune pruning."""
+import contextlib
 import os
 
 import torch
@@ -7,6 +8,14 @@ import triton.language as tl
 
 # Triton picks interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (e.g. cuda:1).
+
+    Only the forward needs it; autograd runs a CUDA backward on its tensors' device.
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def dot_precision(dtype: torch.dtype) -> str:
