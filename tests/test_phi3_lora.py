@@ -105,3 +105,11 @@ def test_whole_model_on_the_triton_kernels_equals_eager(checkpoint, monkeypatch)
     torch.testing.assert_close(results["triton"][0], results["eager"][0], rtol=1e-4, atol=1e-5)
     for name, grad in results["eager"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_embedding_lora_keeps_a_bf16_model_in_bf16(checkpoint):
+    model = Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+    apply_lora(model, r=2, targets=["embed_tokens", "qkv_proj"])
+    hidden = model.model.embed_tokens(torch.randint(0, 96, (1, 5)))
+    assert hidden.dtype == torch.bfloat16
+    assert model(torch.randint(0, 96, (1, 5))).dtype == torch.bfloat16
