@@ -100,6 +100,8 @@ def test_interrupt_saves_and_resume_continues(data, tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
     monkeypatch.setattr(loop, "token_loss_sum", real)
     assert train(config(data, tmp_path, resume="latest"), log=lambda _: None)["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once across the interruption
     resumed = lora_weights(tmp_path / "final")
     train(config(data, tmp_path / "straight"), log=lambda _: None)
     for key, value in lora_weights(tmp_path / "straight" / "final").items():

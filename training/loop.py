@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lorakernels import LoRALayer
+from lorakernels.files import atomic_write
 from lorakernels.ops.linear_cross_entropy import linear_cross_entropy
 from model import PRESETS, Phi3Config, Phi3ForCausalLM
 from model.loading import resolve_checkpoint_dir
@@ -127,6 +128,14 @@ def evaluate(model, rows, batch_size: int, pad_id: int, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics of steps after ``step``: a resumed run logs them again."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
 def prepare_rows(path: str, tokenizer, config: TrainConfig):
     """Packed rows of a data file, and how many conversations were truncated."""
     examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
@@ -225,6 +234,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
 
     if dist.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        drop_metrics_after(output / "metrics.jsonl", start_step)
     metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
     step, started, tokens_seen, loss = start_step, time.perf_counter(), 0, float("nan")
     evaluation: Optional[dict] = None
