@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .files import atomic_write
 from .layers import Embedding, Linear, LoRALayer
@@ -159,7 +160,11 @@ def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
     state = model.state_dict()
     with torch.no_grad():
         for key, tensor in tensors.items():
-            state[key].copy_(tensor)
+            target = state[key]
+            if isinstance(target, DTensor):  # an FSDP-sharded model takes its shard of each tensor
+                tensor = distribute_tensor(tensor.to(target.device), target.device_mesh,
+                                           target.placements)
+            target.copy_(tensor)
     for layer in merged:
         layer.set_merged(True)
 
@@ -189,12 +194,14 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
 
 def save_peft_adapter(model: nn.Module, directory: PathLike,
                       base_model_name_or_path: Optional[PathLike] = None,
-                      target_modules: Optional[TargetModules] = None) -> None:
+                      target_modules: Optional[TargetModules] = None,
+                      state: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` as PEFT's LoRA saves them.
 
     ``target_modules`` defaults to the leaf names of the LoRA layers; either way it must
     select exactly the LoRA layers, or PEFT would report missing keys. Factors keep their
-    dtype (fp32 from ``apply_lora``).
+    dtype (fp32 from ``apply_lora``). ``state`` replaces ``model.state_dict()`` (e.g. the
+    whole tensors gathered from an FSDP-sharded model).
     """
     layers = _peft_lora_layers(model)
     shared = _shared_hyperparameters(layers)
@@ -203,7 +210,7 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
     _check_targets(model, layers, target_modules, None, "save_peft_adapter", strict=True)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     _save_tensors({peft_key: state[key] for peft_key, key in _peft_key_map(layers).items()},
                   directory / ADAPTER_WEIGHTS_FILE)
     config = {
@@ -299,11 +306,15 @@ def _lora_file(path: PathLike) -> Path:
     return path
 
 
-def save_lora_state_dict(model: nn.Module, path: PathLike, bias: str = "none") -> Path:
-    """Write loralib's ``lora_state_dict(model, bias)`` to a safetensors file; returns its path."""
+def save_lora_state_dict(model: nn.Module, path: PathLike, bias: str = "none",
+                         state: Optional[Dict[str, torch.Tensor]] = None) -> Path:
+    """Write loralib's ``lora_state_dict(model, bias)`` to a safetensors file; returns its path.
+
+    ``state``: the LoRA tensors to write instead (e.g. gathered from an FSDP-sharded model).
+    """
     path = _lora_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _save_tensors(lora_state_dict(model, bias), path)
+    _save_tensors(lora_state_dict(model, bias) if state is None else state, path)
     return path
 
 

@@ -15,6 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from lorakernels.adapters import load_lora_state_dict, save_lora_state_dict, save_peft_adapter
 
+from .distributed import full_tensors, shard_like
+
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 LORA_FILE = "lora.safetensors"
@@ -28,18 +30,22 @@ def step_checkpoints(output: Path) -> List[Path]:
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer):
-    """Per-parameter state as flat safetensors keys, and the JSON-able rest."""
+    """Per-parameter state as flat safetensors keys (whole tensors, also under FSDP), and the
+    JSON-able rest. A collective under FSDP: every rank calls it."""
     state = optimizer.state_dict()
-    tensors = {f"{index}.{name}": value.detach().cpu().contiguous()
-               for index, per_param in state["state"].items()
-               for name, value in per_param.items() if torch.is_tensor(value)}
-    return tensors, state["param_groups"]
+    tensors = full_tensors({f"{index}.{name}": value.detach()
+                            for index, per_param in state["state"].items()
+                            for name, value in per_param.items() if torch.is_tensor(value)})
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}, state["param_groups"]
 
 
 def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_groups: list) -> None:
+    """Load whole tensors back, each as its parameter's shard when the model is FSDP-sharded."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict = {}
     for key, value in tensors.items():
         index, name = key.split(".", 1)
+        value = value if name == "step" else shard_like(value, params[int(index)])
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
@@ -56,17 +62,24 @@ def _replace_directory(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, config: dict,
-                    target_modules: List[str]) -> Path:
-    """Adapter + optimizer + scheduler + position, atomically at ``directory``."""
+                    target_modules: List[str], is_main: bool = True) -> Path:
+    """Adapter + optimizer + scheduler + position, atomically at ``directory``.
+
+    Every rank calls it (an FSDP-sharded model's tensors are gathered); the main rank writes.
+    """
     directory = Path(directory)
+    lora = full_tensors({name: p.detach() for name, p in model.named_parameters() if "lora_" in name})
+    tensors, param_groups = _optimizer_tensors(optimizer)
+    if not is_main:
+        return directory
+    lora = {k: v.cpu() for k, v in lora.items()}
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
-                      target_modules=target_modules)
-    save_lora_state_dict(model, tmp / LORA_FILE)
-    tensors, param_groups = _optimizer_tensors(optimizer)
+                      target_modules=target_modules, state=lora)
+    save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
     save_file(tensors, str(tmp / OPTIMIZER_FILE))
     state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
              "config": config}

@@ -27,6 +27,7 @@ class TrainConfig:
     epochs: Optional[float] = None
     lr: Optional[float] = None
     batch_size: int = 4
+    global_batch_size: Optional[int] = None
     grad_accum: int = 1
     max_seq_len: Optional[int] = None
     packing: bool = True
@@ -43,6 +44,7 @@ class TrainConfig:
     dtype: str = "auto"
     device: str = "auto"
     grad_checkpointing: bool = False
+    strategy: str = "ddp"
     save_every: int = 0
     save_total_limit: Optional[int] = None
     eval_every: int = 0
@@ -58,7 +60,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("max_steps", "save_total_limit"):
+        for name in ("max_steps", "save_total_limit", "global_batch_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {value}")
@@ -66,6 +68,8 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
@@ -82,6 +86,8 @@ HELP = {
     "epochs": "passes over the data when --max-steps is not given",
     "lr": "peak learning rate (AdamW, cosine decay after warmup)",
     "batch_size": "packed sequences per micro-batch",
+    "global_batch_size": "sequences per optimizer step over all processes and micro-batches; "
+                         "sets --batch-size per process (must divide evenly)",
     "grad_accum": "micro-batches per optimizer step",
     "max_seq_len": "tokens per packed sequence; longer chats are truncated (and counted)",
     "packing": "pack several chats per sequence (attention never crosses them)",
@@ -95,6 +101,7 @@ HELP = {
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
     "device": "auto, cpu, cuda or cuda:N",
     "grad_checkpointing": "recompute layer activations in backward to save memory",
+    "strategy": "under torchrun: ddp (each process holds the model) or fsdp (the model sharded)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "save_total_limit": "keep only the newest N step checkpoints",
     "eval_every": "evaluate every N steps (0: only at the end, when --eval-data is given)",

@@ -7,8 +7,13 @@ rank 0 logs and writes files.
 import os
 from dataclasses import dataclass
 
+from typing import Dict
+
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 
@@ -62,12 +67,19 @@ class Distributed:
         dist.all_reduce(total)
         return total.item()
 
-    def wrap(self, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """DDP over the trainable (LoRA) parameters; the frozen base is never synchronised."""
+    def wrap(self, step_loss: torch.nn.Module, device: torch.device, strategy: str) -> torch.nn.Module:
+        """``ddp``: each rank holds the model, only the LoRA gradients are averaged.
+        ``fsdp``: FSDP2 ``fully_shard`` of every decoder layer and of the rest, so each rank
+        holds 1/world_size of the base and LoRA weights and of the optimizer state."""
         if not self.enabled:
-            return module
+            return step_loss
+        if strategy == "fsdp":
+            mesh = init_device_mesh(device.type, (self.world_size,))
+            for layer in step_loss.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            return fully_shard(step_loss, mesh=mesh)
         ids = [device.index] if device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        return torch.nn.parallel.DistributedDataParallel(step_loss, device_ids=ids)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -76,3 +88,16 @@ class Distributed:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def full_tensors(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """FSDP shards gathered into whole tensors (a collective: every rank calls it)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out as ``like``: its shard of it when ``like`` is an FSDP DTensor."""
+    full = full.to(like.device)
+    if isinstance(like, DTensor):
+        return distribute_tensor(full, like.device_mesh, like.placements)
+    return full

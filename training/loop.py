@@ -91,7 +91,8 @@ def accumulate_gradients(step_loss, micro_batches, dist: Optional[Distributed] =
     total = 0.0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not dist.enabled else step_loss.no_sync()
+        ddp = isinstance(step_loss, torch.nn.parallel.DistributedDataParallel)
+        sync = step_loss.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync:
             loss_sum = step_loss(batch)
             (loss_sum * dist.world_size / n_targets).backward()
@@ -115,15 +116,15 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, rows, batch_size: int, pad_id: int, device) -> dict:
+def evaluate(step_loss, rows, batch_size: int, pad_id: int, device) -> dict:
     """Token-weighted loss and perplexity over every eval row, in order."""
-    model.eval()
+    step_loss.eval()
     total, tokens = 0.0, 0
     for batch in batches_in_order(rows, batch_size, pad_id):
         batch = {k: v.to(device) for k, v in batch.items()}
-        total += token_loss_sum(model, batch).item()
+        total += step_loss(batch).item()
         tokens += target_tokens(batch)
-    model.train()
+    step_loss.train()
     loss = total / max(tokens, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
@@ -183,7 +184,21 @@ def train(config: TrainConfig, log=print) -> dict:
         dist.close()
 
 
+def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
+    """``--global-batch-size`` split over processes and accumulation steps, evenly or not at all."""
+    if config.global_batch_size is None:
+        return config
+    shares = dist.world_size * config.grad_accum
+    if config.global_batch_size % shares:
+        raise ValueError(f"--global-batch-size {config.global_batch_size} does not divide over "
+                         f"{dist.world_size} processes × --grad-accum {config.grad_accum}")
+    return dataclasses.replace(config, batch_size=config.global_batch_size // shares)
+
+
 def _train(config: TrainConfig, dist: Distributed, log) -> dict:
+    config = per_process_batch(config, dist)
+    if config.strategy == "fsdp" and not dist.enabled:
+        log("--strategy fsdp shards over processes started by torchrun; this is one process")
     output = Path(config.output)
     device = dist.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
@@ -206,7 +221,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                use_rslora=config.use_rslora)
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.train()
-    step_loss = dist.wrap(StepLoss(model), device)
+    step_loss = dist.wrap(StepLoss(model), device, config.strategy)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
@@ -225,10 +240,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     settings = dataclasses.asdict(config)
 
     def save(name: str, step: int) -> Path:
-        """Rank 0 writes; every rank waits for it, so no rank runs ahead of a checkpoint."""
-        if dist.is_main:
-            save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
-                            config.target_modules)
+        """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
+        save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
+                        config.target_modules, dist.is_main)
         dist.barrier()
         return output / name
 
@@ -268,10 +282,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                            epoch=step * config.grad_accum / train_batches.per_epoch)
             if eval_rows and ((config.eval_every and step % config.eval_every == 0)
                               or step == total_steps):
-                if dist.is_main:
-                    evaluation = evaluate(model, eval_rows, config.batch_size, tokenizer.pad_id, device)
-                    row.update(step=step, **evaluation)
-                dist.barrier()
+                # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
+                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device)
+                row.update(step=step, **evaluation)
             if row and metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
