@@ -558,7 +558,7 @@ def markdown_report(result: dict, command: str) -> str:
         f"{LORA['lora_dropout']} on {', '.join(TARGETS)}; AdamW lr {LR:g}; batch "
         f"{s['batch_size']} × {s['seq_len']} tokens; {s['check_steps']} check + "
         f"{s['warmup_steps']} warm-up + {s['steps']} timed steps"
-        + (f"; ms/step: median of the timed steps" if s["repeats"] == 1 else
+        + ("; ms/step: median of the timed steps" if s["repeats"] == 1 else
            f"; ms/step: each provider run {s['repeats']} times in turn, the lowest of the runs' "
            f"medians") + ".",
         "",
@@ -568,8 +568,8 @@ def markdown_report(result: dict, command: str) -> str:
         "",
         markdown_table(result["rows"], result["device_type"]),
         "",
-    ] + ([f"ours_fused is not run on CPU: LORAKERNELS_BACKEND=auto takes the eager path for CPU "
-          f"tensors, so it would time ours_eager again.", ""]
+    ] + (["ours_fused is not run on CPU: LORAKERNELS_BACKEND=auto takes the eager path for CPU "
+          "tensors, so it would time ours_eager again.", ""]
          if result["device_type"] == "cpu" and "ours_fused" not in s["providers"] else []))
 
 

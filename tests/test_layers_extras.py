@@ -1,5 +1,4 @@
 """What goes beyond loralib: unequal split sizes, rsLoRA, clear errors, the backend switch."""
-import math
 
 import pytest
 import torch

@@ -26,7 +26,7 @@ from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save
 from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, target_tokens,
                    tokenize_chats)
-from .distributed import Distributed, resolve_device
+from .distributed import Distributed
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
