@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lorakernels.ops import lora_linear as ops
+from lorakernels.ops import nf4_dequant as nf4_ops
 from lorakernels.ops import rms_norm as rms_norm_ops
 from lorakernels.ops import rope as rope_ops
 from lorakernels.ops import swiglu as swiglu_ops
@@ -65,6 +66,10 @@ KERNEL_ARGS = {
         stride_cb=2048 * 96, stride_ct=96, stride_cd=1, stride_sb=2048 * 96, stride_st=96,
         stride_sd=1, stride_qob=32 * 2048 * 96, stride_qoh=2048 * 96, stride_qot=96, stride_qod=1,
         stride_kob=32 * 2048 * 96, stride_koh=2048 * 96, stride_kot=96, stride_kod=1),
+    # Phi-3-mini's qkv weight [9216, 3072] in NF4: 442368 blocks of 64, absmax in groups of 256.
+    "_nf4_dequant_kernel": dict(
+        packed_ptr="u8", absmax_q_ptr="i8", absmax_scale_ptr="fp32", out_ptr="bf16",
+        n_blocks=N * K // 64, absmax_offset=0.01),
 }
 COMMON_CONSTEXPRS = dict(P=0.05, HAS_DROPOUT=True, HAS_BIAS=True, GATHER_Q=True, GATHER_B=True,
                          CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
@@ -89,6 +94,8 @@ SWIGLU_CONFIGS = _launch_configs(swiglu_ops.swiglu_settings, [96, 688, 8192, 179
 ROPE_CONFIGS = [config for backward in (False, True) for config in _launch_configs(
     rope_ops.rope_settings, [(4, 16), (32, 96), (40, 128), (64, rope_ops.MAX_HEAD_DIM)],
     BACKWARD=backward)]
+NF4_DEQUANT_CONFIGS = [triton.Config(nf4_ops.nf4_dequant_settings()[0],
+                                     num_warps=nf4_ops.nf4_dequant_settings()[1])]
 
 
 def source(kernel, config: triton.Config):
@@ -127,6 +134,7 @@ def main() -> int:
         (swiglu_ops._swiglu_forward_kernel, SWIGLU_CONFIGS, False),
         (swiglu_ops._swiglu_backward_kernel, SWIGLU_CONFIGS, False),
         (rope_ops._rope_kernel, ROPE_CONFIGS, False),
+        (nf4_ops._nf4_dequant_kernel, NF4_DEQUANT_CONFIGS, False),
     ]
     failures = 0
     for arch, limit in TARGETS.items():
