@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .files import atomic_write
+from .files import atomic_write, key_mismatch_message
 from .layers import Embedding, Linear, LoRALayer
 from .params import lora_state_dict
 
@@ -141,14 +141,6 @@ def _report(message: str, strict: bool) -> None:
     if strict:
         raise ValueError(message)
     warnings.warn(message)
-
-
-def _key_problems(source: str, missing: Iterable[str], unexpected: Iterable[str],
-                  misshaped: Iterable[str]) -> str:
-    problems = [f"{label} ({len(names)}): {', '.join(names[:20])}"
-                for label, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected)),
-                                     ("mis-shaped", list(misshaped))) if names]
-    return f"{source} does not match the model:\n  " + "\n  ".join(problems)
 
 
 def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
@@ -288,7 +280,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
             sources[key] = file_key
         missing = [peft_key for peft_key, key in lora_keys.items() if key not in seen]
         if misshaped or missing or unexpected:
-            message = _key_problems(str(weights_file), missing, unexpected, misshaped)
+            message = key_mismatch_message(str(weights_file), missing, unexpected, misshaped)
             if misshaped:
                 raise ValueError(message)
             _report(message, strict)
@@ -338,7 +330,7 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
             tensors[key] = reader.get_tensor(key)
     missing = expected - seen
     if missing or unexpected or misshaped:
-        raise ValueError(_key_problems(str(path), missing, unexpected, misshaped))
+        raise ValueError(key_mismatch_message(str(path), missing, unexpected, misshaped))
     _copy_into(model, tensors)
 
 

@@ -1,8 +1,8 @@
-"""Writing files so that a crash never leaves one half-written."""
+"""Checkpoint files: written so that a crash never leaves one half-written, read with every key checked."""
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -16,3 +16,12 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def key_mismatch_message(source: str, missing: Iterable[str], unexpected: Iterable[str],
+                         misshaped: Iterable[str]) -> str:
+    """What does not match between a file and a model, names listed (the first 20 of each)."""
+    problems = [f"{label} ({len(names)}): {', '.join(names[:20])}"
+                for label, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected)),
+                                     ("mis-shaped", list(misshaped))) if names]
+    return f"{source} does not match the model:\n  " + "\n  ".join(problems)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakernels.files import atomic_write
+from lorakernels.files import atomic_write, key_mismatch_message
 
 from .config import Phi3Config
 
@@ -78,12 +78,9 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
                     continue
                 _set_tensor(model, name, reader.get_tensor(name).to(dtype))
                 seen.add(name)
-    missing = sorted(set(expected) - seen)
+    missing = set(expected) - seen
     if missing or unexpected or misshaped:
-        problems = [f"{label} ({len(names)}): {', '.join(names[:20])}"
-                    for label, names in (("missing", missing), ("unexpected", sorted(unexpected)),
-                                         ("mis-shaped", misshaped)) if names]
-        raise ValueError(f"{directory} does not match the model:\n  " + "\n  ".join(problems))
+        raise ValueError(key_mismatch_message(str(directory), missing, unexpected, misshaped))
 
 
 def save_safetensors_checkpoint(state: Dict[str, torch.Tensor], config: Phi3Config,
