@@ -1,4 +1,4 @@
-"""Checkpoint files: written so that a crash never leaves one half-written, read with every key checked."""
+"""Checkpoint files: written so a crash never leaves one half-written; mismatches named."""
 import os
 import tempfile
 from pathlib import Path
