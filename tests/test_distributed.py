@@ -16,13 +16,6 @@ COMMON = dict(device="cpu", max_seq_len=128, lora_r=4, lora_alpha=8, lora_dropou
               max_steps=4, log_every=1)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    lines = (ROOT / "examples" / "chat.jsonl").read_text().splitlines()[:40]
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
 
 def torchrun(data, output, batch_size, **extra):
     flags = {**COMMON, "batch_size": batch_size, **extra}

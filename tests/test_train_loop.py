@@ -17,13 +17,6 @@ from training.loop import train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    lines = (ROOT / "examples" / "chat.jsonl").read_text().splitlines()[:48]
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
 
 def config(data, output, **overrides):
     # CPU and fp32 even on a GPU machine: these tests compare runs bit for bit, and the
@@ -31,6 +24,17 @@ def config(data, output, **overrides):
     options = dict(data=data, output=str(output), device="cpu", max_seq_len=128, batch_size=2, lr=3e-3,
                    lora_r=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, seed=3, log_every=1)
     return TrainConfig(**{**options, **overrides})
+
+
+def tiny_lora_model(cfg, dtype=torch.float32, device="cpu", **lora):
+    """The run's preset base with LoRA (r 4) whose B is random, so the low-rank path matters."""
+    model, tokenizer = loop.load_base_model(cfg, dtype, torch.device(device))
+    apply_lora(model, **{"r": 4, "lora_alpha": 8, **lora})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return model, tokenizer
 
 
 def lora_weights(directory):
@@ -163,12 +167,7 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_gradients(data):
     cfg = config(data, "unused", lora_dropout=0.0)
-    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
-    apply_lora(model, r=4, lora_alpha=8)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model, tokenizer = tiny_lora_model(cfg)
     batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     grads = []
     for enabled in (False, True):
@@ -195,12 +194,7 @@ def test_trains_from_a_checkpoint_directory(data, tmp_path):
 @pytest.mark.parametrize("targets", [["qkv_proj"], ["qkv_proj", "lm_head"]])
 def test_chunked_loss_equals_full_logits_loss(data, targets):
     cfg = config(data, "unused", lora_dropout=0.0)
-    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
-    apply_lora(model, r=4, lora_alpha=8, targets=targets)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model, tokenizer = tiny_lora_model(cfg, targets=targets)
     batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     chunked = loop.token_loss_sum(model, batch)
     logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
@@ -223,12 +217,7 @@ def test_bf16_training_on_the_gpu_kernels(data, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_gpu_kernels_match_eager_in_bf16(data, monkeypatch):
     cfg = config(data, "unused", device="cuda", lora_dropout=0.0)
-    model, tokenizer = loop.load_base_model(cfg, torch.bfloat16, torch.device("cuda"))
-    apply_lora(model, r=4, lora_alpha=8)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model, tokenizer = tiny_lora_model(cfg, torch.bfloat16, "cuda")
     batch = {k: v.cuda() for k, v in collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2],
                                              tokenizer.pad_id).items()}
     losses = {}
