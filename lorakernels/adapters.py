@@ -264,20 +264,11 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
     _check_peft_config(json.loads(config_file.read_text()), model, layers, config_file, strict)
     lora_keys = _peft_key_map(layers)
     state = model.state_dict()
-    sources: Dict[str, str] = {}  # our key → file key
-    seen, unexpected, misshaped = set(), [], []
     with safe_open(str(weights_file), framework="pt", device="cpu") as reader:
-        for file_key in reader.keys():
-            key = lora_keys.get(_normalise_peft_key(file_key)) or _base_weight_key(file_key, state)
-            if key is None:
-                unexpected.append(file_key)
-                continue
-            seen.add(key)
-            shape = tuple(reader.get_slice(file_key).get_shape())
-            if shape != tuple(state[key].shape):
-                misshaped.append(f"{file_key}: file {shape}, model {tuple(state[key].shape)}")
-                continue
-            sources[key] = file_key
+        sources, seen, unexpected, misshaped = _match_keys(
+            reader, state,
+            lambda file_key: lora_keys.get(_normalise_peft_key(file_key))
+            or _base_weight_key(file_key, state))
         missing = [peft_key for peft_key, key in lora_keys.items() if key not in seen]
         if misshaped or missing or unexpected:
             message = key_mismatch_message(str(weights_file), missing, unexpected, misshaped)
@@ -286,6 +277,28 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
             _report(message, strict)
         tensors = {key: reader.get_tensor(file_key) for key, file_key in sources.items()}
     _copy_into(model, tensors)
+
+
+def _match_keys(reader, state: Dict[str, torch.Tensor], key_for):
+    """Pair a safetensors file's keys with the model's (``key_for``: file key → ours or None).
+
+    Returns {our key: file key} for the keys that fit, the keys seen, the unexpected file
+    keys and the mis-shaped ones; reads shapes only, no tensor data.
+    """
+    sources: Dict[str, str] = {}
+    seen, unexpected, misshaped = set(), [], []
+    for file_key in reader.keys():
+        key = key_for(file_key)
+        if key is None:
+            unexpected.append(file_key)
+            continue
+        seen.add(key)
+        shape = tuple(reader.get_slice(file_key).get_shape())
+        if shape != tuple(state[key].shape):
+            misshaped.append(f"{file_key}: file {shape}, model {tuple(state[key].shape)}")
+            continue
+        sources[key] = file_key
+    return sources, seen, unexpected, misshaped
 
 
 def _lora_file(path: PathLike) -> Path:
@@ -316,18 +329,11 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
     path = _lora_file(path)
     state = model.state_dict()
     expected = set(lora_state_dict(model))
-    tensors, seen, unexpected, misshaped = {}, set(), [], []
     with safe_open(str(path), framework="pt", device="cpu") as reader:
-        for key in reader.keys():
-            if key not in expected and not (key in state and "bias" in key):
-                unexpected.append(key)
-                continue
-            seen.add(key)
-            shape = tuple(reader.get_slice(key).get_shape())
-            if shape != tuple(state[key].shape):
-                misshaped.append(f"{key}: file {shape}, model {tuple(state[key].shape)}")
-                continue
-            tensors[key] = reader.get_tensor(key)
+        sources, seen, unexpected, misshaped = _match_keys(
+            reader, state,
+            lambda key: key if key in expected or (key in state and "bias" in key) else None)
+        tensors = {key: reader.get_tensor(file_key) for key, file_key in sources.items()}
     missing = expected - seen
     if missing or unexpected or misshaped:
         raise ValueError(key_mismatch_message(str(path), missing, unexpected, misshaped))
