@@ -44,7 +44,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperat
     tokens = [input_ids]
     step_input = input_ids
     for _ in range(max_new_tokens):
-        logits = model(step_input, cache=cache)[:, -1]
+        # Only the last position's logits: the prompt's other [T, vocab] rows are never needed.
+        logits = model.lm_head(model.model(step_input, cache=cache)[:, -1])
         next_ids = sample_next(logits, temperature, top_p, generator)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
         tokens.append(next_ids[:, None])
