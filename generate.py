@@ -13,6 +13,7 @@ import torch
 from lorakernels.adapters import load_peft_adapter
 from model.chat import tokenize_chat
 from model.lora import apply_lora
+from model.quantization import QUANTIZE_CHOICES
 from training.config import TrainConfig
 from training.distributed import resolve_device
 from training.loop import load_base_model, resolve_dtype
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42,
                         help="sampling seed; for a preset, also the seed its random base was built with")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                        help="nf4: the decoder's linear weights in 4 bits (QLoRA's base)")
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -40,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args):
     """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
     device = resolve_device(args.device)
-    config = TrainConfig(model=args.model, tokenizer=args.tokenizer, seed=args.seed,
-                         dtype=args.dtype, device=args.device)
+    # merge.py has no --quantize: merging needs the dense base.
+    config = TrainConfig(model=args.model, tokenizer=args.tokenizer, seed=args.seed, dtype=args.dtype,
+                         quantize=getattr(args, "quantize", "none"), device=args.device)
     model, tokenizer = load_base_model(config, resolve_dtype(args.dtype, device), device)
     if args.adapter:
         settings = json.loads((args.adapter / "adapter_config.json").read_text())

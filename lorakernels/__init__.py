@@ -5,11 +5,13 @@
 """
 from .dispatch import lora_linear
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .nf4 import NF4Weight, quantize_nf4
+from .nf4_layers import NF4Linear, NF4MergedLinear
 from .params import lora_state_dict, mark_only_lora_as_trainable
 from .parts import LoraParts
 
 __all__ = [
     "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoraParts",
-    "MergedLinear", "lora_linear", "lora_state_dict", "mark_only_lora_as_trainable",
+    "MergedLinear", "NF4Linear", "NF4MergedLinear", "NF4Weight", "lora_linear", "quantize_nf4", "lora_state_dict", "mark_only_lora_as_trainable",
 ]
 __version__ = "0.1.0"

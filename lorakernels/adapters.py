@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .files import atomic_write, key_mismatch_message
 from .layers import Embedding, Linear, LoRALayer
+from .nf4_layers import NF4FrozenWeight
 from .params import lora_state_dict
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -367,6 +368,10 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if other:
         raise ValueError("merge_lora supports LoRA Linear and Embedding layers only, not: "
                          + ", ".join(other))
+    quantized = [name for name, m in layers.items() if isinstance(m, NF4FrozenWeight)]
+    if quantized:
+        raise ValueError(f"merge_lora cannot merge into 4-bit (NF4) weights ({quantized[0]}, ...): "
+                         "load the base without quantisation, apply the adapter, then merge")
     if any(m.fan_in_fan_out for m in layers.values() if isinstance(m, Linear)):
         raise ValueError("merge_lora does not support fan_in_fan_out layers: nn.Linear holds [out, in]")
     names_of: Dict[int, List[str]] = {}

@@ -4,6 +4,9 @@
 ``auto`` (default) uses the Triton kernels for CUDA tensors and the eager
 reference otherwise; ``triton`` forces the kernels (on CPU tensors too, under
 ``TRITON_INTERPRET=1``); ``eager`` forces the reference.
+
+The frozen weight is a dense tensor or an NF4Weight (QLoRA's 4-bit base): both
+backends take either.
 """
 import os
 from typing import Optional
@@ -11,8 +14,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .nf4 import NF4Weight
+from .nf4_linear import nf4_linear
 from .parts import LoraParts
-from .reference import lora_linear_reference, merged_lora_linear_reference
+from .reference import FrozenWeight, lora_linear_reference, merged_lora_linear_reference
 
 BACKEND_ENV = "LORAKERNELS_BACKEND"
 BACKENDS = ("auto", "triton", "eager")
@@ -30,9 +35,22 @@ def selected_backend(x: torch.Tensor) -> str:
     return choice
 
 
+def base_linear(x: torch.Tensor, weight: FrozenWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ + b without LoRA: F.linear, or for an NF4 weight a dequantising linear on the selected backend."""
+    if not isinstance(weight, NF4Weight):
+        return F.linear(x, weight, bias)
+    if selected_backend(x) == "triton" and x.numel() > 0:
+        from .ops.lora_linear import nf4_matmul
+        from .ops.triton_utils import on_device
+
+        with on_device(x):
+            return nf4_linear(x, weight, bias, nf4_matmul)
+    return nf4_linear(x, weight, bias)
+
+
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: FrozenWeight,
     bias: Optional[torch.Tensor],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -43,7 +61,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ, on the selected backend.
 
-    x: [..., K], weight: [N, K] (any strides), A: [r·G, K], B: [N_lora, r].
+    x: [..., K], weight: [N, K] (any strides, or NF4), A: [r·G, K], B: [N_lora, r].
     ``parts`` describes a fused projection with one A/B pair per enabled part;
     ``None`` means one pair over the whole output. Dropout is active only when
     ``training`` and ``dropout_p > 0``.

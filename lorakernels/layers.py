@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import lora_linear
+from .dispatch import base_linear, lora_linear
 from .parts import LoraParts
 
 
@@ -133,7 +133,7 @@ class Linear(LoRALayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._oriented_weight()
         if not self.has_lora or self.merged:
-            return F.linear(x, weight, self.bias)
+            return base_linear(x, weight, self.bias)
         return lora_linear(
             x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,

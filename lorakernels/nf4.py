@@ -27,6 +27,7 @@ import torch
 
 BLOCK_SIZE = 64          # elements sharing one absmax (QLoRA / bitsandbytes default)
 ABSMAX_BLOCK_SIZE = 256  # absmax values sharing one fp32 scale in the double quantisation
+QUANTIZE_CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time (4 Mi elements)
 
 # bitsandbytes' NF4 code book, index 0b0000..0b1111: bitsandbytes/functional.py get_4bit_type("nf4")
 # and the nf4_dequantization_lut in csrc/kernels.cu (github.com/bitsandbytes-foundation/bitsandbytes,
@@ -132,13 +133,20 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
                          f"({numel} elements)")
     if not weight.is_floating_point():
         raise TypeError(f"quantize_nf4 needs a floating-point weight, got {weight.dtype}")
-    blocks = weight.detach().reshape(-1, BLOCK_SIZE).float()
-    absmax = blocks.abs().amax(dim=1)
-    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    index = _nearest_code_index(blocks / safe[:, None]).view(-1)
-    packed = (index[0::2] << 4) | index[1::2]  # first element in the high nibble
+    blocks = weight.detach().reshape(-1, BLOCK_SIZE)
+    packed = torch.empty(numel // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(blocks.shape[0], dtype=torch.float32, device=weight.device)
+    # In chunks: the fp32 and float64 temporaries stay ~100 MB whatever the weight's size.
+    for start in range(0, blocks.shape[0], QUANTIZE_CHUNK_BLOCKS):
+        chunk = blocks[start:start + QUANTIZE_CHUNK_BLOCKS].float()
+        chunk_absmax = absmax[start:start + chunk.shape[0]]
+        torch.amax(chunk.abs(), dim=1, out=chunk_absmax)
+        safe = torch.where(chunk_absmax > 0, chunk_absmax, torch.ones_like(chunk_absmax))
+        index = _nearest_code_index(chunk / safe[:, None]).view(-1)
+        half = start * BLOCK_SIZE // 2
+        packed[half:half + index.numel() // 2] = (index[0::2] << 4) | index[1::2]  # first: high nibble
     absmax_q, absmax_scale, offset = _quantize_absmax(absmax)
-    return NF4Weight(packed=packed.contiguous(), absmax_q=absmax_q, absmax_scale=absmax_scale,
+    return NF4Weight(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale,
                      absmax_offset=offset, shape=tuple(weight.shape), dtype=weight.dtype)
 
 

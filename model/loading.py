@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorakernels.files import atomic_write, key_mismatch_message
+from lorakernels.nf4_layers import NF4FrozenWeight
 
 from .config import Phi3Config
 
@@ -53,17 +54,33 @@ def shard_files(directory: Path) -> List[Path]:
     )
 
 
-def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    """Into its parameter in ``dtype``, or quantised into an NF4 layer (from the file's values)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(module, NF4FrozenWeight) and attr == "weight":
+        module.quantize_weight(tensor, dtype)
+        return
     old = module._parameters[attr]
-    module._parameters[attr] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    module._parameters[attr] = nn.Parameter(tensor.to(dtype), requires_grad=old.requires_grad)
+
+
+def _expected_shapes(model: nn.Module) -> Dict[str, tuple]:
+    """Checkpoint name → shape for every parameter, and the dense weight of every NF4 layer."""
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    expected.update({f"{name}.weight": m.weight_shape for name, m in model.named_modules()
+                     if isinstance(m, NF4FrozenWeight)})
+    return expected
 
 
 def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.dtype,
                                 device: Union[str, torch.device]) -> None:
-    """Fill ``model``'s parameters (possibly on the meta device) from the checkpoint's shards."""
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    """Fill ``model``'s parameters (possibly on the meta device) from the checkpoint's shards.
+
+    NF4 layers are quantised as their tensor arrives: peak memory is the 4-bit model
+    plus one dense tensor (and its quantisation's temporaries), never the dense model.
+    """
+    expected = _expected_shapes(model)
     seen, unexpected, misshaped = set(), [], []
     device = torch.device(device)
     for shard in shard_files(directory):
@@ -76,7 +93,7 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
                 if shape != expected[name]:
                     misshaped.append(f"{name}: checkpoint {shape}, model {expected[name]}")
                     continue
-                _set_tensor(model, name, reader.get_tensor(name).to(dtype))
+                _set_tensor(model, name, reader.get_tensor(name), dtype)
                 seen.add(name)
     missing = set(expected) - seen
     if missing or unexpected or misshaped:

@@ -5,6 +5,7 @@ The frozen base weight is shared, not copied; LoRA parameters are created in fp3
 (``qkv_proj``, ``gate_up_proj``) gets one A/B pair over its whole output, as
 PEFT does, so adapters move to PEFT unchanged; ``per_part=True`` gives each part
 its own pair (loralib's MergedLinear, grouped-query split sizes included).
+A 4-bit base (``model.quantization``) gets the NF4 twins, with the same LoRA parameters.
 """
 from typing import Iterable
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import lorakernels as lora
+from lorakernels.nf4_layers import NF4FrozenWeight, NF4Linear, NF4MergedLinear
 
 from .phi3 import Phi3ForCausalLM
 
@@ -33,20 +35,28 @@ def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lor
     # No merge on eval(): merging into a bf16 weight and back is lossy; merge_lora does it once.
     options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=False,
                    device="meta")
+    nf4 = isinstance(module, NF4FrozenWeight)
     if isinstance(module, nn.Embedding):
         twin = lora.Embedding(module.num_embeddings, module.embedding_dim,
                               padding_idx=module.padding_idx, **options)
     else:
         sizes = _part_sizes(name, model, module.out_features) if per_part else None
         cls_options = dict(options, lora_dropout=lora_dropout, bias=module.bias is not None)
+        if nf4:
+            cls_options["dtype"] = module.weight_dtype
         if sizes:
-            twin = lora.MergedLinear(module.in_features, module.out_features, split_sizes=sizes,
-                                     enable_lora=[True] * len(sizes), **cls_options)
+            cls = NF4MergedLinear if nf4 else lora.MergedLinear
+            twin = cls(module.in_features, module.out_features, split_sizes=sizes,
+                       enable_lora=[True] * len(sizes), **cls_options)
         else:
-            twin = lora.Linear(module.in_features, module.out_features, **cls_options)
+            twin = (NF4Linear if nf4 else lora.Linear)(module.in_features, module.out_features,
+                                                       **cls_options)
         twin.bias = module.bias
-    twin.weight = module.weight
-    device = module.weight.device
+    if nf4:
+        twin.set_nf4_weight(module.nf4_weight)
+    else:
+        twin.weight = module.weight
+    device = twin.weight_packed.device if nf4 else module.weight.device
     twin.lora_A = nn.Parameter(torch.empty(twin.lora_A.shape, device=device, dtype=torch.float32))
     twin.lora_B = nn.Parameter(torch.empty(twin.lora_B.shape, device=device, dtype=torch.float32))
     twin.reset_lora_parameters()
@@ -64,7 +74,7 @@ def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora
     replaced = 0
     for full_name, module in list(model.named_modules()):
         parent_name, _, name = full_name.rpartition(".")
-        if name in targets and not isinstance(module, lora.LoRALayer):
+        if name in targets and not (isinstance(module, lora.LoRALayer) and module.has_lora):
             twin = _lora_twin(module, name, model, r, lora_alpha, lora_dropout, use_rslora, per_part)
             setattr(model.get_submodule(parent_name), name, twin)
             replaced += 1

@@ -224,12 +224,22 @@ class Phi3ForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo_id: Union[str, Path], dtype: torch.dtype = torch.bfloat16,
                         device: Union[str, torch.device] = "cpu",
-                        revision: Optional[str] = None) -> "Phi3ForCausalLM":
-        """A local checkpoint directory or a hub id (e.g. microsoft/Phi-3-mini-4k-instruct)."""
+                        revision: Optional[str] = None,
+                        quantize: Optional[str] = None) -> "Phi3ForCausalLM":
+        """A local checkpoint directory or a hub id (e.g. microsoft/Phi-3-mini-4k-instruct).
+
+        ``quantize="nf4"``: QLoRA's 4-bit base, each decoder linear weight quantised as it
+        is read (``model.quantization``); products still come out in ``dtype``.
+        """
+        from .quantization import check_quantize, quantize_decoder_linears
+
+        nf4 = check_quantize(quantize)
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
         config = Phi3Config.from_json(directory / CONFIG_FILE)
         with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
             model = cls(config)
+        if nf4:
+            quantize_decoder_linears(model, dtype)
         load_safetensors_checkpoint(model, directory, dtype, device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
@@ -238,6 +248,12 @@ class Phi3ForCausalLM(nn.Module):
 
     def save_pretrained(self, directory: Union[str, Path], max_shard_bytes: Optional[int] = None):
         """config.json and safetensors (sharded with an index past ``max_shard_bytes``)."""
+        from .quantization import is_quantized
+
+        if is_quantized(self):
+            raise ValueError("save_pretrained writes dense checkpoints; this model's base is 4-bit "
+                             "(NF4). Save the LoRA adapter instead, or load the base without "
+                             "quantize= to save it")
         state = dict(self.state_dict())
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight")

@@ -31,9 +31,10 @@ KERNEL_ARGS = {
         x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", M=M, K=K, R=R, stride_xm=K, stride_xk=1,
         stride_ar=K, stride_ak=1, seed=12345, M_BUCKET=M),
     "_gemm_lowrank_kernel": dict(
-        x_ptr="bf16", w_ptr="bf16", out_ptr="bf16", p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32",
-        q_off_ptr="i32", bias_ptr="bf16", M=M, N=N, K=K, R=R, Q_RANK=RANK, scaling=2.0, seed=12345,
-        M_BUCKET=M, stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_om=N, stride_on=1,
+        x_ptr="bf16", w_ptr="bf16", absmax_q_ptr="bf16", absmax_scale_ptr="bf16", out_ptr="bf16",
+        p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32", bias_ptr="bf16", M=M, N=N,
+        K=K, R=R, Q_RANK=RANK, scaling=2.0, seed=12345, absmax_offset=0.01, M_BUCKET=M,
+        stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_om=N, stride_on=1,
         stride_q_row=RANK, stride_q_rank=1),
     "_lora_grad_s_b_kernel": dict(
         dy_ptr="bf16", s_ptr="fp32", b_ptr="fp32", b_row_ptr="i32", b_off_ptr="i32", ds_ptr="fp32",
@@ -72,7 +73,7 @@ KERNEL_ARGS = {
         n_blocks=N * K // 64, absmax_offset=0.01),
 }
 COMMON_CONSTEXPRS = dict(P=0.05, HAS_DROPOUT=True, HAS_BIAS=True, GATHER_Q=True, GATHER_B=True,
-                         CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
+                         HAS_LOWRANK=True, W_NF4=False, CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
                          EMULATE_BF16_RTNE=False, COMPUTE_DW=True)
 
 
@@ -98,11 +99,19 @@ NF4_DEQUANT_CONFIGS = [triton.Config(nf4_ops.nf4_dequant_settings()[0],
                                      num_warps=nf4_ops.nf4_dequant_settings()[1])]
 
 
-def source(kernel, config: triton.Config):
+# The GEMM reading an NF4 weight in its K-loop, as at small M (generation): the backward's
+# orientation (w = W, stride_wk = K) and no low-rank term, the base-only layer's launch.
+NF4_GEMM = dict(M=16, M_BUCKET=16, w_ptr="u8", absmax_q_ptr="i8", absmax_scale_ptr="fp32",
+                stride_wk=K, stride_wn=1, W_NF4=True, HAS_LOWRANK=False)
+
+
+def source(kernel, config: triton.Config, variant=None):
     """An ASTSource specialised like the JIT does: 16-divisible values and pointers, ints == 1 constant."""
-    args = KERNEL_ARGS[kernel.__name__]
-    constexprs = {name: value for name, value in {**COMMON_CONSTEXPRS, **config.kwargs}.items()
-                  if name in kernel.arg_names}
+    variant = variant or {}
+    args = {**KERNEL_ARGS[kernel.__name__], **variant}
+    values = {**COMMON_CONSTEXPRS, **variant, **config.kwargs}
+    constexprs = {name: values[name] for name in kernel.arg_names
+                  if name in COMMON_CONSTEXPRS or name in config.kwargs}
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         value = args.get(name)
@@ -126,6 +135,7 @@ def source(kernel, config: triton.Config):
 def main() -> int:
     kernels = [
         (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True),
+        (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True, NF4_GEMM),
         (ops._lora_shrink_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_s_b_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_a_kernel, ops.ROW_CONFIGS, False),
@@ -138,15 +148,17 @@ def main() -> int:
     ]
     failures = 0
     for arch, limit in TARGETS.items():
-        for kernel, configs, pruned in kernels:
+        for kernel, configs, pruned, *variant in kernels:
             for config in configs:
-                estimate = ops._gemm_shared_memory(config, 2, BLOCK_R) if pruned else None
+                estimate = (ops._gemm_shared_memory(config, 2, BLOCK_R, bool(variant)) if pruned
+                            else None)
                 if pruned and estimate > limit:
                     continue  # the autotuner's prune drops it on this device
-                record = dict(kernel=kernel.__name__, sm=arch, config=str(config))
+                record = dict(kernel=kernel.__name__, sm=arch, config=str(config),
+                              nf4=bool(variant))
                 try:
                     compiled = triton.compile(
-                        source(kernel, config), target=GPUTarget("cuda", arch, 32),
+                        source(kernel, config, *variant), target=GPUTarget("cuda", arch, 32),
                         options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
                     shared = compiled.metadata.shared
                     record.update(shared=shared, limit=limit, estimate=estimate)

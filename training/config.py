@@ -7,6 +7,8 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+from model.quantization import QUANTIZE_CHOICES
+
 DEFAULT_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
@@ -42,6 +44,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     dtype: str = "auto"
+    quantize: str = "none"
     device: str = "auto"
     grad_checkpointing: bool = False
     strategy: str = "ddp"
@@ -72,6 +75,12 @@ class TrainConfig:
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, "
+                             f"got {self.quantize!r}")
+        if self.quantize != "none" and self.strategy == "fsdp":
+            raise ValueError("--quantize nf4 works with --strategy ddp, not fsdp: FSDP shards "
+                             "parameters, and the 4-bit base weights are buffers")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
@@ -99,6 +108,7 @@ HELP = {
     "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm (0: off)",
     "seed": "seed for initialisation, data order and dropout",
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
+    "quantize": "none, or nf4: QLoRA, the decoder's linear weights held in 4 bits (NF4)",
     "device": "auto, cpu, cuda or cuda:N",
     "grad_checkpointing": "recompute layer activations in backward to save memory",
     "strategy": "under torchrun: ddp (each process holds the model) or fsdp (the model sharded)",

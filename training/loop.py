@@ -20,6 +20,7 @@ from lorakernels.ops.linear_cross_entropy import linear_cross_entropy
 from model import PRESETS, Phi3Config, Phi3ForCausalLM
 from model.loading import resolve_checkpoint_dir
 from model.lora import apply_lora
+from model.quantization import check_quantize, quantize_decoder_linears
 from model.tokenizer import Phi3Tokenizer, load_tokenizer
 
 from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
@@ -46,10 +47,13 @@ def load_base_model(config: TrainConfig, dtype: torch.dtype,
             if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
                 torch.nn.init.normal_(module.weight, std=0.02)
         model = model.to(device=device, dtype=dtype)
+        if check_quantize(config.quantize):
+            quantize_decoder_linears(model, dtype)
         tokenizer = load_tokenizer(config.tokenizer)
     else:
         directory = resolve_checkpoint_dir(config.model)
-        model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device)
+        model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
+                                                quantize=config.quantize)
         tokenizer = load_tokenizer(config.tokenizer or directory)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "

@@ -18,6 +18,7 @@ Backward
   B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x).
 Saved for backward: x, S and the seed.
 """
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -26,8 +27,10 @@ import triton
 import triton.language as tl
 
 from ..parts import LoraParts
-from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, max_shared_memory,
-                           next_block, on_device)
+from ..nf4 import NF4Weight
+from .nf4_dequant import dequantize_nf4_to_scratch, nf4_gather
+from .triton_utils import (INTERPRETING, autotune_configs, cast_to, dot_precision,
+                           max_shared_memory, next_block, on_device)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -92,16 +95,20 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _gemm_lowrank_kernel(
-    x_ptr, w_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr, bias_ptr,
-    M, N, K, R, Q_RANK, scaling, seed, M_BUCKET,
+    x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
+    bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
 
     Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
+    is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
+    does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
     """
     # Grouped program order: GROUP_M row blocks share each column block of w in L2.
     pid = tl.program_id(0)
@@ -123,28 +130,33 @@ def _gemm_lowrank_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=ks[None, :] < K, other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols_in[None, :] * stride_wn,
-                    mask=ks[:, None] < K, other=0.0)
+        w_offsets = ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
+        if W_NF4:
+            w = nf4_gather(w_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, w_offsets,
+                           ks[:, None] < K)
+            w = cast_to(w, x_ptr.dtype.element_ty, CAST_FP32)  # CAST_FP32: interpreting
+        else:
+            w = tl.load(w_ptr + w_offsets, mask=ks[:, None] < K, other=0.0)
         if CAST_FP32:  # the interpreter's bf16 dot is wrong
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
 
-    # Epilogue: the low-rank term, an [M, R]·[R, N] product on this tile.
-    ranks = tl.arange(0, BLOCK_R)
-    p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-    q_offsets, q_mask = _expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
-                                            stride_q_row, stride_q_rank, GATHER_Q)
-    q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
-    if CAST_FP32:
-        lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
-    else:
-        lowrank = tl.dot(p.to(x_ptr.dtype.element_ty), q.to(x_ptr.dtype.element_ty),
-                         input_precision=PRECISION)
-    if HAS_DROPOUT:
-        lowrank = lowrank * _dropout_scale(seed, rows, cols, N, P)
-    acc += scaling * lowrank
+    if HAS_LOWRANK:  # the low-rank term, an [M, R]·[R, N] product on this tile
+        ranks = tl.arange(0, BLOCK_R)
+        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        q_offsets, q_mask = _expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
+                                                stride_q_row, stride_q_rank, GATHER_Q)
+        q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
+        if CAST_FP32:
+            lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
+        else:
+            lowrank = tl.dot(p.to(x_ptr.dtype.element_ty), q.to(x_ptr.dtype.element_ty),
+                             input_precision=PRECISION)
+        if HAS_DROPOUT:
+            lowrank = lowrank * _dropout_scale(seed, rows, cols, N, P)
+        acc += scaling * lowrank
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -218,14 +230,22 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
 # ----------------------------------------------------------------------------- autotuning
 
 
-def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int) -> int:
+# An NF4 w tile is gathered per element: a packed byte, an int8 absmax and an fp32 scale
+# staged per element is the bound (compiling for sm_90 stages 3.3-3.5 bytes).
+NF4_STAGED_BYTES = 6
+
+
+def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
+                        nf4: bool = False) -> int:
     """Bytes of shared memory: the pipelined x and w tiles, or the epilogue's p and q tiles.
 
     The epilogue reuses the pipeline's buffers; compiling for sm_90 and sm_86 gives
-    exactly the pipeline term for every config here (see tests/test_gpu_compile.py).
+    exactly the pipeline term for every dense config here, and at most it for NF4
+    (see tests/test_gpu_compile.py).
     """
     kw = config.kwargs
-    pipeline = config.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem_bytes
+    w_bytes = NF4_STAGED_BYTES if nf4 else elem_bytes
+    pipeline = config.num_stages * (kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes) * kw["BLOCK_K"]
     epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r * elem_bytes
     return max(pipeline, epilogue)
 
@@ -235,10 +255,11 @@ def _prune_gemm_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     x = args["x_ptr"]
     limit = max_shared_memory(x.device)
-    fitting = [c for c in configs
-               if _gemm_shared_memory(c, x.element_size(), args["BLOCK_R"]) <= limit]
-    return fitting or [min(configs, key=lambda c: _gemm_shared_memory(c, x.element_size(),
-                                                                       args["BLOCK_R"]))]
+
+    def shared(config):
+        return _gemm_shared_memory(config, x.element_size(), args["BLOCK_R"], args["W_NF4"])
+
+    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
 
 
 def _gemm_config(bm, bn, bk, warps, stages):
@@ -255,6 +276,8 @@ GEMM_CONFIGS = autotune_configs(
         _gemm_config(64, 128, 32, 4, 4),
         _gemm_config(128, 64, 32, 4, 4),
         _gemm_config(64, 64, 32, 4, 4),
+        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation, NF4 read in the K-loop)
+        _gemm_config(32, 128, 64, 4, 4),
     ],
     [_gemm_config(32, 32, 32, 4, 1)],
 )
@@ -273,7 +296,7 @@ ROW_CONFIGS = autotune_configs(
 _gemm_lowrank = triton.autotune(
     GEMM_CONFIGS,
     key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-         "CAST_FP32"],
+         "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
     prune_configs_by={"early_config_prune": _prune_gemm_configs},
 )(_gemm_lowrank_kernel)
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
@@ -336,27 +359,52 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_
     return s
 
 
-def gemm_lowrank(x: torch.Tensor, w: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+@dataclasses.dataclass(frozen=True)
+class NF4Operand:
+    """An NF4 weight W [N_w, K_w] as the GEMM's right operand w [K, N]: Wᵀ or W, read by strides."""
+    weight: NF4Weight
+    transposed: bool  # Wᵀ: the forward's x·Wᵀ; W: the backward's dy·W
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        n_w, k_w = self.weight.shape
+        return (k_w, n_w) if self.transposed else (n_w, k_w)
+
+    def stride(self, dim: int) -> int:
+        strides = (self.weight.shape[1], 1)  # the row-major W the codes were packed from
+        return strides[1 - dim] if self.transposed else strides[dim]
+
+
+def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
                  q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
                  block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
                  dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
 
     q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
-    q expanded to the output columns (B̂ of a fused projection).
+    q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
+    low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
     """
-    q_row, q_off = q_index if q_index is not None else (q, q)
     M, K = x.shape
     N = w.shape[1]
     out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    nf4 = w.weight if isinstance(w, NF4Operand) else None
+    w_data, absmax_q, absmax_scale, offset = (
+        (nf4.packed, nf4.absmax_q, nf4.absmax_scale, nf4.absmax_offset) if nf4 is not None
+        else (w, out, out, 0.0))
+    has_lowrank = p is not None
+    if not has_lowrank:
+        p = q = out  # placeholders: the kernel never reads them
+    q_row, q_off = q_index if q_index is not None else (q, q)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _gemm_lowrank[grid](
-        x, w, out, p, q, q_row, q_off, bias if bias is not None else out,
-        M, N, K, p.shape[1], q_rank, scaling, seed, _m_bucket(M),
+        x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
+        bias if bias is not None else out,
+        M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), _m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
-        GATHER_Q=q_index is not None,
+        GATHER_Q=q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
         CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
     return out
@@ -414,7 +462,8 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
         raise TypeError(f"x is {x.dtype} but the base weight is {weight.dtype}; they must match")
     if lora_A.dtype not in SUPPORTED_DTYPES or lora_B.dtype != lora_A.dtype:
         raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a float dtype")
-    tensors = [t for t in (x, weight, bias, lora_A, lora_B) if t is not None]
+    weight_data = weight.packed if isinstance(weight, NF4Weight) else weight
+    tensors = [t for t in (x, weight_data, bias, lora_A, lora_B) if t is not None]
     if not (x.is_cuda or INTERPRETING) or any(t.device != x.device for t in tensors):
         raise RuntimeError(
             "the triton backend needs all tensors on one CUDA device (or CPU under "
@@ -436,8 +485,33 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
         raise ValueError(f"parts cover {parts.out_features} outputs, weight has {N}")
 
 
+# Up to this many rows, an NF4 weight is read as 4-bit tiles inside the GEMM's K-loop (the
+# product is memory-bound: a quarter of the bytes); above, it is dequantised once into the
+# shared scratch buffer and the dense kernels run on it (compute-bound: dequantising per tile
+# would repeat the work M/BLOCK_M times). benchmarks/bench_qlora.py measures the crossover.
+NF4_FUSED_MAX_ROWS = 64
+
+
+def _gemm_weight(weight, rows: int, transposed: bool):
+    """The base GEMM's w for ``rows`` rows of input: Wᵀ or W, as a view or NF4 tiles or a dequantised copy."""
+    if isinstance(weight, NF4Weight):
+        if rows <= NF4_FUSED_MAX_ROWS:
+            return NF4Operand(weight, transposed)
+        weight = dequantize_nf4_to_scratch(weight)
+    return weight.t() if transposed else weight
+
+
+def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transposed: bool) -> torch.Tensor:
+    """a·Wᵀ (transposed) or a·W for a 2-D ``a`` and an NF4 weight, on the Triton path."""
+    w = _gemm_weight(weight, a.shape[0], transposed)
+    if isinstance(w, NF4Operand):
+        return gemm_lowrank(a, w, None, None, None, 0, next_block(0), 0.0)
+    return a @ w
+
+
 class FusedLoraLinear(torch.autograd.Function):
-    """The fused kernels behind autograd. W is frozen unless it asks for a gradient."""
+    """The fused kernels behind autograd. A dense W is frozen unless it asks for a gradient;
+    an NF4Weight is always frozen and is dequantised again in backward, never kept dense."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts):
@@ -446,9 +520,11 @@ class FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
         s = lora_shrink(x2, lora_A, layout, dropout_p, seed)
-        y = gemm_lowrank(x2, weight.t(), s, lora_B, layout.b_index, layout.rank, layout.block_r,
-                         scaling, bias)
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, s)
+        y = gemm_lowrank(x2, _gemm_weight(weight, x2.shape[0], True), s, lora_B, layout.b_index,
+                         layout.rank, layout.block_r, scaling, bias)
+        nf4 = isinstance(weight, NF4Weight)
+        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s)
+        ctx.nf4_weight = weight if nf4 else None
         ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed = layout, scaling, dropout_p, seed
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -457,14 +533,16 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, lora_A, lora_B, s = ctx.saved_tensors
+        weight = ctx.nf4_weight if weight is None else weight
         layout, scaling, p, seed = ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed
         need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = da = dB = None
         ds, dB32 = lora_grad_s_b(dy2, s, lora_B, layout, scaling)
         if need_dx:
-            dx = gemm_lowrank(dy2, weight, ds, lora_A.t(), None, layout.R, layout.block_r, 1.0,
-                              dropout_p=p, seed=seed).view(ctx.x_shape)
+            dx = gemm_lowrank(dy2, _gemm_weight(weight, dy2.shape[0], False), ds, lora_A.t(),
+                              None, layout.R, layout.block_r, 1.0, dropout_p=p,
+                              seed=seed).view(ctx.x_shape)
         if need_da:
             da = lora_grad_a(ds, x2, layout, p, seed).to(lora_A.dtype)
         if need_dB:
@@ -476,11 +554,14 @@ class FusedLoraLinear(torch.autograd.Function):
         return dx, dw, db, da, dB, None, None, None, None
 
 
-def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def fused_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       dropout_p: float = 0.0, seed: int = 0,
                       parts: Optional[LoraParts] = None) -> torch.Tensor:
-    """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0."""
+    """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0.
+
+    ``weight``: a dense tensor [N, K] or an NF4Weight of that shape.
+    """
     with on_device(x):
         return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
                                      float(dropout_p), int(seed), parts)

@@ -9,7 +9,7 @@ off fused multiply-add), then one round-to-nearest-even to the output dtype.
 the index bits (registers, no table load); high and low nibbles are joined back into
 element order and stored as one contiguous [BLOCKS_PER_PROGRAM, 64] tile.
 """
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -20,6 +20,8 @@ from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCKS_PER_PROGRAM = 16  # 1024 elements (512 bytes in) a program
+_BLOCK_SIZE = tl.constexpr(BLOCK_SIZE)
+_ABSMAX_BLOCK_SIZE = tl.constexpr(ABSMAX_BLOCK_SIZE)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -47,18 +49,37 @@ def _nf4_code(index):
 
 
 @triton.jit
+def _nf4_absmax(absmax_q_ptr, absmax_scale_ptr, absmax_offset, blocks, mask):
+    """The stored absmax of 64-element blocks ``blocks``: float(absmax_q)·scale + offset."""
+    absmax_q = tl.load(absmax_q_ptr + blocks, mask=mask, other=0).to(tl.float32)
+    scale = tl.load(absmax_scale_ptr + blocks // _ABSMAX_BLOCK_SIZE, mask=mask, other=0.0)
+    return absmax_q * scale + absmax_offset  # two roundings where the launch disables fp fusion
+
+
+@triton.jit
+def nf4_gather(packed_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, flat, mask):
+    """fp32 values of the NF4 weight's elements at flat (row-major) indices ``flat``; 0 where masked.
+
+    For GEMMs that read 4-bit tiles of any orientation: two elements share a byte, so
+    neighbouring loads hit the same cache line.
+    """
+    byte = tl.load(packed_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
+    index = tl.where(flat % 2 == 0, byte >> 4, byte & 15)  # high nibble: the even element
+    absmax = _nf4_absmax(absmax_q_ptr, absmax_scale_ptr, absmax_offset, flat // _BLOCK_SIZE, mask)
+    return tl.where(mask, _nf4_code(index) * absmax, 0.0)
+
+
+@triton.jit
 def _nf4_dequant_kernel(
     packed_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, n_blocks, absmax_offset,
     EMULATE_BF16_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, ABSMAX_BLOCK_SIZE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
 ):
     """out[b·64 + 2j + {0, 1}] = code(packed[b·32 + j] >> 4, & 15) · absmax[b] for this program's blocks b."""
     HALF: tl.constexpr = BLOCK_SIZE // 2
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_ok = blocks < n_blocks
-    absmax_q = tl.load(absmax_q_ptr + blocks, mask=block_ok, other=0).to(tl.float32)
-    scale = tl.load(absmax_scale_ptr + blocks // ABSMAX_BLOCK_SIZE, mask=block_ok, other=0.0)
-    absmax = absmax_q * scale + absmax_offset  # two roundings: the launch disables fp fusion
+    absmax = _nf4_absmax(absmax_q_ptr, absmax_scale_ptr, absmax_offset, blocks, block_ok)
 
     byte_cols = tl.arange(0, HALF)
     mask = block_ok[:, None] & (byte_cols < HALF)[None, :]
@@ -79,8 +100,7 @@ def _nf4_dequant_kernel(
 
 def nf4_dequant_settings() -> tuple:
     """(constexprs, num_warps) for the dequantisation kernel."""
-    meta = dict(BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE,
-                ABSMAX_BLOCK_SIZE=ABSMAX_BLOCK_SIZE)
+    meta = dict(BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, BLOCK_SIZE=BLOCK_SIZE)
     return meta, num_warps_for(BLOCKS_PER_PROGRAM * BLOCK_SIZE)
 
 
@@ -123,3 +143,23 @@ def dequantize_nf4(q: NF4Weight, out: Optional[torch.Tensor] = None,
             EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, enable_fp_fusion=False, **meta,
         )
     return out
+
+
+# One dense buffer per (device, dtype), shared by every NF4 layer and grown to the largest
+# weight seen: a layer's dequantised weight lives only until the next layer's replaces it.
+_SCRATCH: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def dequantize_nf4_to_scratch(q: NF4Weight) -> torch.Tensor:
+    """q dequantised (into q.dtype) into the shared buffer: valid until the next call on this device.
+
+    Kernels launched on the same stream right after read it before any later
+    dequantisation overwrites it, so no layer ever holds a persistent dense copy.
+    """
+    device = q.packed.device
+    key = (device, q.dtype)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < q.numel:
+        _SCRATCH.pop(key, None)  # free the smaller buffer before allocating the larger
+        buffer = _SCRATCH[key] = torch.empty(q.numel, dtype=q.dtype, device=device)
+    return dequantize_nf4(q, out=buffer[:q.numel].view(q.shape))
