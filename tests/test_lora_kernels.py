@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import lorakernels as lora
+from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
@@ -34,7 +35,9 @@ def assert_rel_close(actual, expected, rel, what):
     assert error <= rel * scale + 1e-6, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
 
 
-def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True):
+def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, nf4=False):
+    """Kernels vs the fp32 reference; ``nf4``: the base weight quantised, the reference given
+    its eager dequantisation (so the test checks the kernels' use of it, not NF4's error)."""
     N, parts = VARIANTS[variant]
     groups = 1 if parts is None else parts.num_enabled
     n_lora = N if parts is None else parts.lora_out_features
@@ -42,13 +45,17 @@ def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True):
     make = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(DEVICE)  # noqa: E731
     x = make(*lead, M, K).to(dtype)
     weight = make(N, K, s=K ** -0.5).to(dtype)
+    kernel_weight = weight
+    if nf4:
+        kernel_weight = quantize_nf4(weight)
+        weight = dequantize_nf4_reference(kernel_weight, dtype)
     b = make(N).to(dtype) if bias else None
     lora_A, lora_B = make(r * groups, K, s=K ** -0.5), make(n_lora, r)
     dy = make(*lead, M, N).to(dtype)
     scaling = 2.0 / r
 
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, b, lora_A, lora_B)]
-    y = fused_lora_linear(leaves[0], weight, leaves[1], leaves[2], leaves[3], scaling,
+    y = fused_lora_linear(leaves[0], kernel_weight, leaves[1], leaves[2], leaves[3], scaling,
                           dropout_p, seed, parts)
     y.backward(dy)
 
