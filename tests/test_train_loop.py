@@ -204,10 +204,11 @@ def test_chunked_loss_equals_full_logits_loss(data, targets):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_bf16_training_on_the_gpu_kernels(data, tmp_path):
-    """The GPU path end to end: bf16 base, fp32 LoRA, fused LoRA/RMSNorm/RoPE/SwiGLU kernels."""
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_bf16_training_on_the_gpu_kernels(data, tmp_path, quantize):
+    """The GPU path end to end: bf16 (or NF4) base, fp32 LoRA, fused LoRA/RMSNorm/RoPE/SwiGLU kernels."""
     summary = train(config(data, tmp_path, device="cuda", dtype="bfloat16", max_steps=20,
-                           lora_dropout=0.05), log=lambda _: None)
+                           lora_dropout=0.05, quantize=quantize), log=lambda _: None)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(loss == loss for loss in losses)  # no NaN
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
