@@ -117,7 +117,7 @@ def _quantize_absmax(absmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, 
     scale = groups.abs().amax(dim=1) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-equal group: any scale
     q = torch.round(groups / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.view(-1)[:n_blocks].contiguous(), scale, float(offset)
+    return q.view(-1)[:n_blocks].clone(), scale, float(offset)  # clone: drop the padding
 
 
 def quantize_nf4(weight: torch.Tensor) -> NF4Weight:

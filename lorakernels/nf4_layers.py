@@ -2,7 +2,9 @@
 
 The dense ``weight`` parameter is replaced by three buffers, ``weight_packed``,
 ``weight_absmax_q`` and ``weight_absmax_scale`` (lorakernels/nf4.py's layout, about
-0.52 bytes a weight), so they move with ``.to()`` but are never trained. LoRA
+0.52 bytes a weight), so they move with ``.to()`` but are never trained. The fp32
+scales are stored as their int32 bits, so ``model.to(torch.bfloat16)`` cannot round
+them; it makes the layer's products come out in bf16 instead. LoRA
 parameters keep the dense layers' names, shapes and initialisation: an adapter trained
 over the 4-bit base is the same PEFT / loralib file and loads onto the bf16 base.
 The forward dequantises where it is cheapest (``lorakernels.dispatch``); merging the
@@ -17,9 +19,6 @@ import torch.nn as nn
 
 from .layers import Linear, MergedLinear
 from .nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4Weight, quantize_nf4
-
-_BUFFERS = ("packed", "absmax_q", "absmax_scale")
-
 
 class NF4FrozenWeight:
     """Mixin for a Linear subclass: the frozen weight as NF4 buffers instead of a parameter."""
@@ -39,7 +38,7 @@ class NF4FrozenWeight:
                              f"[{self.out_features}, {self.in_features}] has {numel}")
         n_blocks = numel // BLOCK_SIZE
         empty = dict(packed=(numel // 2, torch.uint8), absmax_q=(n_blocks, torch.int8),
-                     absmax_scale=(math.ceil(n_blocks / ABSMAX_BLOCK_SIZE), torch.float32))
+                     absmax_scale=(math.ceil(n_blocks / ABSMAX_BLOCK_SIZE), torch.int32))
         for name, (size, buffer_dtype) in empty.items():
             self.register_buffer(f"weight_{name}", torch.empty(size, dtype=buffer_dtype,
                                                                device=dense.device))
@@ -58,17 +57,25 @@ class NF4FrozenWeight:
 
     @property
     def nf4_weight(self) -> NF4Weight:
-        return NF4Weight(self.weight_packed, self.weight_absmax_q, self.weight_absmax_scale,
-                         self.weight_absmax_offset, self.weight_shape, self.weight_dtype)
+        return NF4Weight(self.weight_packed, self.weight_absmax_q,
+                         self.weight_absmax_scale.view(torch.float32), self.weight_absmax_offset,
+                         self.weight_shape, self.weight_dtype)
 
     def set_nf4_weight(self, q: NF4Weight) -> None:
         """Take a quantised weight of this layer's shape (its tensors, on their device)."""
         if tuple(q.shape) != self.weight_shape:
             raise ValueError(f"NF4 weight of shape {tuple(q.shape)} for a layer of weight shape "
                              f"{self.weight_shape}")
-        for name in _BUFFERS:
-            setattr(self, f"weight_{name}", getattr(q, name))
+        self.weight_packed, self.weight_absmax_q = q.packed, q.absmax_q
+        self.weight_absmax_scale = q.absmax_scale.view(torch.int32)  # the fp32 bits
         self.weight_absmax_offset, self.weight_dtype = q.absmax_offset, q.dtype
+
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)``, ``.half()``, ...: products follow the new dtype (the codes cannot change)."""
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight_packed.device))
+        module = super()._apply(fn, recurse)
+        self.weight_dtype = probe.dtype
+        return module
 
     def quantize_weight(self, dense: torch.Tensor, dtype: torch.dtype) -> None:
         """NF4 from a dense [out, in] weight; the layer's products come out in ``dtype``."""
