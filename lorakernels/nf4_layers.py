@@ -4,7 +4,8 @@ The dense ``weight`` parameter is replaced by three buffers, ``weight_packed``,
 ``weight_absmax_q`` and ``weight_absmax_scale`` (lorakernels/nf4.py's layout, about
 0.52 bytes a weight), so they move with ``.to()`` but are never trained. The fp32
 scales are stored as their int32 bits, so ``model.to(torch.bfloat16)`` cannot round
-them; it makes the layer's products come out in bf16 instead. LoRA
+them; it makes the layer's products come out in bf16 instead. The absmax offset,
+a float, travels in ``state_dict`` as the module's extra state. LoRA
 parameters keep the dense layers' names, shapes and initialisation: an adapter trained
 over the 4-bit base is the same PEFT / loralib file and loads onto the bf16 base.
 The forward dequantises where it is cheapest (``lorakernels.dispatch``); merging the
@@ -69,6 +70,13 @@ class NF4FrozenWeight:
         self.weight_packed, self.weight_absmax_q = q.packed, q.absmax_q
         self.weight_absmax_scale = q.absmax_scale.view(torch.int32)  # the fp32 bits
         self.weight_absmax_offset, self.weight_dtype = q.absmax_offset, q.dtype
+
+    def get_extra_state(self) -> dict:
+        """The absmax offset, a Python float (reading a buffer each forward would sync the GPU)."""
+        return {"absmax_offset": self.weight_absmax_offset}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.weight_absmax_offset = float(state["absmax_offset"])
 
     def _apply(self, fn, recurse=True):
         """``.to(dtype)``, ``.half()``, ...: products follow the new dtype (the codes cannot change)."""
