@@ -338,15 +338,18 @@ def main(argv=None) -> None:
         "bandwidth_gbps": bandwidth,
         "rows": rows,
     }
-    command = shlex.join(["python", *sys.argv])
-    report = markdown_report(result, command)
-    print(report)
+    write_results(result, markdown_report, f"lora_linear_{label}", smoke, args.out_dir)
 
-    stem = f"lora_linear_{label}" + ("_smoke" if smoke and ON_CUDA else "")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(report)
-    print(f"wrote {args.out_dir / stem}.json and .md")
+
+def write_results(result: dict, markdown_report, stem: str, smoke: bool, out_dir: Path) -> None:
+    """Print the markdown report and write ``<stem>.json`` and ``.md`` (``_smoke`` on a GPU smoke run)."""
+    report = markdown_report(result, shlex.join(["python", *sys.argv]))
+    print(report)
+    stem += "_smoke" if smoke and ON_CUDA else ""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(report)
+    print(f"wrote {out_dir / stem}.json and .md")
 
 
 if __name__ == "__main__":

@@ -61,11 +61,9 @@ import contextlib
 import dataclasses
 import gc
 import itertools
-import json
 import math
 import os
 import platform
-import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -86,7 +84,7 @@ import triton  # noqa: E402
 import lorakernels.ops.lora_linear as lora_ops  # noqa: E402
 from bench_lora_linear import (BASE_GEMMS, CPU_REPS, Inputs, copy_bandwidth_gbps,  # noqa: E402
                                cpu_timer, device_label, extra_elements, forward_backward_step,
-                               forward_step, gpu_timer)
+                               forward_step, gpu_timer, write_results)
 from lorakernels.nf4 import NF4Weight, dequantize_nf4_reference, nf4_nbytes, quantize_nf4  # noqa: E402
 from lorakernels.nf4_layers import NF4FrozenWeight  # noqa: E402
 from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
@@ -597,15 +595,7 @@ def main(argv=None) -> None:
         "recommendation": recommendation(cross),
         "targets": targets(memory, rows, args.model),
     }
-    command = shlex.join(["python", *sys.argv])
-    report = markdown_report(result, command)
-    print(report)
-
-    stem = f"qlora_{label}" + ("_smoke" if smoke and ON_CUDA else "")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(report)
-    print(f"wrote {args.out_dir / stem}.json and .md")
+    write_results(result, markdown_report, f"qlora_{label}", smoke, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Without a GPU, Triton kernels run in its interpreter (must be set before triton decorates them)."""
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,3 +19,17 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "chat.jsonl"
     path.write_text("\n".join(lines[:48]) + "\n")
     return str(path)
+
+
+def run_bench_smoke(script: str, tmp_path: Path) -> Path:
+    """Run ``benchmarks/<script> --smoke`` (the interpreter without a GPU); its one JSON result."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    result = subprocess.run([sys.executable, str(path), "--smoke", "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    [json_path] = tmp_path.glob("*.json")
+    assert json.loads(json_path.read_text())["smoke"] is True
+    return json_path
