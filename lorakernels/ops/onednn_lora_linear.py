@@ -15,7 +15,6 @@ cost of ``bernoulli_`` on CPU), kept for backward instead of a scaled copy.
 Saved for backward: x, the dropped-out input h (x itself without dropout), the
 mask and S.
 """
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,10 +23,13 @@ import torch.nn.functional as F
 from ..parts import LoraParts
 
 
-@functools.lru_cache(maxsize=None)
+# Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do); a constant, so
+# that torch.compile reads it without tracing into torch.backends.
+ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ONEDNN_AVAILABLE
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:
@@ -48,6 +50,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if add is None:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b for a [M, K], b [K, N], through ``linear`` (oneDNN for fp32 CPU tensors)."""
+    return linear(a, b.t())
 
 
 def dropped_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -74,7 +81,7 @@ class OneDNNLoRALinear(torch.autograd.Function):
         dropped = dropped_mask(x.shape, dropout_p, x.device) if dropout_p > 0 else None
         h = x if dropped is None else x.masked_fill(dropped, 0.0)
         low_rank_scale = scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not on h
-        S = torch.mm(h, lora_A.t()).mul_(low_rank_scale)
+        S = linear(h, lora_A).mul_(low_rank_scale)
         y = linear(x, weight, bias)
         for cols, b_rows, a_rows in slices:
             y[:, cols].addmm_(S[:, a_rows], lora_B[b_rows].t())
@@ -88,15 +95,15 @@ class OneDNNLoRALinear(torch.autograd.Function):
         x, h, dropped, S, weight, lora_A, lora_B = ctx.saved_tensors
         need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
         # d(h·Aᵀ): the gradient of S = (h·Aᵀ)·scale, per part's columns of dy.
-        dS = torch.cat([dy[:, cols] @ lora_B[b_rows] for cols, b_rows, _ in ctx.slices], dim=1)
+        dS = torch.cat([matmul(dy[:, cols], lora_B[b_rows]) for cols, b_rows, _ in ctx.slices], dim=1)
         dx = dweight = dbias = dA = dB = None
-        if need_B:
+        if need_B:  # torch.mm: oneDNN is slower than MKL with dy transposed
             dB = torch.cat([dy[:, cols].t() @ S[:, a_rows] for cols, _, a_rows in ctx.slices])
         dS.mul_(ctx.low_rank_scale)
         if need_A:
-            dA = dS.t() @ h
+            dA = matmul(dS.t(), h)
         if need_x:
-            dh = dS @ lora_A
+            dh = matmul(dS, lora_A)
             if dropped is not None:
                 dh.masked_fill_(dropped, 0.0)
             dx = linear(dy, weight.t(), add=dh)
