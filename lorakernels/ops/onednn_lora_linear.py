@@ -114,6 +114,7 @@ class OneDNNLoRALinear(torch.autograd.Function):
         return dx, dweight, dbias, dA, dB, None, None, None
 
 
+@torch.compiler.disable  # Inductor cannot lower oneDNN's op on plain weights: run it eagerly
 def onednn_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                        dropout_p: float = 0.0, parts: Optional[LoraParts] = None) -> torch.Tensor:
