@@ -102,8 +102,8 @@ HELP = {
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
     "device": "auto, cpu, cuda or cuda:N",
     "grad_checkpointing": "recompute layer activations in backward to save memory",
-    "compile": "torch.compile each decoder layer (CPU only; compiles on the first step, "
-               "measured no faster on a 2-core CPU)",
+    "compile": "torch.compile each decoder layer (CPU only; compiles on the first step; "
+               "no consistent gain measured on a 2-core CPU)",
     "strategy": "under torchrun: ddp (each process holds the model) or fsdp (the model sharded)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "save_total_limit": "keep only the newest N step checkpoints",
