@@ -3,9 +3,13 @@
 Providers, each the same step on the same base weights, LoRA init and token data:
   hf_peft     transformers' Phi3ForCausalLM (attn_implementation="sdpa") + peft.get_peft_model
   ours_eager  our model.Phi3ForCausalLM + model.lora.apply_lora, LORAKERNELS_BACKEND=eager
-  ours_fused  the same with LORAKERNELS_BACKEND=auto: the Triton kernels on CUDA. On CPU, auto
-              picks the eager path, so ours_fused would time ours_eager again: it is skipped
-              there unless named in --providers (then reported as "same as eager on CPU").
+  ours_fused  the same with LORAKERNELS_BACKEND=auto: the Triton kernels on CUDA; on a CPU in
+              fp32 the oneDNN path (lorakernels/ops/onednn_lora_linear.py, the LM head's
+              GEMMs on oneDNN too), what train.py runs by default
+  ours_compiled  ours_fused with Phi3ForCausalLM.compile_layers() (train.py --compile): each
+              decoder layer torch.compile'd. CPU only (compile_layers leaves CUDA models eager),
+              so not run on CUDA by default. Compilation happens in the first check step: it is
+              never timed, and that step's time is reported as "1st step s".
 
 The step: LoRA r 16, alpha 32, dropout 0.05 on qkv_proj, o_proj, gate_up_proj and down_proj;
 forward, the mean next-token cross entropy over every token, backward, then AdamW (lr 1e-4,
@@ -101,7 +105,8 @@ REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 PROFILE_ROWS = 20
 
 # Provider -> LORAKERNELS_BACKEND for its process (None: our kernels are not involved).
-PROVIDERS = {"hf_peft": None, "ours_eager": "eager", "ours_fused": "auto"}
+PROVIDERS = {"hf_peft": None, "ours_eager": "eager", "ours_fused": "auto", "ours_compiled": "auto"}
+CPU_ONLY = {"ours_compiled"}
 REFERENCE = "hf_peft"
 
 CONFIGS = {
@@ -239,7 +244,7 @@ def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject
     return Subject(loss_backward, model, lora, set_checkpointing, set_dropout)
 
 
-def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
+def ours_subject(checkpoint: str, dtype: torch.dtype, device: str, compile: bool = False) -> Subject:
     import lorakernels
     from model import Phi3ForCausalLM
     from model.lora import apply_lora
@@ -247,6 +252,8 @@ def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
 
     model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device),
                        targets=TARGETS, **LORA)
+    if compile and not model.compile_layers():
+        raise RuntimeError("compile_layers left the layers eager (see the warning above)")
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     layers = [m for m in model.modules() if isinstance(m, lorakernels.LoRALayer)]
 
@@ -304,7 +311,10 @@ def train_run(subject: Subject, init: Dict[str, torch.Tensor], batches: List[dic
     run = {"grad_checkpointing": grad_checkpointing, "error": None}
     try:
         subject.set_dropout(0.0)
-        check = [step(batches[i], grad_norm=i == 0) for i in range(spec["check_steps"])]
+        started = time.perf_counter()
+        check = [step(batches[0], grad_norm=True)]
+        run["first_step_s"] = time.perf_counter() - started  # compilation included
+        check += [step(batches[i]) for i in range(1, spec["check_steps"])]
         run["check_losses"] = [loss for loss, _ in check]
         run["step1_grad_norm"] = check[0][1]
         subject.set_dropout(LORA["lora_dropout"])
@@ -355,8 +365,11 @@ def train_provider(spec: dict) -> dict:
     from safetensors.torch import load_file
 
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
-    build = hf_peft_subject if spec["provider"] == "hf_peft" else ours_subject
-    subject = build(spec["checkpoint"], dtype, device)
+    if spec["provider"] == "hf_peft":
+        subject = hf_peft_subject(spec["checkpoint"], dtype, device)
+    else:
+        subject = ours_subject(spec["checkpoint"], dtype, device,
+                               compile=spec["provider"] == "ours_compiled")
     init = load_file(spec["lora_init"])
     if set(subject.lora) != set(init):
         missing, unexpected = sorted(set(init) - set(subject.lora)), sorted(set(subject.lora) - set(init))
@@ -437,6 +450,7 @@ def collect_rows(results: Dict[str, dict], providers: List[str]) -> List[dict]:
                    "error": None if timed else first["error"],
                    "check_losses": first.get("check_losses"),
                    "step1_grad_norm": first.get("step1_grad_norm"),
+                   "first_step_s": first.get("first_step_s"),
                    "peak_memory_mb": max(memory) if memory else None,
                    "memory_kind": first.get("memory_kind"),
                    "peak_rss_mb": first.get("peak_rss_mb"),
@@ -511,11 +525,11 @@ def ratio(value) -> str:
 def markdown_table(rows: List[dict], device: str) -> str:
     memory = "peak MB" if device == "cuda" else "RSS growth MB"
     lines = [f"| provider | grad ckpt | tokens/s | ms/step | {memory} | speed-up vs hf_peft "
-             f"| memory vs hf_peft | losses, first steps (dropout 0) | step-1 LoRA grad norm |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             f"| memory vs hf_peft | 1st step s | losses, first steps (dropout 0) "
+             f"| step-1 LoRA grad norm |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
-        provider = r["provider"] + (" (same as eager on CPU)"
-                                    if r["provider"] == "ours_fused" and device == "cpu" else "")
+        provider = r["provider"]
         ckpt = {True: "on", False: "off", None: "–"}[r["grad_checkpointing"]]
         losses = ", ".join(f"{x:.5f}" for x in r["check_losses"]) if r.get("check_losses") else "–"
         if r.get("median_ms"):
@@ -526,7 +540,7 @@ def markdown_table(rows: List[dict], device: str) -> str:
         else:
             error = "OOM" if r["error"] == "out of memory" else (r["error"] or "no timing")
             timing = f"{error} | – | {fmt(r.get('peak_memory_mb'), '.0f')} | – | –"
-        lines.append(f"| {provider} | {ckpt} | {timing} | {losses} "
+        lines.append(f"| {provider} | {ckpt} | {timing} | {fmt(r.get('first_step_s'), '.2f')} | {losses} "
                      f"| {fmt(r.get('step1_grad_norm'), '.6g')} |")
     return "\n".join(lines)
 
@@ -568,14 +582,18 @@ def markdown_report(result: dict, command: str) -> str:
         "",
         markdown_table(result["rows"], result["device_type"]),
         "",
-    ] + (["ours_fused is not run on CPU: LORAKERNELS_BACKEND=auto takes the eager path for CPU "
-          "tensors, so it would time ours_eager again.", ""]
-         if result["device_type"] == "cpu" and "ours_fused" not in s["providers"] else []))
+        "ours_fused: LORAKERNELS_BACKEND=auto (" + ("the Triton kernels" if result["device_type"] == "cuda"
+                                                     else "the oneDNN path for fp32 CPU tensors")
+        + "); ours_compiled: the same with each decoder layer torch.compile'd (CPU only). "
+          "1st step s: the first check step, compilation included, never timed.",
+        "",
+    ])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark one LoRA fine-tuning step of Phi-3: hf_peft, ours_eager, ours_fused.")
+        description="Benchmark one LoRA fine-tuning step of Phi-3: hf_peft, ours_eager, ours_fused, "
+                    "ours_compiled.")
     parser.add_argument("--config", choices=list(CONFIGS),
                         help="cpu-small or gpu-mini (default: gpu-mini on CUDA, else cpu-small)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default: per config)")
@@ -591,7 +609,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gradient checkpointing off, on or both (default: both for "
                              "gpu-mini, off for cpu-small)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
-                        help="providers to run (default: all; ours_fused only on CUDA)")
+                        help="providers to run (default: all; ours_compiled only on CPU)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every provider this many times, in turn, and report the "
                              "lowest of the runs' median ms/step (default: 1): for machines "
@@ -635,7 +653,7 @@ def main(argv=None) -> int:
         return 0
     settings = settings_from(args)
     device = "cuda" if ON_CUDA else "cpu"
-    providers = args.providers or [p for p in PROVIDERS if ON_CUDA or p != "ours_fused"]
+    providers = args.providers or [p for p in PROVIDERS if not (ON_CUDA and p in CPU_ONLY)]
     modes = CHECKPOINTING[settings["grad_checkpointing"]]
     command = shlex.join(["python", *sys.argv])
 
@@ -656,7 +674,7 @@ def main(argv=None) -> int:
             for provider in providers:
                 backend = PROVIDERS[provider]
                 env = {"LORAKERNELS_BACKEND": backend} if backend else {}
-                if provider == "ours_fused":  # tune each shape once, not once per process
+                if backend == "auto":  # tune each shape once, not once per process
                     env["TRITON_CACHE_AUTOTUNING"] = os.environ.get("TRITON_CACHE_AUTOTUNING", "1")
                 for index, group in enumerate(groups):
                     if "crash" in results[provider]:

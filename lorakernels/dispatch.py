@@ -1,12 +1,14 @@
 """The one place where a LoRA linear layer's forward chooses its implementation.
 
 ``LORAKERNELS_BACKEND`` selects it, read at every call so tests can switch it:
-``auto`` (default) uses the Triton kernels for CUDA tensors and the eager
-reference otherwise; ``triton`` forces the kernels (on CPU tensors too, under
-``TRITON_INTERPRET=1``); ``eager`` forces the reference.
+``auto`` (default) uses the Triton kernels for CUDA tensors, the oneDNN path for
+fp32 CPU tensors (``ops/onednn_lora_linear.py``) and the eager reference
+otherwise; ``triton`` forces the kernels (on CPU tensors too, under
+``TRITON_INTERPRET=1``); ``onednn`` the oneDNN path wherever it applies (fp32 CPU
+tensors; the reference elsewhere); ``eager`` forces the reference.
 
-The frozen weight is a dense tensor or an NF4Weight (QLoRA's 4-bit base): both
-backends take either.
+The frozen weight is a dense tensor or an NF4Weight (QLoRA's 4-bit base): the
+Triton and eager backends take either; the oneDNN path is for dense weights only.
 """
 import os
 from typing import Optional
@@ -16,22 +18,23 @@ import torch.nn.functional as F
 
 from .nf4 import NF4Weight
 from .nf4_linear import nf4_linear
+from .ops.onednn_lora_linear import onednn_lora_linear, uses_onednn
 from .parts import LoraParts
 from .reference import FrozenWeight, lora_linear_reference, merged_lora_linear_reference
 
 BACKEND_ENV = "LORAKERNELS_BACKEND"
-BACKENDS = ("auto", "triton", "eager")
+BACKENDS = ("auto", "triton", "onednn", "eager")
 
 
 def selected_backend(x: torch.Tensor) -> str:
-    """'triton' or 'eager' for this input, from ``LORAKERNELS_BACKEND``."""
+    """'triton', 'onednn' or 'eager' for this input, from ``LORAKERNELS_BACKEND``."""
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise ValueError(
             f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not one of {', '.join(BACKENDS)}"
         )
     if choice == "auto":
-        return "triton" if x.is_cuda else "eager"
+        return "triton" if x.is_cuda else "onednn" if uses_onednn(x) else "eager"
     return choice
 
 
@@ -67,7 +70,12 @@ def lora_linear(
     ``training`` and ``dropout_p > 0``.
     """
     dropout_active = training and dropout_p > 0
-    if selected_backend(x) == "triton" and x.numel() > 0:
+    backend = selected_backend(x)
+    dense = not isinstance(weight, NF4Weight)
+    if backend == "onednn" and dense and x.numel() > 0 and uses_onednn(x, weight, lora_A, lora_B):
+        return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling,
+                                  dropout_p if dropout_active else 0.0, parts)
+    if backend == "triton" and x.numel() > 0:
         from .ops.lora_linear import fused_lora_linear  # imports Triton only when used
 
         # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.

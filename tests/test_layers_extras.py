@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import lorakernels as lora
 from lorakernels.dispatch import selected_backend
+from lorakernels.ops.onednn_lora_linear import onednn_available
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
 
@@ -106,9 +107,11 @@ def test_reference_keeps_fp32_adapters_over_a_bf16_base_like_peft():
 def test_backend_switch(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv("LORAKERNELS_BACKEND", raising=False)
-    assert selected_backend(x) == "eager"  # auto on a CPU tensor
+    # auto on CPU tensors: oneDNN for fp32 (where torch has it), the reference otherwise
+    assert selected_backend(x) == ("onednn" if onednn_available() else "eager")
+    assert selected_backend(x.bfloat16()) == "eager"
     monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
     assert selected_backend(x) == "triton"
     monkeypatch.setenv("LORAKERNELS_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="LORAKERNELS_BACKEND='cuda' is not one of auto, triton, eager"):
+    with pytest.raises(ValueError, match="LORAKERNELS_BACKEND='cuda' is not one of auto, triton, onednn, eager"):
         selected_backend(x)

@@ -9,6 +9,12 @@ from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from lorakernels.nf4_layers import NF4MergedLinear
 
 
+@pytest.fixture(autouse=True)
+def eager_backend(monkeypatch):
+    """One backend for both layers (auto would put the dense one on oneDNN): tight tolerances."""
+    monkeypatch.setenv("LORAKERNELS_BACKEND", "eager")
+
+
 def _dense_twin(nf4_layer, dense_layer):
     """``dense_layer`` given the NF4 layer's dequantised weight and its LoRA factors."""
     with torch.no_grad():

@@ -32,12 +32,15 @@ Without grad mode (evaluation) only the loss is computed, chunk by chunk.
 
 The same approach as Liger-Kernel's fused linear cross entropy, written here in
 plain PyTorch, so it runs on any device; the work is the same two (three with a
-trainable weight) matmuls the unchunked loss does, in chunks.
+trainable weight) matmuls the unchunked loss does, in chunks. The two with the
+[V, H] weight run on oneDNN for fp32 CPU tensors (see ``onednn_lora_linear.linear``).
 """
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from .onednn_lora_linear import linear
 
 LoraAdapter = Tuple[torch.Tensor, torch.Tensor, float]  # (lora_A [r, H], lora_B [V, r], scaling)
 
@@ -128,7 +131,7 @@ def _check_label_range(labels: torch.Tensor, ignore_index: int, vocab_size: int)
 
 def _chunk_logits(h, weight, lora, acc_dtype):
     """[c, V] logits in ``acc_dtype`` (a fresh tensor, safe to overwrite); also h·Aᵀ with LoRA."""
-    logits = (h @ weight.t()).to(acc_dtype)
+    logits = linear(h, weight).to(acc_dtype)
     if lora is None:
         return logits, None
     lora_A, lora_B, scaling = lora
@@ -217,11 +220,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if lora is not None and (need_hidden or need_A):
                 grad_low = (grad_logits.to(lora_acc) @ B_acc).mul_(scaling)  # [c, r]
             if need_hidden:
-                if grad_low is None:
-                    torch.mm(grad_logits_low, weight, out=grad_hidden[rows])
-                else:
-                    chunk_grad = (grad_logits_low @ weight).to(lora_acc).addmm_(grad_low, A_acc)
-                    grad_hidden[rows] = chunk_grad
+                chunk_grad = linear(grad_logits_low, weight.t())
+                if grad_low is not None:
+                    chunk_grad = chunk_grad.to(lora_acc).addmm_(grad_low, A_acc)
+                grad_hidden[rows] = chunk_grad
             if need_weight:
                 grad_weight += grad_logits_low.t() @ h
             if need_A:
