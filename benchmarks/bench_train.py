@@ -6,10 +6,8 @@ Providers, each the same step on the same base weights, LoRA init and token data
   ours_fused  the same with LORAKERNELS_BACKEND=auto: the Triton kernels on CUDA; on a CPU in
               fp32 the oneDNN path (lorakernels/ops/onednn_lora_linear.py, the LM head's
               GEMMs on oneDNN too), what train.py runs by default
-  ours_compiled  ours_fused with Phi3ForCausalLM.compile_layers() (train.py --compile): each
-              decoder layer torch.compile'd. CPU only (compile_layers leaves CUDA models eager),
-              so not run on CUDA by default. Compilation happens in the first check step: it is
-              never timed, and that step's time is reported as "1st step s".
+The first check step (autotuning included on a GPU) is never timed; its time is reported as
+"1st step s".
 
 The step: LoRA r 16, alpha 32, dropout 0.05 on qkv_proj, o_proj, gate_up_proj and down_proj;
 forward, the mean next-token cross entropy over every token, backward, then AdamW (lr 1e-4,
@@ -105,8 +103,7 @@ REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 PROFILE_ROWS = 20
 
 # Provider -> LORAKERNELS_BACKEND for its process (None: our kernels are not involved).
-PROVIDERS = {"hf_peft": None, "ours_eager": "eager", "ours_fused": "auto", "ours_compiled": "auto"}
-CPU_ONLY = {"ours_compiled"}
+PROVIDERS = {"hf_peft": None, "ours_eager": "eager", "ours_fused": "auto"}
 REFERENCE = "hf_peft"
 
 CONFIGS = {
@@ -244,7 +241,7 @@ def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject
     return Subject(loss_backward, model, lora, set_checkpointing, set_dropout)
 
 
-def ours_subject(checkpoint: str, dtype: torch.dtype, device: str, compile: bool = False) -> Subject:
+def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
     import lorakernels
     from model import Phi3ForCausalLM
     from model.lora import apply_lora
@@ -252,8 +249,6 @@ def ours_subject(checkpoint: str, dtype: torch.dtype, device: str, compile: bool
 
     model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device),
                        targets=TARGETS, **LORA)
-    if compile and not model.compile_layers():
-        raise RuntimeError("compile_layers left the layers eager (see the warning above)")
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     layers = [m for m in model.modules() if isinstance(m, lorakernels.LoRALayer)]
 
@@ -313,7 +308,7 @@ def train_run(subject: Subject, init: Dict[str, torch.Tensor], batches: List[dic
         subject.set_dropout(0.0)
         started = time.perf_counter()
         check = [step(batches[0], grad_norm=True)]
-        run["first_step_s"] = time.perf_counter() - started  # compilation included
+        run["first_step_s"] = time.perf_counter() - started  # autotuning included
         check += [step(batches[i]) for i in range(1, spec["check_steps"])]
         run["check_losses"] = [loss for loss, _ in check]
         run["step1_grad_norm"] = check[0][1]
@@ -365,11 +360,8 @@ def train_provider(spec: dict) -> dict:
     from safetensors.torch import load_file
 
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
-    if spec["provider"] == "hf_peft":
-        subject = hf_peft_subject(spec["checkpoint"], dtype, device)
-    else:
-        subject = ours_subject(spec["checkpoint"], dtype, device,
-                               compile=spec["provider"] == "ours_compiled")
+    build = hf_peft_subject if spec["provider"] == "hf_peft" else ours_subject
+    subject = build(spec["checkpoint"], dtype, device)
     init = load_file(spec["lora_init"])
     if set(subject.lora) != set(init):
         missing, unexpected = sorted(set(init) - set(subject.lora)), sorted(set(subject.lora) - set(init))
@@ -584,16 +576,14 @@ def markdown_report(result: dict, command: str) -> str:
         "",
         "ours_fused: LORAKERNELS_BACKEND=auto (" + ("the Triton kernels" if result["device_type"] == "cuda"
                                                      else "the oneDNN path for fp32 CPU tensors")
-        + "); ours_compiled: the same with each decoder layer torch.compile'd (CPU only). "
-          "1st step s: the first check step, compilation included, never timed.",
+        + "). 1st step s: the first check step, never timed.",
         "",
     ])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Benchmark one LoRA fine-tuning step of Phi-3: hf_peft, ours_eager, ours_fused, "
-                    "ours_compiled.")
+        description="Benchmark one LoRA fine-tuning step of Phi-3: hf_peft, ours_eager, ours_fused.")
     parser.add_argument("--config", choices=list(CONFIGS),
                         help="cpu-small or gpu-mini (default: gpu-mini on CUDA, else cpu-small)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default: per config)")
@@ -609,7 +599,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="gradient checkpointing off, on or both (default: both for "
                              "gpu-mini, off for cpu-small)")
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
-                        help="providers to run (default: all; ours_compiled only on CPU)")
+                        help="providers to run (default: all)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every provider this many times, in turn, and report the "
                              "lowest of the runs' median ms/step (default: 1): for machines "
@@ -653,7 +643,7 @@ def main(argv=None) -> int:
         return 0
     settings = settings_from(args)
     device = "cuda" if ON_CUDA else "cpu"
-    providers = args.providers or [p for p in PROVIDERS if not (ON_CUDA and p in CPU_ONLY)]
+    providers = args.providers or list(PROVIDERS)
     modes = CHECKPOINTING[settings["grad_checkpointing"]]
     command = shlex.join(["python", *sys.argv])
 

@@ -7,7 +7,6 @@ dtype, LongRoPE's long factors when positions pass the original context). With t
 Triton backend (``LORAKERNELS_BACKEND``, auto on CUDA) RMSNorm, RoPE and SwiGLU run
 as fused kernels (``lorakernels/ops``), like the LoRA linear layers.
 """
-import warnings
 from pathlib import Path
 from typing import Optional, Union
 
@@ -192,19 +191,6 @@ class Phi3Model(nn.Module):
         return self.norm(x)
 
 
-def compile_unavailable_reason(model: nn.Module) -> Optional[str]:
-    """Why ``compile_layers`` would leave ``model``'s layers eager, or None."""
-    if any(p.is_cuda for p in model.parameters()):
-        return "verified on CPU only (on CUDA the Triton kernels fuse these ops)"
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        get_cpp_compiler()
-    except Exception as error:  # no C++ compiler, or an Inductor without this helper
-        return f"no C++ compiler for Inductor ({type(error).__name__}: {error})"
-    return None
-
-
 class Phi3ForCausalLM(nn.Module):
     """Phi-3 with the LM head. ``model(input_ids)`` → logits [B, T, vocab].
 
@@ -224,24 +210,6 @@ class Phi3ForCausalLM(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward instead of keeping its activations."""
         self.model.gradient_checkpointing = enabled
-
-    def compile_layers(self) -> bool:
-        """``torch.compile`` each decoder layer (regional compilation); False if left eager.
-
-        Inductor fuses a layer's RMSNorms, RoPE, SwiGLU and residual adds; the layers share
-        one compiled graph (the first gets its own: its input needs no gradient). LoRA
-        linear layers on the oneDNN path run outside the graph. CPU only: on CUDA the
-        Triton kernels fuse these ops already and compiling around them is unverified, so
-        there, as without a C++ compiler for Inductor, the layers stay eager (a warning).
-        Compilation happens on the first forward of each shape and mode.
-        """
-        reason = compile_unavailable_reason(self)
-        if reason:
-            warnings.warn(f"compile_layers: {reason}; the decoder layers stay eager")
-            return False
-        for layer in self.model.layers:
-            layer.compile(dynamic=False)
-        return True
 
     def forward(self, input_ids, position_ids=None, segment_ids=None,
                 cache: Optional[KVCache] = None):

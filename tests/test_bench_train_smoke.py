@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-PROVIDERS = {"hf_peft", "ours_eager", "ours_fused"}  # ours_compiled: tests/test_compile_layers.py
+PROVIDERS = {"hf_peft", "ours_eager", "ours_fused"}
 
 
 def load_script():

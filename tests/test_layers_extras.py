@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import lorakernels as lora
 from lorakernels.dispatch import selected_backend
-from lorakernels.ops.onednn_lora_linear import onednn_available
+from lorakernels.ops.onednn_lora_linear import ONEDNN_AVAILABLE
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
 
@@ -108,7 +108,7 @@ def test_backend_switch(monkeypatch):
     x = torch.zeros(1)
     monkeypatch.delenv("LORAKERNELS_BACKEND", raising=False)
     # auto on CPU tensors: oneDNN for fp32 (where torch has it), the reference otherwise
-    assert selected_backend(x) == ("onednn" if onednn_available() else "eager")
+    assert selected_backend(x) == ("onednn" if ONEDNN_AVAILABLE else "eager")
     assert selected_backend(x.bfloat16()) == "eager"
     monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
     assert selected_backend(x) == "triton"

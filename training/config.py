@@ -47,7 +47,6 @@ class TrainConfig:
     quantize: str = "none"
     device: str = "auto"
     grad_checkpointing: bool = False
-    compile: bool = False
     strategy: str = "ddp"
     save_every: int = 0
     save_total_limit: Optional[int] = None
@@ -112,8 +111,6 @@ HELP = {
     "quantize": "none, or nf4: QLoRA, the decoder's linear weights held in 4 bits (NF4)",
     "device": "auto, cpu, cuda or cuda:N",
     "grad_checkpointing": "recompute layer activations in backward to save memory",
-    "compile": "torch.compile each decoder layer (CPU only; compiles on the first step; "
-               "no consistent gain measured on a 2-core CPU)",
     "strategy": "under torchrun: ddp (each process holds the model) or fsdp (the model sharded)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "save_total_limit": "keep only the newest N step checkpoints",

@@ -224,8 +224,6 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                lora_dropout=config.lora_dropout, targets=config.target_modules,
                use_rslora=config.use_rslora)
     model.set_gradient_checkpointing(config.grad_checkpointing)
-    if config.compile and model.compile_layers():
-        log("--compile: decoder layers compile on the first step")
     model.train()
     step_loss = dist.wrap(StepLoss(model), device, config.strategy)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -23,19 +23,14 @@ import torch.nn.functional as F
 from ..parts import LoraParts
 
 
-# Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do); a constant, so
-# that torch.compile reads it without tracing into torch.backends.
+# Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do).
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def onednn_available() -> bool:
-    return ONEDNN_AVAILABLE
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:
     """True when every tensor is an fp32 CPU tensor and oneDNN is there to multiply them."""
-    return onednn_available() and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                      for t in tensors)
+    return ONEDNN_AVAILABLE and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                    for t in tensors)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -114,7 +109,6 @@ class OneDNNLoRALinear(torch.autograd.Function):
         return dx, dweight, dbias, dA, dB, None, None, None
 
 
-@torch.compiler.disable  # Inductor cannot lower oneDNN's op on plain weights: run it eagerly
 def onednn_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                        dropout_p: float = 0.0, parts: Optional[LoraParts] = None) -> torch.Tensor:
