@@ -2,7 +2,8 @@
 
     python benchmarks/gpu_check.py
 
-Each step runs in its own process with a time limit; its output goes to
+Each step runs in its own process with a time limit; on a machine lent for a few minutes,
+run the steps one command each (``--list`` names them, ``--only STEP`` runs one). Output goes to
 benchmarks/results/gpu_check_<device>/<step>.log, and a summary with device,
 versions and date to benchmarks/results/gpu_check_<device>.json and .md.
 Benchmarks write their own results next to it. Any issue lent a GPU runs this first.
@@ -52,7 +53,9 @@ def run_step(name: str, command: list, timeout_s: int, log_dir: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timeout", type=int, default=240, help="seconds allowed per step")
+    parser.add_argument("--timeout", type=int, default=540,
+                        help="seconds allowed per step (default 540: one step with --only fits a "
+                             "10-minute command)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
     parser.add_argument("--only", nargs="+", metavar="STEP",
                         help="run only these steps (e.g. to fit a per-command time limit)")
