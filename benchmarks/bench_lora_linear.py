@@ -300,11 +300,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def smoke_mode(args) -> bool:
+    """Whether to run the tiny smoke case: asked for, or forced without CUDA (interpreter only)."""
     if not ON_CUDA and not INTERPRETING:
         raise SystemExit("no CUDA device: the CPU smoke test needs TRITON_INTERPRET=1 (or unset)")
-    smoke = args.smoke or not ON_CUDA
+    return args.smoke or not ON_CUDA
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    smoke = smoke_mode(args)
     shapes = SMOKE_SHAPES if smoke else {name: PHI3_MINI_SHAPES[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else args.tokens
     if smoke:

@@ -84,7 +84,7 @@ import triton  # noqa: E402
 import lorakernels.ops.lora_linear as lora_ops  # noqa: E402
 from bench_lora_linear import (BASE_GEMMS, CPU_REPS, Inputs, copy_bandwidth_gbps,  # noqa: E402
                                cpu_timer, device_label, extra_elements, forward_backward_step,
-                               forward_step, gpu_timer, write_results)
+                               forward_step, gpu_timer, smoke_mode, write_results)
 from lorakernels.nf4 import NF4Weight, dequantize_nf4_reference, nf4_nbytes, quantize_nf4  # noqa: E402
 from lorakernels.nf4_layers import NF4FrozenWeight  # noqa: E402
 from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
@@ -547,9 +547,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if not ON_CUDA and not INTERPRETING:
-        raise SystemExit("no CUDA device: the CPU smoke test needs TRITON_INTERPRET=1 (or unset)")
-    smoke = args.smoke or not ON_CUDA
+    smoke = smoke_mode(args)
     shapes = SMOKE_SHAPES if smoke else {name: PHI3_MINI_SHAPES[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else sorted(set(args.tokens))
     measure_model = SMOKE_MODEL if smoke else args.model
