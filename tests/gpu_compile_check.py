@@ -99,10 +99,12 @@ NF4_DEQUANT_CONFIGS = [triton.Config(nf4_ops.nf4_dequant_settings()[0],
                                      num_warps=nf4_ops.nf4_dequant_settings()[1])]
 
 
-# The GEMM reading an NF4 weight in its K-loop, as at small M (generation): the backward's
-# orientation (w = W, stride_wk = K) and no low-rank term, the base-only layer's launch.
+# The GEMM reading an NF4 weight in its K-loop, as at small M (generation): the forward's
+# orientation (w = Wᵀ) with the LoRA epilogue, and the backward's (w = W, stride_wk = K)
+# without a low-rank term, the base-only layer's launch.
 NF4_GEMM = dict(M=16, M_BUCKET=16, w_ptr="u8", absmax_q_ptr="i8", absmax_scale_ptr="fp32",
-                stride_wk=K, stride_wn=1, W_NF4=True, HAS_LOWRANK=False)
+                W_NF4=True)
+NF4_GEMM_BACKWARD = dict(NF4_GEMM, stride_wk=K, stride_wn=1, HAS_LOWRANK=False)
 
 
 def source(kernel, config: triton.Config, variant=None):
@@ -136,6 +138,7 @@ def main() -> int:
     kernels = [
         (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True),
         (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True, NF4_GEMM),
+        (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True, NF4_GEMM_BACKWARD),
         (ops._lora_shrink_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_s_b_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_a_kernel, ops.ROW_CONFIGS, False),
