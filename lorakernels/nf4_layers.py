@@ -5,9 +5,9 @@ The dense ``weight`` parameter is replaced by three buffers, ``weight_packed``,
 0.52 bytes a weight), so they move with ``.to()`` but are never trained. The fp32
 scales are stored as their int32 bits, so ``model.to(torch.bfloat16)`` cannot round
 them; it makes the layer's products come out in bf16 instead. The absmax offset,
-a float, travels in ``state_dict`` as the module's extra state. LoRA
-parameters keep the dense layers' names, shapes and initialisation: an adapter trained
-over the 4-bit base is the same PEFT / loralib file and loads onto the bf16 base.
+a float, travels in ``state_dict`` as the module's extra state. LoRA parameters
+keep the dense layers' names, shapes and initialisation: an adapter trained over
+the 4-bit base is the same PEFT / loralib file and loads onto the bf16 base.
 The forward dequantises where it is cheapest (``lorakernels.dispatch``); merging the
 update into 4-bit weights is refused (merge over the bf16 base instead).
 """
@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .layers import Linear, MergedLinear
 from .nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4Weight, quantize_nf4
+
 
 class NF4FrozenWeight:
     """Mixin for a Linear subclass: the frozen weight as NF4 buffers instead of a parameter."""
