@@ -300,6 +300,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def result_header(smoke: bool) -> dict:
+    """What every result file starts with: device, date, versions, and whether it was a smoke run."""
+    return {
+        "device": device_label(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "smoke": smoke,
+    }
+
+
 def smoke_mode(args) -> bool:
     """Whether to run the tiny smoke case: asked for, or forced without CUDA (interpreter only)."""
     if not ON_CUDA and not INTERPRETING:
@@ -325,12 +337,7 @@ def main(argv=None) -> None:
 
     label = device_label()
     result = {
-        "device": label,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "smoke": smoke,
+        **result_header(smoke),
         "config": {
             "shapes": {name: {"K": K, "N": N} for name, (K, N) in shapes.items()},
             "tokens": tokens, "rank": args.rank, "dropout": args.dropout,

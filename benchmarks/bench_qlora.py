@@ -65,7 +65,6 @@ import math
 import os
 import platform
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import List, Optional
 
@@ -79,12 +78,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))                 # benchmark this checkout's kernels
 sys.path.insert(0, str(ROOT / "benchmarks"))  # and share bench_lora_linear's timing and floor helpers
 
-import triton  # noqa: E402
-
 import lorakernels.ops.lora_linear as lora_ops  # noqa: E402
 from bench_lora_linear import (BASE_GEMMS, CPU_REPS, Inputs, copy_bandwidth_gbps,  # noqa: E402
                                cpu_timer, device_label, extra_elements, forward_backward_step,
-                               forward_step, gpu_timer, smoke_mode, write_results)
+                               forward_step, gpu_timer, result_header, smoke_mode,
+                               write_results)
 from lorakernels.nf4 import NF4Weight, dequantize_nf4_reference, nf4_nbytes, quantize_nf4  # noqa: E402
 from lorakernels.nf4_layers import NF4FrozenWeight  # noqa: E402
 from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
@@ -565,13 +563,8 @@ def main(argv=None) -> None:
 
     label = device_label()
     result = {
-        "device": label,
+        **result_header(smoke),
         "device_name": torch.cuda.get_device_name() if ON_CUDA else platform.processor() or "cpu",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "smoke": smoke,
         "config": {
             "sections": args.sections, "model": args.model, "measured_model": measure_model,
             "shapes": {name: {"K": K, "N": N} for name, (K, N) in shapes.items()},
