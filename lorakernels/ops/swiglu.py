@@ -28,17 +28,25 @@ MAX_BLOCK = 8192  # elementwise: wider rows take several column blocks
 
 
 @triton.jit
-def _swiglu_forward_kernel(
-    gate_ptr, up_ptr, out_ptr, n_cols, stride_in_m, stride_in_n, stride_out_m, stride_out_n,
-    EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """out[m, c] = up[m, c]·silu(gate[m, c]), fp32, rounded once. gate and up share strides."""
+def _load_row_block(gate_ptr, up_ptr, n_cols, stride_in_m, stride_in_n, BLOCK: tl.constexpr):
+    """This program's row and column block: (row, cols, mask, gate, up), gate and up in fp32."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
     offsets = row * stride_in_m + cols * stride_in_n
     gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    return row, cols, mask, gate, up
+
+
+@triton.jit
+def _swiglu_forward_kernel(
+    gate_ptr, up_ptr, out_ptr, n_cols, stride_in_m, stride_in_n, stride_out_m, stride_out_n,
+    EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """out[m, c] = up[m, c]·silu(gate[m, c]), fp32, rounded once. gate and up share strides."""
+    row, cols, mask, gate, up = _load_row_block(gate_ptr, up_ptr, n_cols, stride_in_m, stride_in_n,
+                                                BLOCK)
     out = up * (gate * tl.sigmoid(gate))
     tl.store(out_ptr + row * stride_out_m + cols * stride_out_n,
              cast_to(out, out_ptr.dtype.element_ty, EMULATE_BF16_RTNE), mask=mask)
@@ -51,12 +59,8 @@ def _swiglu_backward_kernel(
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dgate = dout·up·silu'(gate), dup = dout·silu(gate); silu' = σ·(1 + g·(1 - σ))."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    offsets = row * stride_in_m + cols * stride_in_n
-    gate = tl.load(gate_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    row, cols, mask, gate, up = _load_row_block(gate_ptr, up_ptr, n_cols, stride_in_m, stride_in_n,
+                                                BLOCK)
     dout = tl.load(dout_ptr + row * stride_dout_m + cols * stride_dout_n, mask=mask,
                    other=0.0).to(tl.float32)
     sig = tl.sigmoid(gate)
