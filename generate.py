@@ -4,19 +4,14 @@
     python generate.py --adapter runs/phi3-lora/final --chat
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-from lorakernels.adapters import load_peft_adapter
+from model.build import load_model, resolve_device, resolve_dtype
 from model.chat import tokenize_chat
-from model.lora import apply_lora
 from model.quantization import QUANTIZE_CHOICES
-from training.config import TrainConfig
-from training.distributed import resolve_device
-from training.loop import load_base_model, resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,15 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args):
     """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
     device = resolve_device(args.device)
-    # merge.py has no --quantize: merging needs the dense base.
-    config = TrainConfig(model=args.model, tokenizer=args.tokenizer, seed=args.seed, dtype=args.dtype,
-                         quantize=getattr(args, "quantize", "none"), device=args.device)
-    model, tokenizer = load_base_model(config, resolve_dtype(args.dtype, device), device)
-    if args.adapter:
-        settings = json.loads((args.adapter / "adapter_config.json").read_text())
-        apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],
-                   targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False))
-        load_peft_adapter(model, args.adapter)
+    model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device, args.seed,
+                                  getattr(args, "quantize", "none"), args.tokenizer, args.adapter)
     return model.eval(), tokenizer, device
 
 

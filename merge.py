@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from generate import load
 from lorakernels.adapters import merge_lora
+from model.build import load_model, resolve_device, resolve_dtype
 
 
 def main(argv=None) -> int:
@@ -20,8 +20,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer, _ = load(args)
+    device = resolve_device(args.device)
+    try:  # the dense base: merging into 4-bit weights is refused
+        model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device,
+                                      args.seed, None, args.tokenizer, args.adapter)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"merge.py: error: {error}\n")
     merge_lora(model).save_pretrained(args.output)

@@ -3,15 +3,17 @@
     import lorakernels as lora
     layer = lora.Linear(3072, 3072, r=16, lora_alpha=32)
 """
-from .dispatch import lora_linear
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear
+from .functional import lora_linear
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .lora_layer import LoRALayer
 from .nf4 import NF4Weight, quantize_nf4
 from .nf4_layers import NF4Linear, NF4MergedLinear
 from .params import lora_state_dict, mark_only_lora_as_trainable
-from .parts import LoraParts
+from .parts import LoRAParts
 
 __all__ = [
-    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoraParts",
-    "MergedLinear", "NF4Linear", "NF4MergedLinear", "NF4Weight", "lora_linear", "quantize_nf4", "lora_state_dict", "mark_only_lora_as_trainable",
+    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoRAParts",
+    "MergedLinear", "NF4Linear", "NF4MergedLinear", "NF4Weight", "lora_linear", "quantize_nf4",
+    "lora_state_dict", "mark_only_lora_as_trainable",
 ]
 __version__ = "0.1.0"

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .files import atomic_write, key_mismatch_message
+from .weight_files import atomic_write, key_mismatch_message, match_keys
 from .layers import Embedding, Linear, LoRALayer
-from .nf4_layers import NF4FrozenWeight
+from .nf4_layers import NF4Layer
 from .params import lora_state_dict
 
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -162,6 +162,10 @@ def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
         layer.set_merged(True)
 
 
+def _shapes(state: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
+    return {key: tuple(tensor.shape) for key, tensor in state.items()}
+
+
 def _normalise_peft_key(key: str) -> str:
     """Drop the adapter name PEFT keeps in memory (``lora_A.default.weight``), as its saved files do."""
     return re.sub(r"\.(lora_(?:embedding_)?[AB])\.default(?=\.weight$|$)", r".\1", key)
@@ -266,8 +270,8 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
     lora_keys = _peft_key_map(layers)
     state = model.state_dict()
     with safe_open(str(weights_file), framework="pt", device="cpu") as reader:
-        sources, seen, unexpected, misshaped = _match_keys(
-            reader, state,
+        sources, seen, unexpected, misshaped = match_keys(
+            reader, _shapes(state),
             lambda file_key: lora_keys.get(_normalise_peft_key(file_key))
             or _base_weight_key(file_key, state))
         missing = [peft_key for peft_key, key in lora_keys.items() if key not in seen]
@@ -278,28 +282,6 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
             _report(message, strict)
         tensors = {key: reader.get_tensor(file_key) for key, file_key in sources.items()}
     _copy_into(model, tensors)
-
-
-def _match_keys(reader, state: Dict[str, torch.Tensor], key_for):
-    """Pair a safetensors file's keys with the model's (``key_for``: file key → ours or None).
-
-    Returns {our key: file key} for the keys that fit, the keys seen, the unexpected file
-    keys and the mis-shaped ones; reads shapes only, no tensor data.
-    """
-    sources: Dict[str, str] = {}
-    seen, unexpected, misshaped = set(), [], []
-    for file_key in reader.keys():
-        key = key_for(file_key)
-        if key is None:
-            unexpected.append(file_key)
-            continue
-        seen.add(key)
-        shape = tuple(reader.get_slice(file_key).get_shape())
-        if shape != tuple(state[key].shape):
-            misshaped.append(f"{file_key}: file {shape}, model {tuple(state[key].shape)}")
-            continue
-        sources[key] = file_key
-    return sources, seen, unexpected, misshaped
 
 
 def _lora_file(path: PathLike) -> Path:
@@ -331,8 +313,8 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
     state = model.state_dict()
     expected = set(lora_state_dict(model))
     with safe_open(str(path), framework="pt", device="cpu") as reader:
-        sources, seen, unexpected, misshaped = _match_keys(
-            reader, state,
+        sources, seen, unexpected, misshaped = match_keys(
+            reader, _shapes(state),
             lambda key: key if key in expected or (key in state and "bias" in key) else None)
         tensors = {key: reader.get_tensor(file_key) for key, file_key in sources.items()}
     missing = expected - seen
@@ -368,7 +350,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if other:
         raise ValueError("merge_lora supports LoRA Linear and Embedding layers only, not: "
                          + ", ".join(other))
-    quantized = [name for name, m in layers.items() if isinstance(m, NF4FrozenWeight)]
+    quantized = [name for name, m in layers.items() if isinstance(m, NF4Layer)]
     if quantized:
         raise ValueError(f"merge_lora cannot merge into 4-bit (NF4) weights ({quantized[0]}, ...): "
                          "load the base without quantisation, apply the adapter, then merge")

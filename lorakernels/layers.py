@@ -18,72 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dispatch import base_linear, lora_linear
-from .parts import LoraParts
-
-
-class LoRALayer:
-    """Mixin holding what every LoRA layer shares: rank, alpha, dropout, merge state.
-
-    Subclasses create ``lora_A``/``lora_B`` when they have a low-rank path and
-    implement ``delta_weight()``: the scaled update in the frozen weight's layout.
-    """
-
-    def __init__(
-        self,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float,
-        merge_weights: bool,
-        use_rslora: bool = False,
-    ):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"r must be a non-negative integer, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = nn.Dropout(p=lora_dropout)
-        self.use_rslora = use_rslora
-        if r > 0:
-            self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.merged = False
-        self.merge_weights = merge_weights
-
-    @property
-    def has_lora(self) -> bool:
-        return "lora_A" in self._parameters
-
-    @property
-    def lora_base_weight(self) -> nn.Parameter:
-        """The frozen weight the update merges into."""
-        return self.weight
-
-    def delta_weight(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def set_merged(self, merged: bool) -> None:
-        """Add the low-rank update into the frozen weight, or take it out again."""
-        if self.merged != merged:
-            if self.has_lora:
-                weight = self.lora_base_weight
-                with torch.no_grad():
-                    delta = self.delta_weight().to(weight.dtype)
-                    weight.data += delta if merged else -delta
-            self.merged = merged
-
-    def train(self, mode: bool = True):
-        """Unmerge on ``train()``, merge on ``eval()`` (when ``merge_weights``)."""
-        super().train(mode)
-        if self.merge_weights:
-            self.set_merged(not mode)
-        return self
+from .functional import base_linear, lora_linear
+from .lora_layer import LoRALayer
+from .parts import LoRAParts, pair_slices
 
 
 class Linear(LoRALayer, nn.Linear):
     """``nn.Linear`` plus ``s·(dropout(x)·Aᵀ)·Bᵀ``. A: [r, in], B: [out, r]."""
-
-    lora_parts: Optional[LoraParts] = None  # one A/B pair over the whole output
 
     def __init__(
         self,
@@ -95,14 +36,20 @@ class Linear(LoRALayer, nn.Linear):
         fan_in_fan_out: bool = False,
         merge_weights: bool = True,
         use_rslora: bool = False,
+        lora_parts: Optional[LoRAParts] = None,
         **kwargs,
     ):
+        """``lora_parts``: one A/B pair per enabled part of a fused projection (see
+        ``MergedLinear``); None: one pair over the whole output."""
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = fan_in_fan_out
-        if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
+        self.lora_parts = lora_parts
+        pairs = 1 if lora_parts is None else lora_parts.num_enabled
+        lora_out = out_features if lora_parts is None else lora_parts.lora_out_features
+        if r > 0 and pairs > 0:
+            self.lora_A = nn.Parameter(self.weight.new_zeros((r * pairs, in_features)))
+            self.lora_B = nn.Parameter(self.weight.new_zeros((lora_out, r)))
             self.weight.requires_grad = False
         self.reset_parameters()
         if fan_in_fan_out:
@@ -123,8 +70,11 @@ class Linear(LoRALayer, nn.Linear):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _low_rank_product(self) -> torch.Tensor:
-        """B·A as [out, in]."""
-        return self.lora_B @ self.lora_A
+        """Each pair's B_g·A_g in its output rows, zeros in parts without LoRA: [out, in]."""
+        product = self.lora_B.new_zeros((self.out_features, self.in_features))
+        for pair in pair_slices(self.lora_parts, self.out_features, self.r):
+            product[pair.out_cols] = self.lora_B[pair.b_rows] @ self.lora_A[pair.a_rows]
+        return product
 
     def delta_weight(self) -> torch.Tensor:
         delta = self._low_rank_product() * self.scaling
@@ -163,36 +113,17 @@ class MergedLinear(Linear):
         **kwargs,
     ):
         if split_sizes is None:
-            parts = LoraParts.equal(out_features, enable_lora)
+            parts = LoRAParts.equal(out_features, enable_lora)
         else:
-            parts = LoraParts(tuple(split_sizes), tuple(enable_lora))
+            parts = LoRAParts(tuple(split_sizes), tuple(enable_lora))
             if parts.out_features != out_features:
                 raise ValueError(
                     f"split_sizes {list(split_sizes)} sum to {parts.out_features}, "
                     f"not out_features ({out_features})"
                 )
-        nn.Linear.__init__(self, in_features, out_features, **kwargs)
-        LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
+                         merge_weights, use_rslora, lora_parts=parts, **kwargs)
         self.enable_lora = list(enable_lora)
-        self.lora_parts = parts
-        self.fan_in_fan_out = fan_in_fan_out
-        if r > 0 and parts.num_enabled > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * parts.num_enabled, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((parts.lora_out_features, r)))
-            self.weight.requires_grad = False
-        self.reset_parameters()
-        if fan_in_fan_out:
-            self.weight.data = self.weight.data.transpose(0, 1)
-
-    def _low_rank_product(self) -> torch.Tensor:
-        """Each enabled part's B_g·A_g in its rows, zeros in disabled parts: [out, in]."""
-        product = self.lora_B.new_zeros((self.out_features, self.in_features))
-        for g, ((out_start, out_end), (b_start, b_end)) in enumerate(
-            zip(self.lora_parts.enabled_out_cols, self.lora_parts.enabled_b_rows)
-        ):
-            part_A = self.lora_A[g * self.r : (g + 1) * self.r]
-            product[out_start:out_end] = self.lora_B[b_start:b_end] @ part_A
-        return product
 
 
 class Embedding(LoRALayer, nn.Embedding):

@@ -28,6 +28,10 @@ import torch
 BLOCK_SIZE = 64          # elements sharing one absmax (QLoRA / bitsandbytes default)
 ABSMAX_BLOCK_SIZE = 256  # absmax values sharing one fp32 scale in the double quantisation
 QUANTIZE_CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time (4 Mi elements)
+# Rows of input up to which the Triton GEMM reads the 4-bit codes in its K-loop; more rows
+# dequantise the weight once first (lorakernels/ops/nf4_matmul.py). Not yet measured on a GPU:
+# benchmarks/bench_qlora.py reports the crossover.
+NF4_FUSED_MAX_ROWS = 64
 
 # bitsandbytes' NF4 code book, index 0b0000..0b1111: bitsandbytes/functional.py get_4bit_type("nf4")
 # and the nf4_dequantization_lut in csrc/kernels.cu (github.com/bitsandbytes-foundation/bitsandbytes,
@@ -71,6 +75,7 @@ class NF4Weight:
     absmax_offset: float        # mean absmax (an fp32 value)
     shape: Tuple[int, ...]
     dtype: torch.dtype          # the original weight's dtype
+    fused_max_rows: int = NF4_FUSED_MAX_ROWS  # products of up to this many rows read 4-bit tiles
 
     @property
     def numel(self) -> int:

@@ -8,8 +8,9 @@ them; it makes the layer's products come out in bf16 instead. The absmax offset,
 a float, travels in ``state_dict`` as the module's extra state. LoRA parameters
 keep the dense layers' names, shapes and initialisation: an adapter trained over
 the 4-bit base is the same PEFT / loralib file and loads onto the bf16 base.
-The forward dequantises where it is cheapest (``lorakernels.dispatch``); merging the
-update into 4-bit weights is refused (merge over the bf16 base instead).
+The forward dequantises where it is cheapest (``lorakernels/ops/nf4_matmul.py``; a layer's
+``nf4_fused_max_rows`` moves the crossover); merging the update into 4-bit weights is
+refused (merge over the bf16 base instead).
 """
 import dataclasses
 import math
@@ -19,12 +20,13 @@ import torch
 import torch.nn as nn
 
 from .layers import Linear, MergedLinear
-from .nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4Weight, quantize_nf4
+from .nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4_FUSED_MAX_ROWS, NF4Weight, quantize_nf4
 
 
-class NF4FrozenWeight:
+class NF4Layer:
     """Mixin for a Linear subclass: the frozen weight as NF4 buffers instead of a parameter."""
 
+    nf4_fused_max_rows: int = NF4_FUSED_MAX_ROWS  # per layer: see NF4Weight.fused_max_rows
     weight_absmax_offset: float
     weight_shape: Tuple[int, int]
     weight_dtype: torch.dtype
@@ -61,7 +63,7 @@ class NF4FrozenWeight:
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(self.weight_packed, self.weight_absmax_q,
                          self.weight_absmax_scale.view(torch.float32), self.weight_absmax_offset,
-                         self.weight_shape, self.weight_dtype)
+                         self.weight_shape, self.weight_dtype, self.nf4_fused_max_rows)
 
     def set_nf4_weight(self, q: NF4Weight) -> None:
         """Take a quantised weight of this layer's shape (its tensors, on their device)."""
@@ -71,6 +73,7 @@ class NF4FrozenWeight:
         self.weight_packed, self.weight_absmax_q = q.packed, q.absmax_q
         self.weight_absmax_scale = q.absmax_scale.view(torch.int32)  # the fp32 bits
         self.weight_absmax_offset, self.weight_dtype = q.absmax_offset, q.dtype
+        self.nf4_fused_max_rows = q.fused_max_rows
 
     def get_extra_state(self) -> dict:
         """The absmax offset, a Python float (reading a buffer each forward would sync the GPU)."""
@@ -88,7 +91,8 @@ class NF4FrozenWeight:
 
     def quantize_weight(self, dense: torch.Tensor, dtype: torch.dtype) -> None:
         """NF4 from a dense [out, in] weight; the layer's products come out in ``dtype``."""
-        self.set_nf4_weight(dataclasses.replace(quantize_nf4(dense), dtype=dtype))
+        self.set_nf4_weight(dataclasses.replace(quantize_nf4(dense), dtype=dtype,
+                                                fused_max_rows=self.nf4_fused_max_rows))
 
     def _oriented_weight(self) -> NF4Weight:
         return self.nf4_weight
@@ -103,7 +107,7 @@ class NF4FrozenWeight:
         return super().extra_repr() + ", weight=nf4"
 
 
-class NF4Linear(NF4FrozenWeight, Linear):
+class NF4Linear(NF4Layer, Linear):
     """``lorakernels.Linear`` over an NF4 weight. ``r=0``: a frozen 4-bit linear layer.
 
     Built empty (fill it with ``quantize_weight`` or ``set_nf4_weight``), or from a
@@ -126,7 +130,7 @@ class NF4Linear(NF4FrozenWeight, Linear):
         return nf4
 
 
-class NF4MergedLinear(NF4FrozenWeight, MergedLinear):
+class NF4MergedLinear(NF4Layer, MergedLinear):
     """``lorakernels.MergedLinear`` (one LoRA pair per part) over an NF4 weight, built empty."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,

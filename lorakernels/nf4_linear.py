@@ -3,24 +3,18 @@
 Autograd would otherwise keep each layer's dequantised weight alive from forward to
 backward: a dense copy of the whole model. Here only the 4-bit weight is kept, and the
 backward's dx = dy·Ŵ dequantises again. ``matmul(a, weight, transposed)`` computes a·Ŵᵀ
-(transposed) or a·Ŵ: the eager reference below, or the Triton path's ``nf4_matmul``.
+(transposed) or a·Ŵ: ``reference.nf4_matmul_reference`` or the Triton path's ``nf4_matmul``.
 """
 from typing import Callable, Optional
 
 import torch
 
-from .nf4 import NF4Weight, dequantize_nf4_reference
+from .nf4 import NF4Weight
 
 NF4Matmul = Callable[[torch.Tensor, NF4Weight, bool], torch.Tensor]
 
 
-def nf4_matmul_reference(a: torch.Tensor, weight: NF4Weight, transposed: bool) -> torch.Tensor:
-    """a·Ŵᵀ or a·Ŵ, Ŵ dequantised eagerly into the weight's dtype (rounded once, as the kernels)."""
-    dense = dequantize_nf4_reference(weight, weight.dtype)
-    return a @ (dense.t() if transposed else dense)
-
-
-class FrozenNF4Linear(torch.autograd.Function):
+class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight: NF4Weight, bias, matmul: NF4Matmul):
         if x.dtype != weight.dtype:
@@ -47,6 +41,6 @@ class FrozenNF4Linear(torch.autograd.Function):
 
 
 def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: Optional[torch.Tensor],
-               matmul: NF4Matmul = nf4_matmul_reference) -> torch.Tensor:
+               matmul: NF4Matmul) -> torch.Tensor:
     """x·Ŵᵀ + b, keeping only the 4-bit weight for backward."""
-    return FrozenNF4Linear.apply(x, weight, bias, matmul)
+    return NF4LinearFunction.apply(x, weight, bias, matmul)

@@ -8,11 +8,18 @@ reference and the kernels.
 """
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+
+class PartSlices(NamedTuple):
+    """Where one A/B pair acts: its output columns, its rows of ``lora_B`` and of ``lora_A``."""
+    out_cols: slice
+    b_rows: slice
+    a_rows: slice
 
 
 @dataclass(frozen=True)
-class LoraParts:
+class LoRAParts:
     """Output split of a fused projection.
 
     split_sizes: rows of each part, in output order (e.g. (5120, 1280, 1280)).
@@ -38,7 +45,7 @@ class LoraParts:
             raise ValueError(f"split_sizes must be positive, got {list(self.split_sizes)}")
 
     @classmethod
-    def equal(cls, out_features: int, enabled: Sequence[bool]) -> "LoraParts":
+    def equal(cls, out_features: int, enabled: Sequence[bool]) -> "LoRAParts":
         """loralib's layout: ``len(enabled)`` parts of equal size."""
         if len(enabled) == 0 or out_features % len(enabled) != 0:
             raise ValueError(
@@ -76,3 +83,14 @@ class LoraParts:
         sizes = [s for s, e in zip(self.split_sizes, self.enabled) if e]
         starts = (0, *accumulate(sizes))
         return tuple((start, start + size) for start, size in zip(starts, sizes))
+
+    def slices(self, rank: int) -> Tuple[PartSlices, ...]:
+        """Each enabled part's pair, in order: the g-th uses A rows [g·rank, (g+1)·rank)."""
+        return tuple(PartSlices(slice(*cols), slice(*b_rows), slice(g * rank, (g + 1) * rank))
+                     for g, (cols, b_rows) in enumerate(zip(self.enabled_out_cols, self.enabled_b_rows)))
+
+
+def pair_slices(parts: Optional[LoRAParts], out_features: int, rank: int) -> Tuple[PartSlices, ...]:
+    """The A/B pairs of a layer: ``parts``' own, or one pair over all ``out_features`` when None."""
+    whole = LoRAParts((out_features,), (True,)) if parts is None else parts
+    return whole.slices(rank)

@@ -1,35 +1,44 @@
-"""Eager PyTorch reference for LoRA linear layers: the ground truth every kernel is tested against.
+"""Eager PyTorch for every op: the ground truth each kernel is tested against, and the CPU path.
 
-    y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ
+Written for clarity, not speed; each formula is Hugging Face's Phi-3 (or PEFT's LoRA)
+rounding point for rounding point, so the model computes exactly what transformers does
+whenever ``lorakernels.functional`` picks the eager backend.
 
-Written for clarity, not speed. Dropout is not drawn here: the caller passes the
-already dropped-out input as ``lora_input`` (``None`` means no dropout), so a test
-can hand the reference exactly the mask a kernel drew.
-
-As in PEFT, the low-rank path runs in the LoRA parameters' dtype (fp32 adapters
-over a bf16 base stay fp32), is added to the base output in the wider of the two
-dtypes, and the sum is rounded once to the base output's dtype.
-
-The frozen weight may be an NF4Weight: it is dequantised eagerly (and again in backward,
-see ``nf4_linear``), then used as the dense weight would be.
+LoRA linear, y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ: dropout is not drawn here. The caller
+passes the already dropped-out input as ``lora_input`` (``None`` means no dropout), so a
+test can hand the reference exactly the mask a kernel drew. As in PEFT, the low-rank path
+runs in the LoRA parameters' dtype (fp32 adapters over a bf16 base stay fp32), is added to
+the base output in the wider of the two dtypes, and the sum is rounded once to the base
+output's dtype. The frozen weight may be an NF4Weight: it is dequantised eagerly (and again
+in backward, see ``nf4_linear``), then used as the dense weight would be.
 """
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from .nf4 import NF4Weight
+from .nf4 import NF4Weight, dequantize_nf4_reference
 from .nf4_linear import nf4_linear
-from .parts import LoraParts
+from .parts import LoRAParts
 
-FrozenWeight = Union[torch.Tensor, NF4Weight]
+BaseWeight = Union[torch.Tensor, NF4Weight]  # a LoRA layer's frozen weight: dense or 4-bit
+LoRAAdapter = Tuple[torch.Tensor, torch.Tensor, float]  # (lora_A [r, K], lora_B [N, r], scaling)
 
 
-def base_linear_reference(x: torch.Tensor, weight: FrozenWeight,
+# ----------------------------------------------------------------------------- linear layers
+
+
+def nf4_matmul_reference(a: torch.Tensor, weight: NF4Weight, transposed: bool) -> torch.Tensor:
+    """a·Ŵᵀ or a·Ŵ, Ŵ dequantised eagerly into the weight's dtype (rounded once, as the kernels)."""
+    dense = dequantize_nf4_reference(weight, weight.dtype)
+    return a @ (dense.t() if transposed else dense)
+
+
+def base_linear_reference(x: torch.Tensor, weight: BaseWeight,
                           bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x·Wᵀ + b for a dense or an NF4 weight."""
     if isinstance(weight, NF4Weight):
-        return nf4_linear(x, weight, bias)
+        return nf4_linear(x, weight, bias, nf4_matmul_reference)
     return F.linear(x, weight, bias)
 
 
@@ -43,7 +52,7 @@ def lora_delta(
 
 def lora_linear_reference(
     x: torch.Tensor,
-    weight: FrozenWeight,
+    weight: BaseWeight,
     bias: Optional[torch.Tensor],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -58,12 +67,12 @@ def lora_linear_reference(
 
 def merged_lora_linear_reference(
     x: torch.Tensor,
-    weight: FrozenWeight,
+    weight: BaseWeight,
     bias: Optional[torch.Tensor],
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
-    parts: LoraParts,
+    parts: LoRAParts,
     lora_input: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """A fused projection with one A/B pair per enabled part.
@@ -75,10 +84,56 @@ def merged_lora_linear_reference(
     h = x if lora_input is None else lora_input
     rank = lora_A.shape[0] // parts.num_enabled
     delta = base.new_zeros(base.shape, dtype=torch.promote_types(base.dtype, lora_A.dtype))
-    for g, ((out_start, out_end), (b_start, b_end)) in enumerate(
-        zip(parts.enabled_out_cols, parts.enabled_b_rows)
-    ):
-        part_A = lora_A[g * rank : (g + 1) * rank]
-        part_B = lora_B[b_start:b_end]
-        delta[..., out_start:out_end] = lora_delta(h, part_A, part_B, scaling)
+    for pair in parts.slices(rank):
+        delta[..., pair.out_cols] = lora_delta(h, lora_A[pair.a_rows], lora_B[pair.b_rows], scaling)
     return (base + delta).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- Phi-3's other ops
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Phi3RMSNorm: normalised in fp32, rounded to x's dtype, then scaled by the weight."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] → [-x2, x1], halves of the last dimension."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Phi-3's rotary embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """Phi3MLP's activation: gate, up = chunk(2, -1); up · silu(gate)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return up * F.silu(gate)
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = -100,
+    lora: Optional[LoRAAdapter] = None,
+) -> torch.Tensor:
+    """Summed cross entropy of the LM head's logits, [N, V] logits and all.
+
+    What ``ops.linear_cross_entropy`` must equal. With ``lora`` the logits are those
+    of a LoRA ``Linear``: the low-rank term in the adapters' dtype, the sum rounded
+    to the base output's dtype.
+    """
+    if lora is None:
+        logits = hidden @ weight.t()
+    else:
+        lora_A, lora_B, scaling = lora
+        logits = lora_linear_reference(hidden, weight, None, lora_A, lora_B, scaling)
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")

@@ -10,7 +10,7 @@ class KVCache:
     """Keys and values of every layer, [B, kv_heads, max_len, head_dim] each.
 
     ``length`` tokens are stored; a forward pass writes its T new tokens at
-    ``[length, length + T)`` in every layer, then the model advances ``length``.
+    ``[length, length + T)`` in every layer, and the last layer's write advances ``length``.
     """
 
     def __init__(self, config: Phi3Config, batch_size: int, max_len: int,
@@ -30,4 +30,7 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} tokens; this step needs {end}")
         self.keys[layer][:, :, self.length:end] = keys
         self.values[layer][:, :, self.length:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        stored = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        if layer == len(self.keys) - 1:  # every layer has this step's tokens now
+            self.length = end
+        return stored

@@ -13,8 +13,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakernels.files import atomic_write, key_mismatch_message
-from lorakernels.nf4_layers import NF4FrozenWeight
+from lorakernels.nf4_layers import NF4Layer
+from lorakernels.weight_files import atomic_write, key_mismatch_message, match_keys
 
 from .config import Phi3Config
 
@@ -58,7 +58,7 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.
     """Into its parameter in ``dtype``, or quantised into an NF4 layer (from the file's values)."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if isinstance(module, NF4FrozenWeight) and attr == "weight":
+    if isinstance(module, NF4Layer) and attr == "weight":
         module.quantize_weight(tensor, dtype)
         return
     old = module._parameters[attr]
@@ -69,7 +69,7 @@ def _expected_shapes(model: nn.Module) -> Dict[str, tuple]:
     """Checkpoint name → shape for every parameter, and the dense weight of every NF4 layer."""
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     expected.update({f"{name}.weight": m.weight_shape for name, m in model.named_modules()
-                     if isinstance(m, NF4FrozenWeight)})
+                     if isinstance(m, NF4Layer)})
     return expected
 
 
@@ -85,16 +85,13 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
     device = torch.device(device)
     for shard in shard_files(directory):
         with safe_open(str(shard), framework="pt", device=str(device)) as reader:
-            for name in reader.keys():
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                shape = tuple(reader.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    misshaped.append(f"{name}: checkpoint {shape}, model {expected[name]}")
-                    continue
-                _set_tensor(model, name, reader.get_tensor(name), dtype)
-                seen.add(name)
+            sources, shard_seen, shard_unexpected, shard_misshaped = match_keys(
+                reader, expected, lambda name: name if name in expected else None)
+            for name, file_key in sources.items():
+                _set_tensor(model, name, reader.get_tensor(file_key), dtype)
+        seen |= shard_seen
+        unexpected += shard_unexpected
+        misshaped += shard_misshaped
     missing = set(expected) - seen
     if missing or unexpected or misshaped:
         raise ValueError(key_mismatch_message(str(directory), missing, unexpected, misshaped))

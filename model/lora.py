@@ -7,13 +7,16 @@ PEFT does, so adapters move to PEFT unchanged; ``per_part=True`` gives each part
 its own pair (loralib's MergedLinear, grouped-query split sizes included).
 A 4-bit base (``model.quantization``) gets the NF4 twins, with the same LoRA parameters.
 """
-from typing import Iterable
+import json
+from pathlib import Path
+from typing import Iterable, Union
 
 import torch
 import torch.nn as nn
 
 import lorakernels as lora
-from lorakernels.nf4_layers import NF4FrozenWeight, NF4Linear, NF4MergedLinear
+from lorakernels.adapters import ADAPTER_CONFIG_FILE, load_peft_adapter
+from lorakernels.nf4_layers import NF4Layer, NF4Linear, NF4MergedLinear
 
 from .phi3 import Phi3ForCausalLM
 
@@ -35,7 +38,7 @@ def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lor
     # No merge on eval(): merging into a bf16 weight and back is lossy; merge_lora does it once.
     options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=False,
                    device="meta")
-    nf4 = isinstance(module, NF4FrozenWeight)
+    nf4 = isinstance(module, NF4Layer)
     if isinstance(module, nn.Embedding):
         twin = lora.Embedding(module.num_embeddings, module.embedding_dim,
                               padding_idx=module.padding_idx, **options)
@@ -81,4 +84,17 @@ def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora
     if replaced == 0:
         raise ValueError(f"no module named {list(targets)} in the model")
     lora.mark_only_lora_as_trainable(model)
+    return model
+
+
+def apply_peft_adapter(model: Phi3ForCausalLM, directory: Union[str, Path]) -> Phi3ForCausalLM:
+    """The LoRA layers a PEFT adapter directory's adapter_config.json describes, with its weights."""
+    directory = Path(directory)
+    config_file = directory / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG_FILE} (not a PEFT adapter directory)")
+    settings = json.loads(config_file.read_text())
+    apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],
+               targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False))
+    load_peft_adapter(model, directory)
     return model

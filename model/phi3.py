@@ -3,9 +3,9 @@
 Data flows RMSNorm → attention (fused qkv, RoPE, SDPA) → residual → RMSNorm →
 MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
 Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
-dtype, LongRoPE's long factors when positions pass the original context). With the
-Triton backend (``LORAKERNELS_BACKEND``, auto on CUDA) RMSNorm, RoPE and SwiGLU run
-as fused kernels (``lorakernels/ops``), like the LoRA linear layers.
+dtype, LongRoPE's long factors when positions pass the original context). RMSNorm,
+RoPE and SwiGLU are ``lorakernels.functional``'s, which runs them as fused Triton
+kernels or as the eager reference (``LORAKERNELS_BACKEND``), like the LoRA layers.
 """
 from pathlib import Path
 from typing import Optional, Union
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorakernels.dispatch import selected_backend
+from lorakernels.functional import rms_norm, rope, swiglu
 
 from .config import Phi3Config
 from .kv_cache import KVCache
@@ -30,13 +30,7 @@ class Phi3RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if selected_backend(x) == "triton":
-            from lorakernels.ops.rms_norm import rms_norm
-
-            return rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Phi3RotaryEmbedding(nn.Module):
@@ -65,17 +59,6 @@ class Phi3RotaryEmbedding(nn.Module):
         angles = torch.cat((freqs, freqs), dim=-1)
         return ((angles.cos() * self.attention_scaling).to(dtype),
                 (angles.sin() * self.attention_scaling).to(dtype))
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D], cos/sin [B, T, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Tensor],
@@ -120,12 +103,7 @@ class Phi3Attention(nn.Module):
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if selected_backend(x) == "triton":
-            from lorakernels.ops.rope import apply_rope
-
-            q, k = apply_rope(q, k, cos, sin)
-        else:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
         mask = attention_mask(T, k.shape[2], segment_ids, self.sliding_window, x.device)
@@ -143,13 +121,7 @@ class Phi3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate_up = self.gate_up_proj(x)
-        if selected_backend(x) == "triton":
-            from lorakernels.ops.swiglu import swiglu
-
-            return self.down_proj(swiglu(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -186,8 +158,6 @@ class Phi3Model(nn.Module):
                 x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, segment_ids, cache)
-        if cache is not None:
-            cache.length += T
         return self.norm(x)
 
 
@@ -206,6 +176,11 @@ class Phi3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_rotary(self, device: Union[str, torch.device]) -> None:
+        """Compute the RoPE tables on ``device``: they are not in checkpoints, and a model
+        built on the meta device has none."""
+        self.model.rotary_emb = Phi3RotaryEmbedding(self.config).to(device)
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each decoder layer in backward instead of keeping its activations."""
@@ -231,9 +206,9 @@ class Phi3ForCausalLM(nn.Module):
         ``quantize="nf4"``: QLoRA's 4-bit base, each decoder linear weight quantised as it
         is read (``model.quantization``); products still come out in ``dtype``.
         """
-        from .quantization import check_quantize, quantize_decoder_linears
+        from .quantization import quantize_decoder_linears, uses_nf4
 
-        nf4 = check_quantize(quantize)
+        nf4 = uses_nf4(quantize)
         directory = resolve_checkpoint_dir(path_or_repo_id, revision)
         config = Phi3Config.from_json(directory / CONFIG_FILE)
         with torch.device("meta"):  # no memory until the checkpoint's tensors arrive
@@ -243,7 +218,7 @@ class Phi3ForCausalLM(nn.Module):
         load_safetensors_checkpoint(model, directory, dtype, device)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        model.model.rotary_emb = Phi3RotaryEmbedding(config).to(device)  # buffers were on meta
+        model.init_rotary(device)
         return model
 
     def save_pretrained(self, directory: Union[str, Path], max_shard_bytes: Optional[int] = None):

@@ -10,13 +10,14 @@ import torch
 import torch.nn as nn
 
 from lorakernels import LoRALayer
-from lorakernels.nf4_layers import NF4FrozenWeight, NF4Linear
+from lorakernels.nf4_layers import NF4Layer, NF4Linear
 
 QUANTIZE_CHOICES = ("none", "nf4")
 
 
-def check_quantize(quantize: Optional[str]) -> bool:
-    """True for 'nf4', False for None / 'none'; anything else is an error naming the choices."""
+def uses_nf4(quantize: Optional[str]) -> bool:
+    """Whether ``quantize`` asks for NF4: True for 'nf4', False for None or 'none'; anything
+    else is an error naming the choices."""
     if quantize not in (None,) + QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {quantize!r}")
     return quantize == "nf4"
@@ -32,7 +33,7 @@ def quantize_decoder_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, module in list(parent.named_children()):
-                if isinstance(module, NF4FrozenWeight) or not isinstance(module, nn.Linear):
+                if isinstance(module, NF4Layer) or not isinstance(module, nn.Linear):
                     continue
                 if isinstance(module, LoRALayer):
                     raise ValueError("quantize the base before adding LoRA (apply_lora)")
@@ -46,4 +47,4 @@ def quantize_decoder_linears(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, NF4FrozenWeight) for m in model.modules())
+    return any(isinstance(m, NF4Layer) for m in model.modules())

@@ -15,6 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from lorakernels.ops import gemm_lowrank as gemm_ops
 from lorakernels.ops import lora_linear as ops
 from lorakernels.ops import nf4_dequant as nf4_ops
 from lorakernels.ops import rms_norm as rms_norm_ops
@@ -136,9 +137,9 @@ def source(kernel, config: triton.Config, variant=None):
 
 def main() -> int:
     kernels = [
-        (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True),
-        (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True, NF4_GEMM),
-        (ops._gemm_lowrank_kernel, ops.GEMM_CONFIGS, True, NF4_GEMM_BACKWARD),
+        (gemm_ops._gemm_lowrank_kernel, gemm_ops.GEMM_CONFIGS, True),
+        (gemm_ops._gemm_lowrank_kernel, gemm_ops.GEMM_CONFIGS, True, NF4_GEMM),
+        (gemm_ops._gemm_lowrank_kernel, gemm_ops.GEMM_CONFIGS, True, NF4_GEMM_BACKWARD),
         (ops._lora_shrink_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_s_b_kernel, ops.ROW_CONFIGS, False),
         (ops._lora_grad_a_kernel, ops.ROW_CONFIGS, False),
@@ -153,7 +154,7 @@ def main() -> int:
     for arch, limit in TARGETS.items():
         for kernel, configs, pruned, *variant in kernels:
             for config in configs:
-                estimate = (ops._gemm_shared_memory(config, 2, BLOCK_R, bool(variant)) if pruned
+                estimate = (gemm_ops._gemm_shared_memory(config, 2, BLOCK_R, bool(variant)) if pruned
                             else None)
                 if pruned and estimate > limit:
                     continue  # the autotuner's prune drops it on this device

@@ -19,7 +19,8 @@ Each output and gradient is checked three ways (``check``):
   at most 1.5× eager's (plus a quarter ulp) and its mean error at most 1.05×
   eager's, so the tolerance above never hides a kernel less accurate than the
   eager code it replaces (truncating instead of rounding fails here);
-- the references themselves equal model/phi3.py's modules bit for bit.
+- the references (what model/phi3.py's modules run on the eager backend) equal
+  transformers' Phi-3 bit for bit.
 Mutations tried by hand (wrong sign or term, skipped rounding, lost stride, row
 or column block, head loop, batch index, dw partials) all fail at least one test.
 """
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 from lorakernels.ops import rms_norm as rms_norm_ops
 from lorakernels.ops import rope as rope_ops
 from lorakernels.ops import swiglu as swiglu_ops
-from lorakernels.ops.rms_norm import rms_norm, rms_norm_reference
-from lorakernels.ops.rope import apply_rope, apply_rope_reference
-from lorakernels.ops.swiglu import swiglu, swiglu_reference
+from lorakernels.ops.rms_norm import rms_norm
+from lorakernels.ops.rope import apply_rope
+from lorakernels.ops.swiglu import swiglu
+from lorakernels.reference import rms_norm_reference, swiglu_reference
+from lorakernels.reference import rope_reference as apply_rope_reference
 from model import Phi3Config
 from model import phi3
 
@@ -139,6 +142,11 @@ def test_rms_norm_equals_phi3_module(dtype):
     x_mod, x_ker = leaf(x), leaf(x)
     y_mod = norm(x_mod)
     assert torch.equal(rms_norm_reference(x, norm.weight, norm.eps), y_mod)
+    hf_phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3")
+    hf_norm = hf_phi3.Phi3RMSNorm(96, eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        hf_norm.weight.copy_(norm.weight)
+        assert torch.equal(hf_norm(x), y_mod)
     dy = randn(*x.shape, dtype=dtype, seed=3)
     y_mod.backward(dy)
     dw_mod, norm.weight.grad = norm.weight.grad, None
@@ -268,13 +276,14 @@ def test_rope_head_loop_broadcast_batch_and_unequal_halves(monkeypatch, head_dim
     run_rope(q, k, cos, sin)
 
 
-def test_rope_equals_phi3_apply_rotary():
+def test_rope_equals_transformers_phi3():
+    hf_phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3")
     config = Phi3Config(hidden_size=4 * 96, num_attention_heads=4, num_key_value_heads=2)
     q, k = qkv_heads(2, 7, 4, 2, 96, torch.bfloat16)
     cos, sin = rotary(config, torch.arange(7).expand(2, 7), torch.bfloat16)
     q_ref, k_ref = apply_rope_reference(q, k, cos, sin)
-    assert torch.equal(q_ref, phi3.apply_rotary(q, cos, sin))
-    assert torch.equal(k_ref, phi3.apply_rotary(k, cos, sin))
+    q_hf, k_hf = hf_phi3.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(q_ref, q_hf) and torch.equal(k_ref, k_hf)
     q_out, k_out = apply_rope(q, k, cos, sin)
     for got, want in ((q_out, q_ref), (k_out, k_ref)):
         assert (got.double() - want.double()).abs().max() <= REL[torch.bfloat16] * want.abs().max()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lorakernels as lora
-from lorakernels.dispatch import selected_backend
+from lorakernels.functional import selected_backend
 from lorakernels.ops.onednn_lora_linear import ONEDNN_AVAILABLE
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
@@ -84,7 +84,7 @@ def test_reference_matches_the_formula_with_a_dropout_mask():
 
 def test_merged_reference_equals_linear_with_the_padded_update():
     torch.manual_seed(0)
-    parts = lora.LoraParts((6, 2, 2), (False, True, True))
+    parts = lora.LoRAParts((6, 2, 2), (False, True, True))
     x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(10, 8, dtype=torch.float64)
     a, b = torch.randn(2 * 3, 8, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     padded = torch.zeros(10, 8, dtype=torch.float64)

@@ -8,11 +8,13 @@ Tolerances, as max |kernel - reference| over max |reference|:
   product bf16 operands (S and B each rounded by 2^-9), plus TF32 on a GPU.
 A wrong mask, part layout or missing term gives errors of order one.
 """
+import dataclasses
+
 import pytest
 import torch
 
 import lorakernels as lora
-from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
 from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
@@ -22,10 +24,10 @@ REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 # name -> (out_features, parts); None = one A/B pair over the whole output (plain or PEFT-style fused).
 VARIANTS = {
     "plain": (40, None),
-    "qkv_q_and_v": (48, lora.LoraParts((16, 16, 16), (True, False, True))),
-    "gqa_unequal_all": (64, lora.LoraParts((40, 12, 12), (True, True, True))),
-    "gqa_unequal_k_off": (64, lora.LoraParts((40, 12, 12), (True, False, True))),
-    "gate_up": (80, lora.LoraParts((40, 40), (True, True))),
+    "qkv_q_and_v": (48, lora.LoRAParts((16, 16, 16), (True, False, True))),
+    "gqa_unequal_all": (64, lora.LoRAParts((40, 12, 12), (True, True, True))),
+    "gqa_unequal_k_off": (64, lora.LoRAParts((40, 12, 12), (True, False, True))),
+    "gate_up": (80, lora.LoRAParts((40, 40), (True, True))),
 }
 
 
@@ -35,9 +37,11 @@ def assert_rel_close(actual, expected, rel, what):
     assert error <= rel * scale + 1e-6, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
 
 
-def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, nf4=False):
+def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, nf4=False,
+             nf4_fused_max_rows=NF4_FUSED_MAX_ROWS):
     """Kernels vs the fp32 reference; ``nf4``: the base weight quantised, the reference given
-    its eager dequantisation (so the test checks the kernels' use of it, not NF4's error)."""
+    its eager dequantisation (so the test checks the kernels' use of it, not NF4's error);
+    ``nf4_fused_max_rows``: where the kernels switch from 4-bit tiles to a dequantised copy."""
     N, parts = VARIANTS[variant]
     groups = 1 if parts is None else parts.num_enabled
     n_lora = N if parts is None else parts.lora_out_features
@@ -47,7 +51,7 @@ def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, 
     weight = make(N, K, s=K ** -0.5).to(dtype)
     kernel_weight = weight
     if nf4:
-        kernel_weight = quantize_nf4(weight)
+        kernel_weight = dataclasses.replace(quantize_nf4(weight), fused_max_rows=nf4_fused_max_rows)
         weight = dequantize_nf4_reference(kernel_weight, dtype)
     b = make(N).to(dtype) if bias else None
     lora_A, lora_B = make(r * groups, K, s=K ** -0.5), make(n_lora, r)
@@ -189,7 +193,7 @@ def test_clear_errors(change, error, message):
 def test_large_shapes_on_gpu(M, variant, dtype):
     scale = 64  # parts ×64: qkv 3072 → (1024·3), GQA (2560, 768, 768)
     N, parts = VARIANTS[variant]
-    big_parts = None if parts is None else lora.LoraParts(
+    big_parts = None if parts is None else lora.LoRAParts(
         tuple(s * scale for s in parts.split_sizes), parts.enabled)
     VARIANTS[f"{variant}_large"] = (N * scale, big_parts)
     try:

@@ -13,8 +13,8 @@ from lorakernels.reference import lora_linear_reference, merged_lora_linear_refe
 
 PARTS = {
     "plain": (40, None),
-    "gqa_k_off": (64, lora.LoraParts((40, 12, 12), (True, False, True))),
-    "gate_up": (80, lora.LoraParts((40, 40), (True, True))),
+    "gqa_k_off": (64, lora.LoRAParts((40, 12, 12), (True, False, True))),
+    "gate_up": (80, lora.LoRAParts((40, 40), (True, True))),
 }
 
 

@@ -5,27 +5,29 @@ The reference gets the eagerly dequantised weight, so tolerances are test_lora_k
 (fp32 1e-5, bf16 2e-2): the in-K-loop tiles are rounded to the input dtype exactly as the
 dequantisation kernel rounds, and a wrong nibble, absmax or orientation gives errors of order one.
 """
+import dataclasses
+
 import pytest
 import torch
 
-import lorakernels.ops.lora_linear as ops
-from lorakernels.dispatch import base_linear, lora_linear
-from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
+from lorakernels.functional import base_linear, lora_linear
+from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
+from lorakernels.ops.nf4_matmul import nf4_matmul
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, run_case
 
-PATHS = {"in_k_loop": 1 << 30, "dequantised": 0}  # NF4_FUSED_MAX_ROWS forcing each path
+PATHS = {"in_k_loop": 1 << 30, "dequantised": 0}  # NF4Weight.fused_max_rows forcing each path
 
 
 @pytest.fixture(params=sorted(PATHS))
-def nf4_path(request, monkeypatch):
-    monkeypatch.setattr(ops, "NF4_FUSED_MAX_ROWS", PATHS[request.param])
-    return request.param
+def nf4_path(request):
+    """The fused_max_rows that forces this path."""
+    return PATHS[request.param]
 
 
 @pytest.mark.parametrize("variant", ["plain", "gqa_unequal_k_off", "gate_up"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_over_nf4_both_paths(nf4_path, variant, dtype):
-    run_case(7, 96, variant, 8, dtype, 0.1, nf4=True)
+    run_case(7, 96, variant, 8, dtype, 0.1, nf4=True, nf4_fused_max_rows=nf4_path)
 
 
 def test_default_dispatch_on_rows_and_odd_inner_dimension():
@@ -33,9 +35,10 @@ def test_default_dispatch_on_rows_and_odd_inner_dimension():
     run_case(129, 64, "plain", 16, torch.float32, 0.05, nf4=True)                # 129: dequantised
 
 
-def _nf4_case(rows, n, k, dtype, seed=0):
+def _nf4_case(rows, n, k, dtype, seed=0, fused_max_rows=NF4_FUSED_MAX_ROWS):
     gen = torch.Generator().manual_seed(seed)
     q = quantize_nf4((torch.randn(n, k, generator=gen) * k ** -0.5).to(DEVICE).to(dtype))
+    q = dataclasses.replace(q, fused_max_rows=fused_max_rows)
     x = torch.randn(rows, k, generator=gen).to(DEVICE).to(dtype)
     return q, x
 
@@ -45,7 +48,7 @@ def _nf4_case(rows, n, k, dtype, seed=0):
 def test_base_linear_over_nf4(monkeypatch, nf4_path, backend, dtype):
     """No LoRA (a frozen 4-bit layer): y and dx equal the dense dequantised layer's."""
     monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
-    q, x = _nf4_case(9, 48, 64, dtype)
+    q, x = _nf4_case(9, 48, 64, dtype, fused_max_rows=nf4_path)
     bias = torch.randn(48, device=DEVICE).to(dtype).requires_grad_()
     dense = dequantize_nf4_reference(q, dtype).float()
     xi = x.clone().requires_grad_()
@@ -65,7 +68,7 @@ def test_no_dense_weight_is_kept_for_backward(monkeypatch, nf4_path, backend):
     """Autograd holds x, S and the like, never a dequantised [N, K] weight: QLoRA's memory."""
     monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
     n, k, r = 64, 128, 4  # N·K = 8192 elements: no activation here has that many
-    q, x = _nf4_case(3, n, k, torch.float32)
+    q, x = _nf4_case(3, n, k, torch.float32, fused_max_rows=nf4_path)
     lora_A = torch.randn(r, k, device=DEVICE, requires_grad=True)
     lora_B = torch.randn(n, r, device=DEVICE, requires_grad=True)
     saved = []
@@ -82,13 +85,12 @@ def test_no_dense_weight_is_kept_for_backward(monkeypatch, nf4_path, backend):
     assert not dense, f"dense weight-sized tensors saved for backward: {dense}"
 
 
-def test_scratch_buffer_grows_and_stays_correct(monkeypatch):
+def test_scratch_buffer_grows_and_stays_correct():
     """Layers of different sizes share one buffer: a smaller layer after a larger one (and back)."""
-    monkeypatch.setattr(ops, "NF4_FUSED_MAX_ROWS", 0)
-    small, x_small = _nf4_case(5, 32, 64, torch.float32, seed=1)
-    large, x_large = _nf4_case(5, 96, 128, torch.float32, seed=2)
+    small, x_small = _nf4_case(5, 32, 64, torch.float32, seed=1, fused_max_rows=0)
+    large, x_large = _nf4_case(5, 96, 128, torch.float32, seed=2, fused_max_rows=0)
     for q, x in ((small, x_small), (large, x_large), (small, x_small)):
-        got = ops.nf4_matmul(x, q, transposed=True)
+        got = nf4_matmul(x, q, transposed=True)
         assert_rel_close(got, x @ dequantize_nf4_reference(q, torch.float32).t(), 1e-5, "y")
 
 

@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-import lorakernels.ops.lora_linear as ops
+import lorakernels.ops.nf4_matmul as nf4_ops
 import model.loading as loading
 from lorakernels.adapters import load_peft_adapter, merge_lora
-from lorakernels.nf4 import dequantize_nf4_reference, nf4_nbytes, quantize_nf4
-from lorakernels.nf4_layers import NF4FrozenWeight, NF4Linear, NF4MergedLinear
+from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, nf4_nbytes, quantize_nf4
+from lorakernels.nf4_layers import NF4Layer, NF4Linear, NF4MergedLinear
 from model import Phi3Config, Phi3ForCausalLM
+from model.build import load_model
 from model.lora import apply_lora
 from model.quantization import QUANTIZE_CHOICES, is_quantized, quantize_decoder_linears
 from training.config import TrainConfig
-from training.loop import load_base_model, train
+from training.loop import train
 
 # Every decoder linear's numel is a multiple of 64 (the NF4 block): in_features is 64 or 128.
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -217,7 +218,7 @@ def test_phi3_mini_in_nf4_is_under_0_3_of_bf16():
 def test_loading_quantises_each_decoder_linear_as_it_is_read(tmp_path, monkeypatch):
     directory = save_random(tmp_path / "base", max_shard_bytes=40_000)
     events, materialised = [], []
-    real_set_tensor, real_quantize = loading._set_tensor, NF4FrozenWeight.quantize_weight
+    real_set_tensor, real_quantize = loading._set_tensor, NF4Layer.quantize_weight
 
     def recording_set_tensor(model, name, tensor, dtype):
         # No dense decoder weight exists at any point of the load, on meta or otherwise.
@@ -232,7 +233,7 @@ def test_loading_quantises_each_decoder_linear_as_it_is_read(tmp_path, monkeypat
         real_quantize(self, dense, dtype)
 
     monkeypatch.setattr(loading, "_set_tensor", recording_set_tensor)
-    monkeypatch.setattr(NF4FrozenWeight, "quantize_weight", recording_quantize)
+    monkeypatch.setattr(NF4Layer, "quantize_weight", recording_quantize)
     model = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32, quantize="nf4")
 
     names = decoder_linear_names(model)
@@ -279,8 +280,9 @@ def test_training_over_nf4_gives_a_peft_adapter_for_the_dense_base(data, tmp_pat
 
     # The preset path (built dense, then quantised in memory) holds NF4 codes of the same weights.
     cpu = torch.device("cpu")
-    nf4_base, _ = load_base_model(train_config(data, "unused", quantize="nf4"), torch.float32, cpu)
-    dense_base, _ = load_base_model(train_config(data, "unused"), torch.float32, cpu)
+    seed = train_config(data, "unused").seed
+    nf4_base, _ = load_model("phi3-tiny", torch.float32, cpu, seed, quantize="nf4")
+    dense_base, _ = load_model("phi3-tiny", torch.float32, cpu, seed)
     assert dense_decoder_tensors(nf4_base) == []
     for name in decoder_linear_names(nf4_base):
         expected = quantize_nf4(dense_base.get_submodule(name).weight)
@@ -344,23 +346,25 @@ def test_unknown_quantisation_and_fsdp_are_refused(tmp_path, capsys):
 
 # 7. Triton path at model level, and generation ---------------------------------------------
 
-@pytest.mark.parametrize("fused_max_rows", [ops.NF4_FUSED_MAX_ROWS, 4], ids=["4bit-k-loop", "dequantised"])
+@pytest.mark.parametrize("fused_max_rows", [NF4_FUSED_MAX_ROWS, 4], ids=["4bit-k-loop", "dequantised"])
 def test_quantised_lora_model_on_triton_equals_eager(tmp_path, monkeypatch, fused_max_rows):
     """1 layer, 8 tokens: ≤ 64 rows read the 4-bit tiles in the GEMM; with the threshold at 4 the
     same 8 rows take the dequantise-then-GEMM path (as > 64 rows do by default)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA or the interpreter
-    monkeypatch.setattr(ops, "NF4_FUSED_MAX_ROWS", fused_max_rows)
     dequantised = {"n": 0}
-    real_dequantize = ops.dequantize_nf4_to_scratch
+    real_dequantize = nf4_ops.dequantize_nf4_to_scratch
 
     def counting_dequantize(*args, **kwargs):
         dequantised["n"] += 1
         return real_dequantize(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "dequantize_nf4_to_scratch", counting_dequantize)
+    monkeypatch.setattr(nf4_ops, "dequantize_nf4_to_scratch", counting_dequantize)
     directory = save_random(tmp_path / "base", num_hidden_layers=1)
     model = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32, device=device, quantize="nf4")
     apply_lora(model, r=4, lora_alpha=8, per_part=True)
+    for layer in model.modules():
+        if isinstance(layer, NF4Layer):
+            layer.nf4_fused_max_rows = fused_max_rows
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

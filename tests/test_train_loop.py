@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import training.loop as loop
+from model.build import load_model
 from model.lora import apply_lora
 from training.config import TrainConfig
 from training.data import collate
@@ -28,7 +29,7 @@ def config(data, output, **overrides):
 
 def tiny_lora_model(cfg, dtype=torch.float32, device="cpu", **lora):
     """The run's preset base with LoRA (r 4) whose B is random, so the low-rank path matters."""
-    model, tokenizer = loop.load_base_model(cfg, dtype, torch.device(device))
+    model, tokenizer = load_model(cfg.model, dtype, torch.device(device), cfg.seed)
     apply_lora(model, **{"r": 4, "lora_alpha": 8, **lora})
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -67,7 +68,7 @@ def test_resume_is_exact(data, tmp_path):
 def test_accumulation_equals_a_larger_batch(data):
     """Gradients of 4 micro-batches of 1 equal those of one batch of 4 (dropout off)."""
     cfg = config(data, "unused", lora_dropout=0.0, packing=False)
-    model, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    model, tokenizer = load_model(cfg.model, torch.float32, torch.device("cpu"), cfg.seed)
     apply_lora(model, r=4, lora_alpha=8)
     rows = loop.prepare_rows(data, tokenizer, cfg)[0][:4]
     small_batches = [collate([row], tokenizer.pad_id) for row in rows]
@@ -143,7 +144,7 @@ def test_adapter_loads_in_peft_with_our_logits(data, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = config(data, tmp_path / "run", max_steps=3)
     train(cfg, log=lambda _: None)
-    base, _ = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    base, _ = load_model(cfg.model, torch.float32, torch.device("cpu"), cfg.seed)
     base.save_pretrained(tmp_path / "base")
     hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "final").eval()
@@ -181,7 +182,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(data):
 
 def test_trains_from_a_checkpoint_directory(data, tmp_path):
     cfg = config(data, tmp_path / "unused")
-    base, tokenizer = loop.load_base_model(cfg, torch.float32, torch.device("cpu"))
+    base, tokenizer = load_model(cfg.model, torch.float32, torch.device("cpu"), cfg.seed)
     base.save_pretrained(tmp_path / "base")
     tokenizer.save(tmp_path / "base" / "tokenizer.json")
     summary = train(config(data, tmp_path / "run", model=str(tmp_path / "base"), max_steps=2),

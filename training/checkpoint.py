@@ -13,13 +13,13 @@ from typing import List, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorakernels.adapters import load_lora_state_dict, save_lora_state_dict, save_peft_adapter
+from lorakernels.adapters import (LORA_FILE, load_lora_state_dict, save_lora_state_dict,
+                                  save_peft_adapter)
 
 from .distributed import full_tensors, shard_like
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-LORA_FILE = "lora.safetensors"
 
 
 def step_checkpoints(output: Path) -> List[Path]:

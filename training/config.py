@@ -7,9 +7,8 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
-
-DEFAULT_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 # Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
 MODEL_DEFAULTS = {"lr": 2e-4, "max_seq_len": 2048, "epochs": 1.0}

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun through torch.distributed: DDP over NCCL or gloo.
+"""Training over several processes under torchrun: DDP or FSDP2, over NCCL or gloo.
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process and
 every method is a no-op. Each rank reads its own slice of every global batch; only
@@ -6,7 +6,6 @@ rank 0 logs and writes files.
 """
 import os
 from dataclasses import dataclass
-
 from typing import Dict
 
 import torch
@@ -15,12 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+from model.build import resolve_device
 
 
 @dataclass

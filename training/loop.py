@@ -8,20 +8,15 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from lorakernels import LoRALayer
-from lorakernels.files import atomic_write
-from lorakernels.ops.linear_cross_entropy import linear_cross_entropy
-from model import PRESETS, Phi3Config, Phi3ForCausalLM
-from model.loading import resolve_checkpoint_dir
+from lorakernels.functional import lm_head_loss
+from lorakernels.weight_files import atomic_write
+from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
-from model.quantization import check_quantize, quantize_decoder_linears
-from model.tokenizer import Phi3Tokenizer, load_tokenizer
 
 from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
 from .config import TrainConfig
@@ -30,56 +25,11 @@ from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, tar
 from .distributed import Distributed
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 base weights on GPU, fp32 on CPU, unless asked otherwise."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def load_base_model(config: TrainConfig, dtype: torch.dtype,
-                    device: torch.device) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
-    """A preset (random weights, seeded) with the tiny tokenizer, or a checkpoint with its own."""
-    if config.model in PRESETS:
-        torch.manual_seed(config.seed)
-        model = Phi3ForCausalLM(Phi3Config.from_name(config.model))
-        for module in model.modules():  # Hugging Face's initializer_range
-            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                torch.nn.init.normal_(module.weight, std=0.02)
-        model = model.to(device=device, dtype=dtype)
-        if check_quantize(config.quantize):
-            quantize_decoder_linears(model, dtype)
-        tokenizer = load_tokenizer(config.tokenizer)
-    else:
-        directory = resolve_checkpoint_dir(config.model)
-        model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
-                                                quantize=config.quantize)
-        tokenizer = load_tokenizer(config.tokenizer or directory)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary only {model.config.vocab_size}")
-    return model, tokenizer
-
-
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross entropy over the target tokens of one micro-batch.
-
-    The LM head and the loss run chunk by chunk (``linear_cross_entropy``), so the
-    [tokens, vocab] logits are never held in full; a LoRA head with dropout in
-    training is the one case that takes the plain path.
-    """
-    labels = batch["labels"][:, 1:].reshape(-1)
-    head = model.lm_head
-    lora = None
-    if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
-        if head.training and head.lora_dropout.p > 0:
-            logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-            return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels,
-                                   ignore_index=IGNORE, reduction="sum")
-        lora = (head.lora_A, head.lora_B, head.scaling)
+    """Summed next-token cross entropy over the target tokens of one micro-batch."""
     hidden = model.model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
-    return linear_cross_entropy(hidden[:, :-1].reshape(-1, hidden.shape[-1]), head.weight, labels,
-                                ignore_index=IGNORE, lora=lora)
+    return lm_head_loss(model.lm_head, hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+                        batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
 def accumulate_gradients(step_loss, micro_batches, dist: Optional[Distributed] = None) -> float:
@@ -210,7 +160,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     read_chats(config.data)
     if config.eval_data:
         read_chats(config.eval_data)
-    model, tokenizer = load_base_model(config, dtype, device)
+    model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
+                                  config.tokenizer)
     rows, truncated = prepare_rows(config.data, tokenizer, config)
     train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
                                  dist.rank, dist.world_size)

@@ -1,22 +1,13 @@
 """Linear layer + cross entropy in row chunks: the LM head's loss without its [N, V] logits.
 
-Use with ``Phi3ForCausalLM`` (instead of ``model(...)`` then ``F.cross_entropy``)::
+Models call it through ``lorakernels.functional.lm_head_loss(head, hidden, labels)``,
+which passes a LoRA head's adapter as ``lora=(A, B, scaling)`` (or, when that head's
+dropout is live, takes the plain logits path: dropout is not drawn here)::
 
-    hidden = model.model(input_ids, position_ids, segment_ids)        # [B, T, H], final norm applied
-    H = hidden.shape[-1]
-    loss_sum = linear_cross_entropy(
-        hidden[:, :-1].reshape(-1, H),                                 # [N, H]
-        model.lm_head.weight,                                          # [V, H]
-        labels[:, 1:].reshape(-1),                                     # [N], -100 = no loss
-    )
-    # When lm_head is a LoRA ``Linear`` (targeted, not merged), also pass its adapter:
-    #     lora=(model.lm_head.lora_A, model.lm_head.lora_B, model.lm_head.scaling)
-    # and its weight as ``model.lm_head._oriented_weight()`` ([V, H] even with fan_in_fan_out).
-    # LoRA dropout is not applied here: use lora_dropout=0 on the lm_head. No bias term
-    # (Phi-3's lm_head has none).
+    loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None)  # [N, H], [V, H], [N]
 
 ``loss_sum`` equals ``F.cross_entropy((hidden @ weight.T).float(), labels,
-ignore_index=-100, reduction="sum")`` (the reference below), as an fp32 scalar.
+ignore_index=-100, reduction="sum")`` (``reference.linear_cross_entropy_reference``), as an fp32 scalar.
 
 How: an autograd.Function walks the rows in chunks of ``chunk_size``. For each
 chunk, forward computes the logits (matmul in the inputs' dtype, then fp32),
@@ -35,14 +26,13 @@ plain PyTorch, so it runs on any device; the work is the same two (three with a
 trainable weight) matmuls the unchunked loss does, in chunks. The two with the
 [V, H] weight run on oneDNN for fp32 CPU tensors (see ``onednn_lora_linear.linear``).
 """
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..reference import LoRAAdapter
 from .onednn_lora_linear import linear
-
-LoraAdapter = Tuple[torch.Tensor, torch.Tensor, float]  # (lora_A [r, H], lora_B [V, r], scaling)
 
 # Elements of one chunk's fp32 logits. GPU: 2**26 = 256 MB (2092 rows at V = 32064), large
 # enough that the chunk's GEMMs stay efficient. CPU: 2**23 = 32 MB (261 rows), measured
@@ -55,28 +45,6 @@ def default_chunk_size(vocab_size: int, device: Union[str, torch.device] = "cuda
     """Rows per chunk so that one chunk's fp32 logits are at most 256 MB on GPU, 32 MB on CPU."""
     elements = DEFAULT_CHUNK_ELEMENTS.get(torch.device(device).type, DEFAULT_CHUNK_ELEMENTS["cuda"])
     return max(1, elements // max(1, vocab_size))
-
-
-def linear_cross_entropy_reference(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    ignore_index: int = -100,
-    lora: Optional[LoraAdapter] = None,
-) -> torch.Tensor:
-    """The plain formula, [N, V] logits and all: what ``linear_cross_entropy`` must equal.
-
-    With ``lora`` the logits are those of a LoRA ``Linear`` (see lorakernels.reference):
-    the low-rank term in the adapters' dtype, the sum rounded to the base output's dtype.
-    """
-    if lora is None:
-        logits = hidden @ weight.t()
-    else:
-        from ..reference import lora_linear_reference
-
-        lora_A, lora_B, scaling = lora
-        logits = lora_linear_reference(hidden, weight, None, lora_A, lora_B, scaling)
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
 
 
 def _check_inputs(hidden, weight, labels, lora, chunk_size) -> None:
@@ -267,7 +235,7 @@ def linear_cross_entropy(
     labels: torch.Tensor,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
-    lora: Optional[LoraAdapter] = None,
+    lora: Optional[LoRAAdapter] = None,
 ) -> torch.Tensor:
     """Summed cross entropy of ``hidden @ weight.T`` (+ LoRA term) against ``labels``.
 

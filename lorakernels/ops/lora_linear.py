@@ -9,16 +9,16 @@ every part, including N-tiles that straddle two parts.
 
 Forward
   F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once.
-  F2 ``_gemm_lowrank_kernel``: y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank product in the
-     base GEMM's epilogue (R/K extra work), y written once.
+  F2 ``gemm_lowrank`` (ops/gemm_lowrank.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
+     product in the base GEMM's epilogue (R/K extra work), y written once.
 Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
      dB = s·dyᵀ·S (reduced over M with fp32 atomics).
-  B2 ``_gemm_lowrank_kernel`` again: dx = dy·W + D⊙(dS·A).
+  B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
   B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x).
-Saved for backward: x, S and the seed.
+Saved for backward: x, S and the seed. An NF4 base weight is read as the GEMM's
+operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
 """
-import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -26,48 +26,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ..parts import LoraParts
 from ..nf4 import NF4Weight
-from .nf4_dequant import dequantize_nf4_to_scratch, nf4_gather
-from .triton_utils import (INTERPRETING, autotune_configs, cast_to, dot_precision,
-                           max_shared_memory, next_block, on_device)
+from ..parts import LoRAParts
+from .gemm_lowrank import dropout_scale, expanded_b_offsets, gemm_lowrank, m_bucket
+from .nf4_matmul import gemm_operand
+from .triton_utils import INTERPRETING, autotune_configs, dot_precision, next_block, on_device
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 # ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _dropout_scale(seed, rows, cols, n_cols, P: tl.constexpr):
-    """[rows, cols] block of D: 1/(1-p) where kept, 0 where dropped.
-
-    Element (m, k) always draws Philox counter m·n_cols + k (mod 2^32), so the
-    forward and both backward kernels regenerate the same mask.
-    """
-    offsets = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32)
-    keep = tl.rand(seed, offsets) >= P
-    return tl.where(keep, 1.0 / (1.0 - P), 0.0)
-
-
-@triton.jit
-def _expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, stride_rank,
-                        GATHER: tl.constexpr):
-    """Offsets and mask of a [BLOCK_N, BLOCK_R] tile of B̂, B expanded to every output column.
-
-    B̂[n, j] = B[b_row[n], j - b_off[n]] for j in [b_off[n], b_off[n] + RANK), else 0
-    (and 0 for columns of parts without LoRA, whose b_row is -1). Without GATHER,
-    b_row[n] = n and b_off[n] = 0: one A/B pair over the whole output.
-    """
-    if GATHER:
-        b_rows = tl.load(row_ptr + cols, mask=cols < N, other=-1)
-        b_offs = tl.load(off_ptr + cols, mask=cols < N, other=0)
-    else:
-        b_rows = tl.where(cols < N, cols, -1)
-        b_offs = tl.zeros_like(cols)
-    local = ranks[None, :] - b_offs[:, None]
-    mask = (b_rows >= 0)[:, None] & (local >= 0) & (local < RANK)
-    return b_rows[:, None] * stride_row + local * stride_rank, mask
 
 
 @triton.jit
@@ -85,82 +53,12 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _dropout_scale(seed, rows, cols, K, P)
+            x = x * dropout_scale(seed, rows, cols, K, P)
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0).to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
     tl.store(s_ptr + rows[:, None] * R + ranks[None, :], acc,
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
-
-
-@triton.jit
-def _gemm_lowrank_kernel(
-    x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
-    bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
-    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
-    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
-
-    Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
-    With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
-    is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
-    does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
-    """
-    # Grouped program order: GROUP_M row blocks share each column block of w in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_n)
-    first_m = group_id * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size)
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
-
-    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Wrapped indices need no row/column masks in the K-loop; the store masks them.
-    rows_in = rows % M
-    cols_in = cols % N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=ks[None, :] < K, other=0.0)
-        w_offsets = ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
-        if W_NF4:
-            w = nf4_gather(w_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, w_offsets,
-                           ks[:, None] < K)
-            w = cast_to(w, x_ptr.dtype.element_ty, CAST_FP32)  # CAST_FP32: interpreting
-        else:
-            w = tl.load(w_ptr + w_offsets, mask=ks[:, None] < K, other=0.0)
-        if CAST_FP32:  # the interpreter's bf16 dot is wrong
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-
-    if HAS_LOWRANK:  # the low-rank term, an [M, R]·[R, N] product on this tile
-        ranks = tl.arange(0, BLOCK_R)
-        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        q_offsets, q_mask = _expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
-                                                stride_q_row, stride_q_rank, GATHER_Q)
-        q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
-        if CAST_FP32:
-            lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
-        else:
-            lowrank = tl.dot(p.to(x_ptr.dtype.element_ty), q.to(x_ptr.dtype.element_ty),
-                             input_precision=PRECISION)
-        if HAS_DROPOUT:
-            lowrank = lowrank * _dropout_scale(seed, rows, cols, N, P)
-        acc += scaling * lowrank
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @triton.jit
@@ -182,13 +80,13 @@ def _lora_grad_s_b_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & (cols[None, :] < N), other=0.0).to(tl.float32)
-        b_offsets, b_mask = _expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
+        b_offsets, b_mask = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                                 stride_b_row, stride_b_rank, GATHER_B)
         b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0).to(tl.float32)
         ds = tl.dot(dy, b, ds, input_precision=PRECISION)
         db = tl.dot(tl.trans(dy), s, input_precision=PRECISION)
         # dB is contiguous [N_lora, RANK]: the same offsets as B's with its strides.
-        db_offsets, _ = _expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
+        db_offsets, _ = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                             RANK, 1, GATHER_B)
         tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask)
     tl.store(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scaling,
@@ -210,7 +108,7 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _dropout_scale(seed, rows, cols, K, P)
+            x = x * dropout_scale(seed, rows, cols, K, P)
         ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
@@ -223,64 +121,12 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], _dropout_scale(seed, rows, cols, K, P),
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], dropout_scale(seed, rows, cols, K, P),
              mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
 # ----------------------------------------------------------------------------- autotuning
 
-
-# An NF4 w tile is gathered per element: a packed byte, an int8 absmax and an fp32 scale
-# staged per element is the bound (compiling for sm_90 stages 3.3-3.5 bytes).
-NF4_STAGED_BYTES = 6
-
-
-def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
-                        nf4: bool = False) -> int:
-    """Bytes of shared memory: the pipelined x and w tiles, or the epilogue's p and q tiles.
-
-    The epilogue reuses the pipeline's buffers; compiling for sm_90 and sm_86 gives
-    exactly the pipeline term for every dense config here, and at most it for NF4
-    (see tests/test_gpu_compile.py).
-    """
-    kw = config.kwargs
-    w_bytes = NF4_STAGED_BYTES if nf4 else elem_bytes
-    pipeline = config.num_stages * (kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes) * kw["BLOCK_K"]
-    epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r * elem_bytes
-    return max(pipeline, epilogue)
-
-
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configs whose shared memory exceeds this device's (consumer GPUs have ~99 KB)."""
-    args = {**named_args, **kwargs}
-    x = args["x_ptr"]
-    limit = max_shared_memory(x.device)
-
-    def shared(config):
-        return _gemm_shared_memory(config, x.element_size(), args["BLOCK_R"], args["W_NF4"])
-
-    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
-
-
-def _gemm_config(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
-
-
-GEMM_CONFIGS = autotune_configs(
-    [
-        _gemm_config(128, 256, 64, 8, 3),  # ~147 KB in bf16: Hopper / A100-class only
-        _gemm_config(128, 128, 64, 4, 4),  # ~131 KB
-        _gemm_config(128, 128, 64, 8, 3),  # ~98 KB: fits consumer GPUs
-        _gemm_config(128, 128, 32, 4, 4),
-        _gemm_config(64, 128, 32, 4, 4),
-        _gemm_config(128, 64, 32, 4, 4),
-        _gemm_config(64, 64, 32, 4, 4),
-        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation, NF4 read in the K-loop)
-        _gemm_config(32, 128, 64, 4, 4),
-    ],
-    [_gemm_config(32, 32, 32, 4, 1)],
-)
 
 # Skinny, memory-bound kernels (F1, B1, B3). All fit 99 KB of shared memory on sm_86
 # as well as sm_90 (tests/gpu_compile_check.py); (64, 128) with 3 stages needs 128 KB.
@@ -291,14 +137,7 @@ ROW_CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)],
 )
 
-# Keys hold every argument that changes the kernel's cost: the role (stride_wk tells F2's
-# Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
-_gemm_lowrank = triton.autotune(
-    GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-         "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)(_gemm_lowrank_kernel)
+
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
     _lora_shrink_kernel)
 _lora_grad_s_b = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "N", "BLOCK_R", "GATHER_B"],
@@ -310,28 +149,21 @@ _lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HA
 # ----------------------------------------------------------------------------- launchers
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune per power-of-two bucket of tokens, not per exact batch size."""
-    return triton.next_power_of_2(m)
-
-
 @functools.lru_cache(maxsize=256)
-def _b_index(parts: LoraParts, rank: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _b_index(parts: LoRAParts, rank: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per output column: its row of B (-1 in parts without LoRA) and the first S column of its part."""
     b_row = torch.full((parts.out_features,), -1, dtype=torch.int32)
     b_off = torch.zeros(parts.out_features, dtype=torch.int32)
-    for g, ((out_start, out_end), (b_start, b_end)) in enumerate(
-        zip(parts.enabled_out_cols, parts.enabled_b_rows)
-    ):
-        b_row[out_start:out_end] = torch.arange(b_start, b_end, dtype=torch.int32)
-        b_off[out_start:out_end] = g * rank
+    for pair in parts.slices(rank):
+        b_row[pair.out_cols] = torch.arange(pair.b_rows.start, pair.b_rows.stop, dtype=torch.int32)
+        b_off[pair.out_cols] = pair.a_rows.start
     return b_row.to(device), b_off.to(device)
 
 
 class _Layout:
     """What the kernels need to know about B: its expansion to output columns, per call."""
 
-    def __init__(self, parts: Optional[LoraParts], lora_A: torch.Tensor, lora_B: torch.Tensor):
+    def __init__(self, parts: Optional[LoRAParts], lora_A: torch.Tensor, lora_B: torch.Tensor):
         self.R = lora_A.shape[0]
         self.block_r = next_block(self.R)
         if parts is None:
@@ -353,61 +185,10 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _lora_shrink[grid](
         x, lora_A, s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        seed, _m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
+        seed, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(x.dtype), BLOCK_R=layout.block_r,
     )
     return s
-
-
-@dataclasses.dataclass(frozen=True)
-class NF4Operand:
-    """An NF4 weight W [N_w, K_w] as the GEMM's right operand w [K, N]: Wᵀ or W, read by strides."""
-    weight: NF4Weight
-    transposed: bool  # Wᵀ: the forward's x·Wᵀ; W: the backward's dy·W
-
-    @property
-    def shape(self) -> Tuple[int, int]:
-        n_w, k_w = self.weight.shape
-        return (k_w, n_w) if self.transposed else (n_w, k_w)
-
-    def stride(self, dim: int) -> int:
-        strides = (self.weight.shape[1], 1)  # the row-major W the codes were packed from
-        return strides[1 - dim] if self.transposed else strides[dim]
-
-
-def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
-                 q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
-                 block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
-    """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
-
-    q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
-    q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
-    low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
-    """
-    M, K = x.shape
-    N = w.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    nf4 = w.weight if isinstance(w, NF4Operand) else None
-    w_data, absmax_q, absmax_scale, offset = (
-        (nf4.packed, nf4.absmax_q, nf4.absmax_scale, nf4.absmax_offset) if nf4 is not None
-        else (w, out, out, 0.0))
-    has_lowrank = p is not None
-    if not has_lowrank:
-        p = q = out  # placeholders: the kernel never reads them
-    q_row, q_off = q_index if q_index is not None else (q, q)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lowrank[grid](
-        x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
-        bias if bias is not None else out,
-        M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), _m_bucket(M),
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        q.stride(0), q.stride(1),
-        P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
-        GATHER_Q=q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
-        CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
-    )
-    return out
 
 
 def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layout: _Layout,
@@ -420,7 +201,7 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     b_row, b_off = layout.b_index_pointers(lora_B)
     _lora_grad_s_b[grid](
         dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank, scaling,
-        _m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
         GATHER_B=layout.b_index is not None, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
     return ds, db
@@ -433,7 +214,7 @@ def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: f
     da = torch.empty((layout.R, K), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _lora_grad_a[grid](
-        ds, x, da, M, K, layout.R, x.stride(0), x.stride(1), seed, _m_bucket(M),
+        ds, x, da, M, K, layout.R, x.stride(0), x.stride(1), seed, m_bucket(M),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
@@ -485,31 +266,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
         raise ValueError(f"parts cover {parts.out_features} outputs, weight has {N}")
 
 
-# Up to this many rows, an NF4 weight is read as 4-bit tiles inside the GEMM's K-loop (the
-# product is memory-bound: a quarter of the bytes); above, it is dequantised once into the
-# shared scratch buffer and the dense kernels run on it (compute-bound: dequantising per tile
-# would repeat the work M/BLOCK_M times). benchmarks/bench_qlora.py measures the crossover.
-NF4_FUSED_MAX_ROWS = 64
-
-
-def _gemm_weight(weight, rows: int, transposed: bool):
-    """The base GEMM's w for ``rows`` rows of input: Wᵀ or W, as a view or NF4 tiles or a dequantised copy."""
-    if isinstance(weight, NF4Weight):
-        if rows <= NF4_FUSED_MAX_ROWS:
-            return NF4Operand(weight, transposed)
-        weight = dequantize_nf4_to_scratch(weight)
-    return weight.t() if transposed else weight
-
-
-def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transposed: bool) -> torch.Tensor:
-    """a·Wᵀ (transposed) or a·W for a 2-D ``a`` and an NF4 weight, on the Triton path."""
-    w = _gemm_weight(weight, a.shape[0], transposed)
-    if isinstance(w, NF4Operand):
-        return gemm_lowrank(a, w, None, None, None, 0, next_block(0), 0.0)
-    return a @ w
-
-
-class FusedLoraLinear(torch.autograd.Function):
+class LoRALinearFunction(torch.autograd.Function):
     """The fused kernels behind autograd. A dense W is frozen unless it asks for a gradient;
     an NF4Weight is always frozen and is dequantised again in backward, never kept dense."""
 
@@ -520,7 +277,7 @@ class FusedLoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
         s = lora_shrink(x2, lora_A, layout, dropout_p, seed)
-        y = gemm_lowrank(x2, _gemm_weight(weight, x2.shape[0], True), s, lora_B, layout.b_index,
+        y = gemm_lowrank(x2, gemm_operand(weight, x2.shape[0], True), s, lora_B, layout.b_index,
                          layout.rank, layout.block_r, scaling, bias)
         nf4 = isinstance(weight, NF4Weight)
         ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s)
@@ -540,7 +297,7 @@ class FusedLoraLinear(torch.autograd.Function):
         dx = dw = db = da = dB = None
         ds, dB32 = lora_grad_s_b(dy2, s, lora_B, layout, scaling)
         if need_dx:
-            dx = gemm_lowrank(dy2, _gemm_weight(weight, dy2.shape[0], False), ds, lora_A.t(),
+            dx = gemm_lowrank(dy2, gemm_operand(weight, dy2.shape[0], False), ds, lora_A.t(),
                               None, layout.R, layout.block_r, 1.0, dropout_p=p,
                               seed=seed).view(ctx.x_shape)
         if need_da:
@@ -557,11 +314,11 @@ class FusedLoraLinear(torch.autograd.Function):
 def fused_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       dropout_p: float = 0.0, seed: int = 0,
-                      parts: Optional[LoraParts] = None) -> torch.Tensor:
+                      parts: Optional[LoRAParts] = None) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0.
 
     ``weight``: a dense tensor [N, K] or an NF4Weight of that shape.
     """
     with on_device(x):
-        return FusedLoraLinear.apply(x, weight, bias, lora_A, lora_B, float(scaling),
-                                     float(dropout_p), int(seed), parts)
+        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling),
+                                        float(dropout_p), int(seed), parts)

@@ -15,12 +15,12 @@ cost of ``bernoulli_`` on CPU), kept for backward instead of a scaled copy.
 Saved for backward: x, the dropped-out input h (x itself without dropout), the
 mask and S.
 """
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..parts import LoraParts
+from ..parts import LoRAParts, pair_slices
 
 
 # Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do).
@@ -57,22 +57,13 @@ def dropped_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return torch.rand(shape, device=device) < p
 
 
-def part_slices(parts: Optional[LoraParts], out_features: int,
-                rank: int) -> List[Tuple[slice, slice, slice]]:
-    """(output columns, rows of B, rows of A) of each A/B pair; one pair when ``parts`` is None."""
-    if parts is None:
-        return [(slice(0, out_features), slice(0, out_features), slice(0, rank))]
-    return [(slice(*cols), slice(*b_rows), slice(g * rank, (g + 1) * rank))
-            for g, (cols, b_rows) in enumerate(zip(parts.enabled_out_cols, parts.enabled_b_rows))]
-
-
-class OneDNNLoRALinear(torch.autograd.Function):
+class OneDNNLoRALinearFunction(torch.autograd.Function):
     """x [M, K], W [N, K] frozen or not, b [N] or None, A [r·G, K], B [N_lora, r] → y [M, N]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts):
         rank = lora_A.shape[0] // (1 if parts is None else parts.num_enabled)
-        slices = part_slices(parts, weight.shape[0], rank)
+        slices = pair_slices(parts, weight.shape[0], rank)
         dropped = dropped_mask(x.shape, dropout_p, x.device) if dropout_p > 0 else None
         h = x if dropped is None else x.masked_fill(dropped, 0.0)
         low_rank_scale = scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not on h
@@ -111,9 +102,9 @@ class OneDNNLoRALinear(torch.autograd.Function):
 
 def onednn_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                       dropout_p: float = 0.0, parts: Optional[LoraParts] = None) -> torch.Tensor:
+                       dropout_p: float = 0.0, parts: Optional[LoRAParts] = None) -> torch.Tensor:
     """``lora_linear`` for fp32 CPU tensors of any leading shape: x [..., K] → [..., N]."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = OneDNNLoRALinear.apply(x2, weight, bias, lora_A, lora_B, float(scaling),
+    y = OneDNNLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling),
                                float(dropout_p), parts)
     return y.view(*x.shape[:-1], weight.shape[0])

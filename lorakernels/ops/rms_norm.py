@@ -1,6 +1,6 @@
 """Fused RMSNorm: y = w · (x·rsqrt(mean(x²) + eps)), one launch forward, one backward.
 
-Numerics are Phi3RMSNorm's (model/phi3.py) rounding point for rounding point:
+Numerics are Phi3RMSNorm's (``reference.rms_norm_reference``) rounding point for rounding point:
 the norm is computed in fp32, rounded to x's dtype, then multiplied by the
 weight in fp32 and rounded once to the result dtype (x's and w's promoted). A
 product of two bf16 or fp16 values is exact in fp32, so that is exactly what
@@ -170,7 +170,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor):
                          f"got weight {tuple(weight.shape)}")
 
 
-class FusedRMSNorm(torch.autograd.Function):
+class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         _check_inputs(x, weight)
@@ -191,11 +191,5 @@ class FusedRMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Phi3RMSNorm on the Triton kernels: x [..., N], weight [N] → [..., N]."""
     with on_device(x):
-        return FusedRMSNorm.apply(x, weight, float(eps))
+        return RMSNormFunction.apply(x, weight, float(eps))
 
-
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Eager PyTorch, exactly Phi3RMSNorm.forward."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)

@@ -1,7 +1,7 @@
 """Fused rotary position embedding for q and k in one launch, forward and backward.
 
 With x = [x1, x2] split at D/2 and cos = [c1, c2], sin = [s1, s2] likewise,
-model/phi3.py's ``x·cos + rotate_half(x)·sin`` is
+Phi-3's ``x·cos + rotate_half(x)·sin`` (``reference.rope_reference``) is
 
     y1 = x1·c1 - x2·s1        y2 = x2·c2 + x1·s2.
 
@@ -160,7 +160,7 @@ def _check_inputs(q, k, cos, sin):
                              f"got {tuple(t.shape)}")
 
 
-class FusedRoPE(torch.autograd.Function):
+class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin):
         _check_inputs(q, k, cos, sin)
@@ -180,19 +180,8 @@ class FusedRoPE(torch.autograd.Function):
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """model/phi3.py's apply_rotary on q and k in one launch: q [B, Hq, T, D], k [B, Hk, T, D],
+    """``reference.rope_reference`` in one launch: q [B, Hq, T, D], k [B, Hk, T, D],
     cos/sin [B, T, D] → (rotated q, rotated k), new contiguous tensors."""
     with on_device(q):
-        return FusedRoPE.apply(q, k, cos, sin)
+        return RoPEFunction.apply(q, k, cos, sin)
 
-
-def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eager PyTorch, exactly model/phi3.py's ``apply_rotary`` applied to q and to k."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -14,7 +14,6 @@ Grid: (rows, column blocks of BLOCK). Saved for backward: gate_up only.
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -130,7 +129,7 @@ def _check_inputs(gate_up: torch.Tensor):
         raise ValueError(f"swiglu needs gate_up [..., 2·I] (gate then up), got {tuple(gate_up.shape)}")
 
 
-class FusedSwiGLU(torch.autograd.Function):
+class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
         _check_inputs(gate_up)
@@ -151,10 +150,5 @@ class FusedSwiGLU(torch.autograd.Function):
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """up·silu(gate) on the Triton kernels: gate_up [..., 2I] (gate first) → [..., I]."""
     with on_device(gate_up):
-        return FusedSwiGLU.apply(gate_up)
+        return SwiGLUFunction.apply(gate_up)
 
-
-def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
-    """Eager PyTorch, exactly Phi3MLP's activation: gate, up = chunk(2, -1); up · silu(gate)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return up * F.silu(gate)

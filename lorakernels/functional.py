@@ -1,0 +1,145 @@
+"""The one front door to every op: each call reads the backend once, then runs it.
+
+``LORAKERNELS_BACKEND`` selects the backend, read at every call so tests can switch it:
+``auto`` (default) uses the Triton kernels for CUDA tensors, the oneDNN path for fp32 CPU
+tensors (``ops/onednn_lora_linear.py``; LoRA linears only) and the eager reference
+(``reference.py``) otherwise; ``triton`` forces the kernels (on CPU tensors too, under
+``TRITON_INTERPRET=1``); ``onednn`` the oneDNN path wherever it applies (fp32 CPU tensors;
+the reference elsewhere); ``eager`` forces the reference.
+
+The model (``model/phi3.py``) calls only these functions. Triton is imported only when a
+kernel runs, so the eager and oneDNN backends work where Triton is not installed.
+
+The frozen weight of a linear is a dense tensor or an NF4Weight (QLoRA's 4-bit base): the
+Triton and eager backends take either; the oneDNN path is for dense weights only.
+"""
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora_layer import LoRALayer
+from .nf4 import NF4Weight
+from .nf4_linear import nf4_linear
+from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.onednn_lora_linear import onednn_lora_linear, uses_onednn
+from .parts import LoRAParts
+from .reference import (BaseWeight, base_linear_reference, lora_linear_reference,
+                        merged_lora_linear_reference, rms_norm_reference, rope_reference,
+                        swiglu_reference)
+
+BACKEND_ENV = "LORAKERNELS_BACKEND"
+BACKENDS = ("auto", "triton", "onednn", "eager")
+IGNORE_INDEX = -100  # labels that carry no loss (prompts, padding), as in PyTorch and transformers
+
+
+def selected_backend(x: torch.Tensor) -> str:
+    """'triton', 'onednn' or 'eager' for this input, from ``LORAKERNELS_BACKEND``."""
+    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if choice not in BACKENDS:
+        raise ValueError(
+            f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not one of {', '.join(BACKENDS)}"
+        )
+    if choice == "auto":
+        return "triton" if x.is_cuda else "onednn" if uses_onednn(x) else "eager"
+    return choice
+
+
+def _on_triton(x: torch.Tensor) -> bool:
+    return selected_backend(x) == "triton" and x.numel() > 0
+
+
+def base_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x·Wᵀ + b without LoRA: F.linear, or for an NF4 weight a dequantising linear."""
+    if not isinstance(weight, NF4Weight):
+        return F.linear(x, weight, bias)
+    if _on_triton(x):
+        from .ops.nf4_matmul import nf4_matmul
+        from .ops.triton_utils import on_device
+
+        with on_device(x):
+            return nf4_linear(x, weight, bias, nf4_matmul)
+    return base_linear_reference(x, weight, bias)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: BaseWeight,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    parts: Optional[LoRAParts] = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
+
+    x: [..., K], weight: [N, K] (any strides, or NF4), A: [r·G, K], B: [N_lora, r].
+    ``parts`` describes a fused projection with one A/B pair per enabled part;
+    ``None`` means one pair over the whole output. Dropout is active only when
+    ``training`` and ``dropout_p > 0``.
+    """
+    dropout_p = dropout_p if training else 0.0
+    backend = selected_backend(x)
+    dense = not isinstance(weight, NF4Weight)
+    if backend == "onednn" and dense and x.numel() > 0 and uses_onednn(x, weight, lora_A, lora_B):
+        return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts)
+    if backend == "triton" and x.numel() > 0:
+        from .ops.lora_linear import fused_lora_linear
+
+        # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
+        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts)
+    lora_input = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    if parts is None:
+        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
+    return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Phi-3's RMSNorm: x [..., N], weight [N] → [..., N]."""
+    if selected_backend(x) == "triton":
+        from .ops import rms_norm as kernels
+
+        return kernels.rms_norm(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, D]."""
+    if selected_backend(q) == "triton":
+        from .ops import rope as kernels
+
+        return kernels.apply_rope(q, k, cos, sin)
+    return rope_reference(q, k, cos, sin)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """up · silu(gate) for a fused projection's output gate_up [..., 2I] (gate first) → [..., I]."""
+    if selected_backend(gate_up) == "triton":
+        from .ops import swiglu as kernels
+
+        return kernels.swiglu(gate_up)
+    return swiglu_reference(gate_up)
+
+
+def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Summed cross entropy of ``head(hidden)`` against ``labels``: hidden [N, H], labels [N].
+
+    Chunk by chunk (``ops/linear_cross_entropy.py``), so the [N, vocab] logits are never
+    held in full; a LoRA head's live update is part of it. A LoRA head with dropout in
+    training is the one case that takes the plain logits path (the chunked loss draws
+    no dropout).
+    """
+    lora = None
+    if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
+        if head.training and head.lora_dropout.p > 0:
+            return F.cross_entropy(head(hidden).float(), labels, ignore_index=ignore_index,
+                                   reduction="sum")
+        lora = (head.lora_A, head.lora_B, head.scaling)
+    return linear_cross_entropy(hidden, head.weight, labels, ignore_index=ignore_index, lora=lora)

@@ -1,0 +1,251 @@
+"""The base GEMM with a low-rank epilogue, shared by the LoRA kernels and the NF4 base linear.
+
+    out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]
+
+One Triton kernel, three uses: the LoRA forward's F2 (x·Wᵀ plus s·S·B̂ᵀ), the LoRA
+backward's B2 (dy·W plus D⊙(dS·A)), and, without the low-rank term, a frozen 4-bit
+layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). ``w`` is a strided view of a dense weight or an
+``NF4Operand``, whose 4-bit tiles are dequantised in registers inside the K-loop.
+The dropout mask D is drawn from a seed with Philox (``dropout_scale``), identically in
+every kernel that needs it, and never stored.
+"""
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..nf4 import NF4Weight
+from .nf4_dequant import nf4_gather
+from .triton_utils import INTERPRETING, autotune_configs, cast_to, dot_precision, max_shared_memory
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def dropout_scale(seed, rows, cols, n_cols, P: tl.constexpr):
+    """[rows, cols] block of D: 1/(1-p) where kept, 0 where dropped.
+
+    Element (m, k) always draws Philox counter m·n_cols + k (mod 2^32), so the
+    forward and both backward kernels regenerate the same mask.
+    """
+    offsets = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32)
+    keep = tl.rand(seed, offsets) >= P
+    return tl.where(keep, 1.0 / (1.0 - P), 0.0)
+
+
+@triton.jit
+def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, stride_rank,
+                        GATHER: tl.constexpr):
+    """Offsets and mask of a [BLOCK_N, BLOCK_R] tile of B̂, B expanded to every output column.
+
+    B̂[n, j] = B[b_row[n], j - b_off[n]] for j in [b_off[n], b_off[n] + RANK), else 0
+    (and 0 for columns of parts without LoRA, whose b_row is -1). Without GATHER,
+    b_row[n] = n and b_off[n] = 0: one A/B pair over the whole output.
+    """
+    if GATHER:
+        b_rows = tl.load(row_ptr + cols, mask=cols < N, other=-1)
+        b_offs = tl.load(off_ptr + cols, mask=cols < N, other=0)
+    else:
+        b_rows = tl.where(cols < N, cols, -1)
+        b_offs = tl.zeros_like(cols)
+    local = ranks[None, :] - b_offs[:, None]
+    mask = (b_rows >= 0)[:, None] & (local >= 0) & (local < RANK)
+    return b_rows[:, None] * stride_row + local * stride_rank, mask
+
+
+@triton.jit
+def _gemm_lowrank_kernel(
+    x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
+    bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
+    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
+    CAST_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
+
+    Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
+    is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
+    does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
+    """
+    # Grouped program order: GROUP_M row blocks share each column block of w in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_n)
+    first_m = group_id * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size)
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices need no row/column masks in the K-loop; the store masks them.
+    rows_in = rows % M
+    cols_in = cols % N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=ks[None, :] < K, other=0.0)
+        w_offsets = ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
+        if W_NF4:
+            w = nf4_gather(w_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, w_offsets,
+                           ks[:, None] < K)
+            w = cast_to(w, x_ptr.dtype.element_ty, CAST_FP32)  # CAST_FP32: interpreting
+        else:
+            w = tl.load(w_ptr + w_offsets, mask=ks[:, None] < K, other=0.0)
+        if CAST_FP32:  # the interpreter's bf16 dot is wrong
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+
+    if HAS_LOWRANK:  # the low-rank term, an [M, R]·[R, N] product on this tile
+        ranks = tl.arange(0, BLOCK_R)
+        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+        q_offsets, q_mask = expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
+                                                stride_q_row, stride_q_rank, GATHER_Q)
+        q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
+        if CAST_FP32:
+            lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
+        else:
+            lowrank = tl.dot(p.to(x_ptr.dtype.element_ty), q.to(x_ptr.dtype.element_ty),
+                             input_precision=PRECISION)
+        if HAS_DROPOUT:
+            lowrank = lowrank * dropout_scale(seed, rows, cols, N, P)
+        acc += scaling * lowrank
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# ----------------------------------------------------------------------------- autotuning
+
+
+# An NF4 w tile is gathered per element: a packed byte, an int8 absmax and an fp32 scale
+# staged per element is the bound (compiling for sm_90 stages 3.3-3.5 bytes).
+NF4_STAGED_BYTES = 6
+
+
+def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
+                        nf4: bool = False) -> int:
+    """Bytes of shared memory: the pipelined x and w tiles, or the epilogue's p and q tiles.
+
+    The epilogue reuses the pipeline's buffers; compiling for sm_90 and sm_86 gives
+    exactly the pipeline term for every dense config here, and at most it for NF4
+    (see tests/test_gpu_compile.py).
+    """
+    kw = config.kwargs
+    w_bytes = NF4_STAGED_BYTES if nf4 else elem_bytes
+    pipeline = config.num_stages * (kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes) * kw["BLOCK_K"]
+    epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r * elem_bytes
+    return max(pipeline, epilogue)
+
+
+def _prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop configs whose shared memory exceeds this device's (consumer GPUs have ~99 KB)."""
+    args = {**named_args, **kwargs}
+    x = args["x_ptr"]
+    limit = max_shared_memory(x.device)
+
+    def shared(config):
+        return _gemm_shared_memory(config, x.element_size(), args["BLOCK_R"], args["W_NF4"])
+
+    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+
+
+def _gemm_config(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+GEMM_CONFIGS = autotune_configs(
+    [
+        _gemm_config(128, 256, 64, 8, 3),  # ~147 KB in bf16: Hopper / A100-class only
+        _gemm_config(128, 128, 64, 4, 4),  # ~131 KB
+        _gemm_config(128, 128, 64, 8, 3),  # ~98 KB: fits consumer GPUs
+        _gemm_config(128, 128, 32, 4, 4),
+        _gemm_config(64, 128, 32, 4, 4),
+        _gemm_config(128, 64, 32, 4, 4),
+        _gemm_config(64, 64, 32, 4, 4),
+        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation, NF4 read in the K-loop)
+        _gemm_config(32, 128, 64, 4, 4),
+    ],
+    [_gemm_config(32, 32, 32, 4, 1)],
+)
+
+# Keys hold every argument that changes the kernel's cost: the role (stride_wk tells F2's
+# Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
+_gemm_lowrank = triton.autotune(
+    GEMM_CONFIGS,
+    key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
+         "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
+    prune_configs_by={"early_config_prune": _prune_gemm_configs},
+)(_gemm_lowrank_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def m_bucket(m: int) -> int:
+    """Autotune per power-of-two bucket of tokens, not per exact batch size."""
+    return triton.next_power_of_2(m)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4Operand:
+    """An NF4 weight W [N_w, K_w] as the GEMM's right operand w [K, N]: Wᵀ or W, read by strides."""
+    weight: NF4Weight
+    transposed: bool  # Wᵀ: the forward's x·Wᵀ; W: the backward's dy·W
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        n_w, k_w = self.weight.shape
+        return (k_w, n_w) if self.transposed else (n_w, k_w)
+
+    def stride(self, dim: int) -> int:
+        strides = (self.weight.shape[1], 1)  # the row-major W the codes were packed from
+        return strides[1 - dim] if self.transposed else strides[dim]
+
+
+def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
+                 q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
+                 block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
+
+    q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
+    q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
+    low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
+    """
+    M, K = x.shape
+    N = w.shape[1]
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    nf4 = w.weight if isinstance(w, NF4Operand) else None
+    w_data, absmax_q, absmax_scale, offset = (
+        (nf4.packed, nf4.absmax_q, nf4.absmax_scale, nf4.absmax_offset) if nf4 is not None
+        else (w, out, out, 0.0))
+    has_lowrank = p is not None
+    if not has_lowrank:
+        p = q = out  # placeholders: the kernel never reads them
+    q_row, q_off = q_index if q_index is not None else (q, q)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    _gemm_lowrank[grid](
+        x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
+        bias if bias is not None else out,
+        M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), m_bucket(M),
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1),
+        P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
+        GATHER_Q=q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
+        CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+    )
+    return out

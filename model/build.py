@@ -1,0 +1,94 @@
+"""A model ready to run, from plain arguments: what train.py, generate.py, merge.py and the
+benchmarks share. A preset is built with random weights from a seed (the embedded default
+and the benchmarks need no download); anything else is a checkpoint directory or hub id.
+"""
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+from lorakernels.nf4_layers import NF4Layer
+
+from .config import PRESETS, Phi3Config
+from .loading import resolve_checkpoint_dir
+from .lora import apply_peft_adapter
+from .phi3 import Phi3ForCausalLM
+from .quantization import quantize_decoder_linears, uses_nf4
+from .tokenizer import Phi3Tokenizer, load_tokenizer
+
+INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of that spread
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when there is one, else the CPU; otherwise torch's device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 base weights on GPU, fp32 on CPU; otherwise torch's dtype name."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torch.device],
+                 seed: int, quantize: Optional[str] = None) -> Phi3ForCausalLM:
+    """Random weights (norms 1, the rest normal with std INIT_STD), the same for a seed on any device
+    and with or without ``quantize``.
+
+    Built on the meta device and drawn tensor by tensor on the CPU, so memory peaks at
+    the model plus one fp32 tensor; ``quantize="nf4"`` quantises each decoder linear
+    as it is drawn, so a dense copy of those weights never exists.
+    """
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    model.to(dtype)  # before quantising: .to(dtype) would also cast the NF4 layers' fp32 scales
+    if uses_nf4(quantize):
+        quantize_decoder_linears(model, dtype)
+    model.to_empty(device=device)
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(shape) -> torch.Tensor:
+        return torch.empty(shape).normal_(0.0, INIT_STD, generator=generator).to(device, dtype)
+
+    drawn = set()  # a tied weight is drawn once
+    with torch.no_grad():
+        for module in model.modules():  # in checkpoint order, NF4 or not: the same values
+            if isinstance(module, NF4Layer):
+                module.quantize_weight(draw(module.weight_shape), dtype)
+            for param in module.parameters(recurse=False):
+                if id(param) in drawn:
+                    continue
+                drawn.add(id(param))
+                if param.dim() == 1:
+                    param.fill_(1.0)  # RMSNorm weights (Phi-3 has no biases)
+                else:
+                    param.copy_(draw(param.shape))
+    model.init_rotary(device)
+    return model
+
+
+def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
+               quantize: Optional[str] = None, tokenizer: Optional[str] = None,
+               adapter: Optional[Union[str, Path]] = None) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
+    """A preset (random weights from ``seed``) with the tiny tokenizer, or a checkpoint with its own.
+
+    ``tokenizer``: a tokenizer.json or its directory instead of the default one.
+    ``adapter``: a PEFT adapter directory whose LoRA layers and weights are added.
+    """
+    if name_or_path in PRESETS:
+        model = random_model(Phi3Config.from_name(name_or_path), dtype, device, seed, quantize)
+        loaded_tokenizer = load_tokenizer(tokenizer)
+    else:
+        directory = resolve_checkpoint_dir(name_or_path)
+        model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
+                                                quantize=quantize)
+        loaded_tokenizer = load_tokenizer(tokenizer or directory)
+    if loaded_tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {loaded_tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary only {model.config.vocab_size}")
+    if adapter is not None:
+        apply_peft_adapter(model, adapter)
+    return model, loaded_tokenizer
