@@ -1,5 +1,8 @@
-"""--report-to tensorboard: the same numbers as metrics.jsonl, each step once."""
+"""--report-to tensorboard and scripts/plot_metrics.py: the same numbers as metrics.jsonl, each step once."""
 import json
+import math
+import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +12,9 @@ import train as train_cli
 from training.config import TrainConfig
 from training.loop import train
 from training.tensorboard_log import tag
+
+ROOT = Path(__file__).resolve().parents[1]
+PLOT = ROOT / "scripts" / "plot_metrics.py"
 
 
 def config(data, output, **overrides):
@@ -89,3 +95,52 @@ def test_report_to_is_checked(monkeypatch, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == ('train.py: error: --report-to tensorboard needs the tensorboard '
                                        'package: pip install -e ".[tensorboard]"\n')
+
+
+def write_run(directory: Path, steps: int, eval_every: int) -> Path:
+    directory.mkdir()
+    with (directory / "metrics.jsonl").open("w") as metrics:
+        for step in range(1, steps + 1):
+            row = {"step": step, "loss": 2 + 5 * math.exp(-step / 10),
+                   "lr": 3e-3 * 0.5 * (1 + math.cos(math.pi * step / steps))}
+            if step % eval_every == 0:
+                row.update(eval_loss=row["loss"] + 0.2, eval_ppl=math.exp(row["loss"] + 0.2))
+            metrics.write(json.dumps(row) + "\n")
+    return directory
+
+
+def plot_script(*args, missing=None):
+    """Run scripts/plot_metrics.py, with the module ``missing`` hidden as if not installed."""
+    hide = f"sys.modules[{missing!r}] = None; " if missing else ""
+    code = (f"import runpy, sys; {hide}sys.argv = ['plot_metrics.py', *sys.argv[1:]]; "
+            f"runpy.run_path({str(PLOT)!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_plot_writes_a_png_for_two_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b = write_run(tmp_path / "a", 40, 10), write_run(tmp_path / "b", 25, 5)
+    result = plot_script(a, b, "--output", tmp_path / "curves.png")
+    assert result.returncode == 0, result.stderr
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (1000, 400)  # 10 × 4 inches at 100 dpi
+    assert 25_000 < len(png) < 1_000_000  # an empty pair of axes is about 18 KB
+
+
+def test_plot_errors_name_the_file_or_the_package(tmp_path):
+    pytest.importorskip("matplotlib")  # checked first, before the files
+    result = plot_script(tmp_path, "--output", tmp_path / "curves.png")
+    assert result.returncode == 2
+    assert result.stderr == (f"plot_metrics.py: error: {tmp_path}/metrics.jsonl: no such file "
+                             f"(is {tmp_path} a train.py --output directory?)\n")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 7.0}\n{"step": 2,\n')
+    result = plot_script(tmp_path, "--output", tmp_path / "curves.png")
+    assert result.returncode == 2
+    assert result.stderr == f"plot_metrics.py: error: {tmp_path}/metrics.jsonl:2: not JSON\n"
+    result = plot_script(tmp_path, "--output", tmp_path / "curves.png", missing="matplotlib")
+    assert result.returncode == 2
+    assert result.stderr == ('plot_metrics.py: error: plotting needs the matplotlib package: '
+                             'pip install -e ".[plot]"\n')
+    assert not (tmp_path / "curves.png").exists()
