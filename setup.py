@@ -21,7 +21,10 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        # Reference implementations, used only by the tests to check parity and interchange.
-        "test": ["pytest", "transformers", "peft", "loralib==0.1.2"],
+        "tensorboard": ["tensorboard"],  # --report-to tensorboard
+        "plot": ["matplotlib"],  # scripts/plot_metrics.py
+        # Reference implementations, used only by the tests to check parity and interchange;
+        # and the optional extras above, so that the tests cover them.
+        "test": ["pytest", "transformers", "peft", "loralib==0.1.2", "tensorboard", "matplotlib"],
     },
 )

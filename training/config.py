@@ -9,6 +9,9 @@ import yaml
 
 from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
+
+from .tensorboard_log import summary_writer_class
+
 # Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
 MODEL_DEFAULTS = {"lr": 2e-4, "max_seq_len": 2048, "epochs": 1.0}
@@ -51,6 +54,7 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     eval_every: int = 0
     log_every: int = 1
+    report_to: str = "none"
     resume: Optional[str] = None
 
     def __post_init__(self):
@@ -72,6 +76,10 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
+        if self.report_to == "tensorboard":
+            summary_writer_class()  # a missing package stops here, before any work
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in QUANTIZE_CHOICES:
@@ -115,6 +123,7 @@ HELP = {
     "save_total_limit": "keep only the newest N step checkpoints",
     "eval_every": "evaluate every N steps (0: only at the end, when --eval-data is given)",
     "log_every": "write metrics every N steps",
+    "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
 }
 

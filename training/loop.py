@@ -23,6 +23,7 @@ from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, target_tokens,
                    tokenize_chats)
 from .distributed import Distributed
+from .tensorboard_log import TensorBoardLog
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -205,6 +206,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         output.mkdir(parents=True, exist_ok=True)
         drop_metrics_after(output / "metrics.jsonl", start_step)
     metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
+    board = (TensorBoardLog(output, start_step, settings)
+             if config.report_to == "tensorboard" and dist.is_main else None)
     step, started, tokens_seen, loss = start_step, time.perf_counter(), 0, float("nan")
     evaluation: Optional[dict] = None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
@@ -243,6 +246,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             if row and metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                if board:
+                    board.log(row)
             saved = config.save_every and step % config.save_every == 0 and step < total_steps
             if saved:
                 save(f"checkpoint-{step}", step)
@@ -258,6 +263,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         bar.close()
         if metrics:
             metrics.close()
+        if board:
+            board.close()
     final = save("final", step)
     summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
