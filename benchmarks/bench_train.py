@@ -18,13 +18,13 @@ chunk by chunk, never holding the [tokens, vocab] logits); Hugging Face with
 run's dtype; LoRA parameters are fp32 on every provider (apply_lora creates them so; PEFT's
 are cast to fp32 explicitly, and every provider's are checked for dtype, names and shapes).
 
-Same start: one worker builds a random base (seed 1234; Linear and Embedding weights
-N(0, 0.02²) as Hugging Face initialises, norms 1) and writes it once with our save_pretrained;
-every provider loads that directory with its own from_pretrained. The same worker draws one
-LoRA init in our parameter names, A as loralib/PEFT (kaiming-uniform, bound 1/sqrt(in)) and B
-~ N(0, 0.01²) rather than PEFT's zeros, so the low-rank path changes the loss and A gets a
-gradient from the first step; each provider copies it in (PEFT's names mapped as in
-tests/test_phi3_lora.py). Step i uses the token batch drawn with seed 1234 + i.
+Same start: one worker builds a random base (model.build.random_model, seed 1234: Linear and
+Embedding weights N(0, 0.02²) as Hugging Face initialises, norms 1) and writes it once with our
+save_pretrained; every provider loads that directory with its own from_pretrained. The same
+worker draws one LoRA init in our parameter names, A as loralib/PEFT (kaiming-uniform, bound
+1/sqrt(in)) and B ~ N(0, 0.01²) rather than PEFT's zeros, so the low-rank path changes the loss
+and A gets a gradient from the first step; each provider copies it in (PEFT's names mapped by
+lorakernels.adapters' key rule). Step i uses the token batch drawn with seed 1234 + i.
 
 Loss check: each run first takes --check-steps steps with LoRA dropout 0 from that init
 and records their losses and the global norm of the LoRA gradients of step 1; then it
@@ -72,31 +72,30 @@ import gc
 import json
 import math
 import os
-import platform
-import re
 import resource
-import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from common import (  # first: it sets TRITON_INTERPRET and puts this checkout on sys.path
+    DEVICE, ON_CUDA, ROOT, SEED, add_output_args, command_line, device_label, device_name,
+    random_base, utc_now, versions, write_results)
+
 import torch
+from safetensors.torch import load_file, save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmark this checkout's model and kernels
+import lorakernels
+from lorakernels.adapters import PEFT_PREFIX, normalise_peft_key
+from model import Phi3Config, Phi3ForCausalLM
+from model.lora import DEFAULT_TARGETS, apply_lora
+from training.loop import StepLoss, accumulate_gradients
 
-ON_CUDA = torch.cuda.is_available()
-SEED = 1234
-INIT_STD = 0.02  # Hugging Face's initializer_range for the base weights
 LORA_B_STD = 0.01
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
-TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LR = 1e-4
 WEIGHT_DECAY = 0.0
 REL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
@@ -121,63 +120,30 @@ CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
 # ----------------------------------------------------------------------------- worker: the base
 
 
-def lora_shapes(config) -> Dict[str, tuple]:
-    """Our LoRA parameter names -> shapes: A [r, in], B [out, r] per target per layer."""
-    h, inter, r = config.hidden_size, config.intermediate_size, LORA["r"]
-    in_out = {"self_attn.qkv_proj": (h, sum(config.qkv_split_sizes)), "self_attn.o_proj": (h, h),
-              "mlp.gate_up_proj": (h, 2 * inter), "mlp.down_proj": (inter, h)}
-    shapes = {}
-    for i in range(config.num_hidden_layers):
-        for name, (fan_in, fan_out) in in_out.items():
-            shapes[f"model.layers.{i}.{name}.lora_A"] = (r, fan_in)
-            shapes[f"model.layers.{i}.{name}.lora_B"] = (fan_out, r)
-    return shapes
-
-
-def cpu_name() -> str:
-    """The CPU's model name and core count, from /proc/cpuinfo where there is one."""
-    try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
-    except OSError:
-        models = []
-    return f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
+def lora_init(model: Phi3ForCausalLM) -> Dict[str, torch.Tensor]:
+    """One LoRA init, named and shaped by apply_lora on ``model`` (in place): A kaiming-uniform as
+    loralib/PEFT draw it, B ~ N(0, LORA_B_STD²) (not zeros, so the low-rank path counts from step 1)."""
+    apply_lora(model, targets=DEFAULT_TARGETS, **LORA)
+    gen = torch.Generator().manual_seed(SEED)
+    init = {}
+    for name, param in model.named_parameters():
+        if name.endswith("lora_A"):
+            bound = 1.0 / math.sqrt(param.shape[1])
+            init[name] = torch.rand(param.shape, generator=gen) * (2 * bound) - bound
+        elif name.endswith("lora_B"):
+            init[name] = torch.randn(param.shape, generator=gen) * LORA_B_STD
+    return init
 
 
 def build_base(spec: dict) -> dict:
     """Random base weights saved with our save_pretrained, and one LoRA init (safetensors)."""
-    from safetensors.torch import save_file
-
-    from model import Phi3Config, Phi3ForCausalLM
-
-    device, dtype = spec["device"], getattr(torch, spec["dtype"])
     config = Phi3Config.from_name(spec["preset"])
     if spec["layers"]:
         config = dataclasses.replace(config, num_hidden_layers=spec["layers"])
-    with torch.device("meta"):  # no default init: every weight is drawn once below
-        model = Phi3ForCausalLM(config).to(dtype)
-    model.to_empty(device=device)
-    gen = torch.Generator(device).manual_seed(SEED)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.normal_(0.0, INIT_STD, generator=gen)
+    model = random_base(config, getattr(torch, spec["dtype"]), spec["device"])
     model.save_pretrained(spec["checkpoint"])
-    del model
-
-    gen = torch.Generator().manual_seed(SEED)
-    init = {}
-    for name, shape in lora_shapes(config).items():
-        if name.endswith("lora_A"):
-            bound = 1.0 / math.sqrt(shape[1])
-            init[name] = torch.rand(shape, generator=gen) * (2 * bound) - bound
-        else:
-            init[name] = torch.randn(shape, generator=gen) * LORA_B_STD
-    save_file(init, spec["lora_init"])
-    return {"device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
-            "cuda": torch.version.cuda, "num_threads": torch.get_num_threads(),
+    save_file(lora_init(model), spec["lora_init"])
+    return {"cuda": torch.version.cuda, "num_threads": torch.get_num_threads(),
             "config": {k: v for k, v in dataclasses.asdict(config).items()
                        if k not in ("extra", "rope_scaling")}}
 
@@ -196,9 +162,10 @@ class Subject:
     set_dropout: object
 
 
-def peft_key(name: str) -> str:
-    """PEFT's parameter name -> ours (base_model.model.X.lora_A.default.weight -> X.lora_A)."""
-    return name.removeprefix("base_model.model.").replace(".default.weight", "")
+def ours_from_peft(name: str) -> str:
+    """PEFT's in-memory parameter name -> ours (base_model.model.X.lora_A.default.weight -> X.lora_A),
+    by lorakernels.adapters' key rule."""
+    return normalise_peft_key(name).removeprefix(PEFT_PREFIX).removesuffix(".weight")
 
 
 def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
@@ -209,12 +176,12 @@ def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject
                                                         attn_implementation="sdpa").to(device)
     model = peft.get_peft_model(base, peft.LoraConfig(
         r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-        target_modules=list(TARGETS), bias="none", task_type="CAUSAL_LM"))
+        target_modules=list(DEFAULT_TARGETS), bias="none", task_type="CAUSAL_LM"))
     lora = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()  # fp32 adapters over the frozen base, as ours
-            lora[peft_key(name)] = param
+            lora[ours_from_peft(name)] = param
     dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
 
     def set_checkpointing(enabled: bool) -> None:
@@ -242,13 +209,8 @@ def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject
 
 
 def ours_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
-    import lorakernels
-    from model import Phi3ForCausalLM
-    from model.lora import apply_lora
-    from training.loop import StepLoss, accumulate_gradients
-
     model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=device),
-                       targets=TARGETS, **LORA)
+                       targets=DEFAULT_TARGETS, **LORA)
     lora = {name: p for name, p in model.named_parameters() if p.requires_grad}
     layers = [m for m in model.modules() if isinstance(m, lorakernels.LoRALayer)]
 
@@ -357,8 +319,6 @@ def profile_step(fn, device: str) -> str:
 
 
 def train_provider(spec: dict) -> dict:
-    from safetensors.torch import load_file
-
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     build = hf_peft_subject if spec["provider"] == "hf_peft" else ours_subject
     subject = build(spec["checkpoint"], dtype, device)
@@ -405,22 +365,6 @@ def run_worker(spec: dict, workdir: Path, name: str, env: Optional[dict] = None)
         print(f"!! {name} failed (exit {proc.returncode}):\n" + "\n".join(tail), file=sys.stderr)
         return {"crash": "\n".join(tail), "returncode": proc.returncode}
     return json.loads(Path(spec["result"]).read_text())
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "triton"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
-def device_label(device: str, device_name: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
 def relative_error(value: float, reference: float) -> float:
@@ -561,7 +505,7 @@ def markdown_report(result: dict, command: str) -> str:
         f"Config {s['config']}: {s['preset']} architecture ({c['num_hidden_layers']} layers, hidden "
         f"{c['hidden_size']}, vocab {c['vocab_size']}), random weights (seed {SEED}), {s['dtype']} "
         f"base, fp32 LoRA r {LORA['r']} / alpha {LORA['lora_alpha']} / dropout "
-        f"{LORA['lora_dropout']} on {', '.join(TARGETS)}; AdamW lr {LR:g}; batch "
+        f"{LORA['lora_dropout']} on {', '.join(DEFAULT_TARGETS)}; AdamW lr {LR:g}; batch "
         f"{s['batch_size']} × {s['seq_len']} tokens; {s['check_steps']} check + "
         f"{s['warmup_steps']} warm-up + {s['steps']} timed steps"
         + ("; ms/step: median of the timed steps" if s["repeats"] == 1 else
@@ -604,11 +548,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="run every provider this many times, in turn, and report the "
                              "lowest of the runs' median ms/step (default: 1): for machines "
                              "shared with other work")
-    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results"),
-                        help="where to write train_<device>.json and .md (default: benchmarks/results)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="phi3-tiny with 2 layers, batch 2 × 64, a few steps: a test of the "
-                             "script; files get a _smoke suffix")
+    add_output_args(parser, "train", "phi3-tiny with 2 layers, batch 2 × 64, a few steps: a test "
+                                     "of the script; files get a _smoke suffix")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step per provider with torch.profiler "
                              "(top ops to <stem>_profile.txt)")
@@ -621,6 +562,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < (1 if name == "check_steps" else 0):
             parser.error(f"--{name.replace('_', '-')} is too small")
     return args
+
+
+def write_profiles(profiles: Dict[str, str], path: Path) -> None:
+    """Each provider's torch.profiler table, one after the other."""
+    text = "\n\n".join(f"== {p}: one step, top {PROFILE_ROWS} ops by self time\n{t}"
+                       for p, t in profiles.items())
+    path.write_text(text + "\n")
+    print(f"wrote {path}")
 
 
 def settings_from(args: argparse.Namespace) -> dict:
@@ -642,23 +591,22 @@ def main(argv=None) -> int:
         worker_main(args.worker)
         return 0
     settings = settings_from(args)
-    device = "cuda" if ON_CUDA else "cpu"
     providers = args.providers or list(PROVIDERS)
     modes = CHECKPOINTING[settings["grad_checkpointing"]]
-    command = shlex.join(["python", *sys.argv])
+    command = command_line()
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        spec = dict(settings, device=device, checkpoint=str(workdir / "base"),
+        spec = dict(settings, device=DEVICE, checkpoint=str(workdir / "base"),
                     lora_init=str(workdir / "lora_init.safetensors"), profile=args.profile)
-        print(f"== base: {settings['preset']}, {settings['dtype']}, on {device}", flush=True)
+        print(f"== base: {settings['preset']}, {settings['dtype']}, on {DEVICE}", flush=True)
         base = run_worker(dict(spec, task="base"), workdir, "base")
         if "crash" in base:
             return 1
         # One process per provider on GPU (peak memory resets per run); on CPU one per
         # setting too, as a process's peak RSS never goes down. Repeats go round all the
         # providers in turn, so that load from elsewhere falls on each alike.
-        groups = [modes] if device == "cuda" else [[m] for m in modes]
+        groups = [modes] if ON_CUDA else [[m] for m in modes]
         results = {provider: {"runs": []} for provider in providers}
         for repeat in range(args.repeats):
             for provider in providers:
@@ -689,14 +637,12 @@ def main(argv=None) -> int:
     if crashed:
         check["passed"] = False
         check["failures"].append(f"crashed: {', '.join(crashed)}")
-    label = device_label(device, base["device_name"])
     profiles = {r["provider"]: r.pop("profile") for r in rows if "profile" in r}
     result = {
-        "device": label, "device_name": base["device_name"], "device_type": device,
-        "cuda": base["cuda"], "num_threads": base["num_threads"],
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(), "command": command,
-        "settings": dict(settings, providers=providers, lora=LORA, targets=list(TARGETS), lr=LR,
+        "device": device_label(cpu="cpu"), "device_name": device_name(), "device_type": DEVICE,
+        "cuda": base["cuda"], "num_threads": base["num_threads"], "date": utc_now(),
+        "versions": versions("transformers", "peft"), "command": command,
+        "settings": dict(settings, providers=providers, lora=LORA, targets=list(DEFAULT_TARGETS), lr=LR,
                          weight_decay=WEIGHT_DECAY, seed=SEED, lora_b_std=LORA_B_STD,
                          lora_dtype="float32",
                          timer="time.perf_counter around each step" +
@@ -705,19 +651,10 @@ def main(argv=None) -> int:
         "loss_check": check,
         "rows": rows,
     }
-    report = markdown_report(result, command)
-    print(report)
-
-    stem = f"train_{label}" + ("_smoke" if settings["smoke"] else "")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(report)
-    print(f"wrote {args.out_dir / stem}.json and .md")
+    stem = f"train_{result['device']}" + ("_smoke" if settings["smoke"] else "")
+    write_results(result, markdown_report(result, command), args.out_dir, stem)
     if profiles:
-        text = "\n\n".join(f"== {p}: one step, top {PROFILE_ROWS} ops by self time\n{t}"
-                           for p, t in profiles.items())
-        (args.out_dir / f"{stem}_profile.txt").write_text(text + "\n")
-        print(f"wrote {args.out_dir / stem}_profile.txt")
+        write_profiles(profiles, args.out_dir / f"{stem}_profile.txt")
     if not check["passed"]:
         print("LOSS CHECK FAILED:\n  " + "\n  ".join(check["failures"]), file=sys.stderr)
         return 1

@@ -10,22 +10,14 @@ Benchmarks write their own results next to it. Any issue lent a GPU runs this fi
 """
 import argparse
 import json
-import platform
-import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
+from common import ROOT, device_label, utc_now, versions
+
 import torch
-import triton
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def device_slug() -> str:
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
 def steps() -> list:
@@ -67,11 +59,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU; on CPU run `python -m pytest -q` instead")
 
-    slug = device_slug()
+    slug = device_label()
     log_dir = ROOT / "benchmarks" / "results" / f"gpu_check_{slug}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    summary = dict(device=torch.cuda.get_device_name(), date=datetime.now(timezone.utc).isoformat(),
-                   torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+    summary = dict(device=torch.cuda.get_device_name(), date=utc_now(), **versions(),
                    cuda=torch.version.cuda, steps=[])
     chosen = [(name, command) for name, command in steps() if not args.only or name in args.only]
     if args.only and len(chosen) != len(args.only):

@@ -166,7 +166,7 @@ def _shapes(state: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
     return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
 
-def _normalise_peft_key(key: str) -> str:
+def normalise_peft_key(key: str) -> str:
     """Drop the adapter name PEFT keeps in memory (``lora_A.default.weight``), as its saved files do."""
     return re.sub(r"\.(lora_(?:embedding_)?[AB])\.default(?=\.weight$|$)", r".\1", key)
 
@@ -272,7 +272,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
     with safe_open(str(weights_file), framework="pt", device="cpu") as reader:
         sources, seen, unexpected, misshaped = match_keys(
             reader, _shapes(state),
-            lambda file_key: lora_keys.get(_normalise_peft_key(file_key))
+            lambda file_key: lora_keys.get(normalise_peft_key(file_key))
             or _base_weight_key(file_key, state))
         missing = [peft_key for peft_key, key in lora_keys.items() if key not in seen]
         if misshaped or missing or unexpected:

@@ -12,6 +12,8 @@ PROVIDERS = {"hf_peft", "ours_eager", "ours_fused"}
 
 
 def load_script():
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports benchmarks/common.py
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,319 @@
+"""What the benchmark scripts share: setup, arguments, result files, Phi-3 shapes and presets,
+and the one-LoRA-layer timing harness of bench_lora_linear.py and bench_qlora.py.
+
+Import it before anything that imports Triton: without CUDA it sets TRITON_INTERPRET=1,
+which Triton reads when kernels are decorated. It also puts this checkout first on
+sys.path, so that the benchmarks measure its code. Scripts import it as ``common``: Python
+puts a script's own folder on sys.path.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+if not ON_CUDA:
+    # Triton picks interpreter or compiler when kernels are decorated: set it before importing them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # benchmark this checkout's kernels and model
+
+import triton.testing  # noqa: E402
+
+from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear  # noqa: E402
+from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
+from lorakernels.reference import BaseWeight, lora_linear_reference  # noqa: E402
+from model import Phi3Config, Phi3ForCausalLM  # noqa: E402
+from model.build import random_model  # noqa: E402
+
+DEVICE = "cuda" if ON_CUDA else "cpu"
+SEED = 1234
+RESULTS_DIR = Path("benchmarks/results")
+
+
+# ----------------------------------------------------------------------------- device, versions
+
+
+def device_label(cpu: str = "cpu-interpreter") -> str:
+    """The device in result file names: the GPU's name as a slug, or ``cpu`` on a CPU."""
+    if not ON_CUDA:
+        return cpu
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU's model name and core count (from /proc/cpuinfo where there is one)."""
+    if ON_CUDA:
+        return torch.cuda.get_device_name()
+    try:
+        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")]
+    except OSError:
+        models = []
+    return f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
+
+
+def versions(*packages: str) -> dict:
+    """Python's version and torch's, triton's and ``packages``' (None where not installed)."""
+    found = {"python": platform.python_version()}
+    for package in ("torch", "triton", *packages):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def result_header(smoke: bool) -> dict:
+    """What every kernel result file starts with: device, date, versions, and whether it was a smoke run."""
+    return {"device": device_label(), "date": utc_now(), **versions(), "smoke": smoke}
+
+
+def versions_line(result: dict) -> str:
+    """The report's line for result_header's versions and date."""
+    return (f"torch {result['torch']}, triton {result['triton']}, python {result['python']}; "
+            f"{result['date']}")
+
+
+# ----------------------------------------------------------------------------- arguments, files
+
+
+def add_output_args(parser: argparse.ArgumentParser, stem: str, smoke_help: str) -> None:
+    """--out-dir (where ``<stem>_<device>.json`` and ``.md`` go) and --smoke."""
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
+                        help=f"where to write {stem}_<device>.json and .md (default: {RESULTS_DIR})")
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+
+
+def smoke_mode(args) -> bool:
+    """Whether to run the tiny smoke case: asked for, or forced without CUDA (interpreter only)."""
+    if not ON_CUDA and not INTERPRETING:
+        raise SystemExit("no CUDA device: the CPU smoke test needs TRITON_INTERPRET=1 (or unset)")
+    return args.smoke or not ON_CUDA
+
+
+def result_stem(name: str, smoke: bool) -> str:
+    """``<name>_<device>``, ``_smoke`` added on a GPU smoke run (without one every run is a smoke run)."""
+    return f"{name}_{device_label()}" + ("_smoke" if smoke and ON_CUDA else "")
+
+
+def command_line() -> str:
+    """How this script was run, for the report."""
+    return shlex.join(["python", *sys.argv])
+
+
+def write_results(result: dict, report: str, out_dir: Path, stem: str) -> None:
+    """Print the markdown report and write ``<stem>.json`` and ``.md``."""
+    print(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(report)
+    print(f"wrote {out_dir / stem}.json and .md")
+
+
+# ----------------------------------------------------------------------------- Phi-3 presets
+
+
+def linear_shapes(model: str) -> Dict[str, Tuple[int, int]]:
+    """A preset's LoRA target linears, name -> (K in, N out)."""
+    config = Phi3Config.from_name(model)
+    h, inter = config.hidden_size, config.intermediate_size
+    return {"qkv": (h, sum(config.qkv_split_sizes)), "o": (h, h), "gate_up": (h, 2 * inter),
+            "down": (inter, h)}
+
+
+PHI3_MINI = "phi3-mini-4k"
+PHI3_MINI_SHAPES = linear_shapes(PHI3_MINI)
+
+
+def random_base(config: Phi3Config, dtype: torch.dtype, device: str,
+                quantize: Optional[str] = None) -> Phi3ForCausalLM:
+    """The benchmarks' random base (model.build.random_model from SEED): the same weights every run."""
+    return random_model(config, dtype, device, SEED, quantize)
+
+
+# ----------------------------------------------------------------------------- one LoRA layer
+
+
+# Fused output vs the fp32 reference: max |error| / max |reference|, as tests/test_lora_kernels.py.
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@dataclass
+class Inputs:
+    """One case: x [M, K], weight [N, K] (frozen; dense or NF4), lora_A [r, K], lora_B [N, r], dy [M, N]."""
+
+    x: torch.Tensor
+    weight: BaseWeight
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    dy: torch.Tensor
+    dropout_p: float
+
+    @property
+    def trainable(self) -> List[torch.Tensor]:
+        return [self.x, self.lora_A, self.lora_B]
+
+
+def random_weight(K: int, N: int, dtype: torch.dtype) -> torch.Tensor:
+    """A frozen base weight [N, K] with entries N(0, 1/K), so outputs keep the inputs' scale."""
+    gen = torch.Generator(DEVICE).manual_seed(SEED)
+    return (torch.randn(N, K, generator=gen, device=DEVICE) * K ** -0.5).to(dtype)
+
+
+def make_inputs(M: int, weight: torch.Tensor, r: int, dropout_p: float,
+                adapter_dtype: torch.dtype) -> Inputs:
+    """M rows over ``weight``: x and dy in its dtype, A and B in ``adapter_dtype``."""
+    N, K = weight.shape
+    gen = torch.Generator(DEVICE).manual_seed(SEED + M)
+
+    def randn(*shape, scale=1.0, dtype=weight.dtype):
+        return (torch.randn(*shape, generator=gen, device=DEVICE) * scale).to(dtype)
+
+    # B is random, not PEFT's zeros, so that the correctness check sees the low-rank term.
+    return Inputs(
+        x=randn(M, K).requires_grad_(), weight=weight,
+        lora_A=randn(r, K, scale=K ** -0.5, dtype=adapter_dtype).requires_grad_(),
+        lora_B=randn(N, r, scale=r ** -0.5, dtype=adapter_dtype).requires_grad_(),
+        dy=randn(M, N), dropout_p=dropout_p,
+    )
+
+
+def fused(t: Inputs, scaling: float) -> torch.Tensor:
+    """Our layer: lorakernels.ops.lora_linear.fused_lora_linear (Triton), no bias."""
+    return fused_lora_linear(t.x, t.weight, None, t.lora_A, t.lora_B, scaling, t.dropout_p, SEED)
+
+
+def check_fused(t: Inputs, dense_weight: torch.Tensor, scaling: float, name: str, case: str) -> None:
+    """fused(t) against the fp32 reference over ``dense_weight`` (t's weight, or what its NF4
+    weight dequantises to), given the kernels' own dropout mask; exits if it is wrong.
+
+    Run with the benchmark's dropout p (exact, as the mask is the kernels' own) so that the
+    first call, which autotunes, tunes the variant that is then timed: the autotune keys
+    hold the dropout flag.
+    """
+    with torch.no_grad():
+        y = fused(t, scaling).float()
+        x = t.x.float()
+        mask = dropout_mask(*x.shape, t.dropout_p, SEED, x.device) if t.dropout_p > 0 else 1.0
+        ref = lora_linear_reference(x, dense_weight.float(), None, t.lora_A.float(),
+                                    t.lora_B.float(), scaling, lora_input=x * mask)
+    error = ((y - ref).abs().max() / ref.abs().max()).item()
+    tol = REL_TOL[t.x.dtype]
+    if not error < tol:
+        raise SystemExit(f"{name} is wrong for {case}: relative max error {error:.3g} against "
+                         f"lorakernels.reference (tolerance {tol:g} in {t.x.dtype}); not timing it")
+
+
+def add_layer_args(parser: argparse.ArgumentParser, shapes: Sequence[str],
+                   tokens: Sequence[int]) -> None:
+    """--tokens, --shapes, --rank and --dropout: the one-layer case, with these defaults."""
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(tokens), metavar="M",
+                        help=f"token counts M to run (default: {' '.join(map(str, tokens))})")
+    parser.add_argument("--shapes", nargs="+", choices=list(PHI3_MINI_SHAPES), default=list(shapes),
+                        help=f"Phi-3-mini layers to run (default: {' '.join(shapes)})")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout p (default: 0.05)")
+
+
+# ----------------------------------------------------------------------------- modes
+
+
+Provider = Callable[[Inputs], torch.Tensor]
+
+
+def forward_step(provider: Provider, t: Inputs) -> Callable[[], object]:
+    return lambda: provider(t)
+
+
+def backward_step(provider: Provider, t: Inputs) -> Callable[[], object]:
+    y = provider(t)  # the graph is built once, outside the timed region
+    return lambda: y.backward(t.dy, retain_graph=True)
+
+
+def forward_backward_step(provider: Provider, t: Inputs) -> Callable[[], object]:
+    return lambda: provider(t).backward(t.dy)
+
+
+BASE_GEMMS = {"forward": 1, "backward": 1, "both": 2}
+
+
+def base_flops(mode: str, M: int, K: int, N: int) -> int:
+    """FLOPs of the base GEMMs alone (backward: dx only, W is frozen); LoRA's are not counted."""
+    return BASE_GEMMS[mode] * 2 * M * N * K
+
+
+def extra_elements(mode: str, M: int, K: int, N: int) -> int:
+    """Elements the fused kernels read beyond the base GEMMs: x in F1; dy in B1, x in B3."""
+    forward, backward = M * K, M * K + M * N
+    return {"forward": forward, "backward": backward, "both": forward + backward}[mode]
+
+
+def timed_row(shape: str, M: int, K: int, N: int, r: int, provider: str, mode: str,
+              times: Sequence[float]) -> dict:
+    """A result row's case, its [median, p20, p80] ms and its base-GEMM TFLOP/s."""
+    median, p20, p80 = times
+    return dict(shape=shape, M=M, K=K, N=N, r=r, provider=provider, mode=mode, median_ms=median,
+                p20_ms=p20, p80_ms=p80, tflops=base_flops(mode, M, K, N) / (median * 1e-3) / 1e12)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+QUANTILES = [0.5, 0.2, 0.8]
+CPU_REPS = 5
+COPY_BYTES = {"cuda": 256 << 20, "cpu": 32 << 20}
+
+
+def gpu_timer(fn: Callable, grads: Sequence[torch.Tensor]) -> List[float]:
+    """[median, p20, p80] ms by triton.testing.do_bench, grads set to None outside the timing."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=list(grads),
+                                   quantiles=QUANTILES)
+
+
+def cpu_timer(fn: Callable, grads: Sequence[torch.Tensor]) -> List[float]:
+    """[median, p20, p80] ms of CPU_REPS calls after a warm-up: do_bench's protocol, host clock."""
+    fn()
+    times = []
+    for _ in range(CPU_REPS):
+        for g in grads:
+            g.grad = None
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return torch.tensor(times, dtype=torch.float64).quantile(
+        torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+
+
+time_ms = gpu_timer if ON_CUDA else cpu_timer  # [median, p20, p80] ms on this machine
+
+
+def timing_config() -> dict:
+    """How the times were taken, for a result's config."""
+    timer = ("triton.testing.do_bench(warmup=25, rep=100)" if ON_CUDA
+             else f"time.perf_counter, {CPU_REPS} calls after 1 warm-up")
+    return {"timer": timer, "triton_interpret": INTERPRETING}
+
+
+def copy_bandwidth_gbps() -> float:
+    """Bytes read + written per second by one large device-to-device copy, in GB/s."""
+    nbytes = COPY_BYTES[DEVICE]
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    median_ms = time_ms(lambda: dst.copy_(src), [])[0]
+    return 2 * nbytes / (median_ms * 1e-3) / 1e9
