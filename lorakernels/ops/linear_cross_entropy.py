@@ -29,7 +29,6 @@ trainable weight) matmuls the unchunked loss does, in chunks. The two with the
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 from ..reference import LoRAAdapter
 from .onednn_lora_linear import linear
