@@ -48,6 +48,7 @@ def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torc
     if uses_nf4(quantize):
         quantize_decoder_linears(model, dtype)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave the head and the embedding separate storage
     generator = torch.Generator().manual_seed(seed)
 
     def draw(shape) -> torch.Tensor:
