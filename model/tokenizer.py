@@ -64,6 +64,7 @@ class Phi3Tokenizer:
                  eos_ids: Iterable[int] = ()):
         self._tokenizer = tokenizer
         config = config or {}
+        self.config = config  # tokenizer_config.json as read, written back by save_pretrained
         self.special_tokens = dict(DEFAULT_SPECIAL_TOKENS)
         for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
             if _token_text(config.get(key)) is not None:
@@ -113,6 +114,22 @@ class Phi3Tokenizer:
     def save(self, path: Union[str, Path]) -> None:
         """Write tokenizer.json, e.g. beside a merged checkpoint."""
         self._tokenizer.save(str(path))
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and, when there are
+        eos ids beyond the tokenizer's eos, generation_config.json's eos_token_id: what
+        transformers' AutoTokenizer and generate read (e.g. beside a merged checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory / "tokenizer.json")
+        config = {**self.config, **self.special_tokens}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False)
+                                                       + "\n", encoding="utf-8")
+        generation = directory / GENERATION_CONFIG_FILE
+        if self.extra_eos_ids and not generation.exists():
+            generation.write_text(json.dumps({"eos_token_id": list(self.stop_ids)}, indent=2) + "\n")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

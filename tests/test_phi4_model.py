@@ -18,6 +18,7 @@ from lorakernels.adapters import merge_lora
 from model import Phi3Config, Phi3ForCausalLM
 from model.build import random_model
 from model.lora import apply_lora
+from model.tokenizer import TINY_TOKENIZER_DIR
 
 HEAD_DIM = 16
 PHI4_MINI = dict(vocab_size=128, hidden_size=6 * HEAD_DIM, intermediate_size=160, num_hidden_layers=2,
@@ -172,3 +173,37 @@ def test_presets_hold_the_public_numbers():
     # transformers accepts the same numbers (it validates the factor count against the rotary dims).
     transformers.Phi3Config(**{k: v for k, v in mini.to_hf_dict().items()
                                if k not in ("architectures", "model_type", "torch_dtype")})
+
+
+def test_greedy_generation_equals_transformers_and_stops_on_end_of_turn(tmp_path):
+    reference = hf_model(PHI4_MINI, tmp_path)
+    ours = Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(2))  # past 16
+    free = ours.generate(prompt, max_new_tokens=8, stop_ids=())
+    theirs = reference.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                eos_token_id=None, pad_token_id=1)
+    assert torch.equal(free, theirs)
+    new = free[0, 20:].tolist()
+    # A stand-in for the family's end of turn: the first generated token not seen before it.
+    first = next((j for j in range(1, len(new)) if new[j] not in new[:j]), 0)
+    stopped = ours.generate(prompt, max_new_tokens=8, stop_ids=(new[first],))
+    theirs = reference.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=new[first],
+                                pad_token_id=1)
+    assert torch.equal(stopped, theirs) and stopped.shape[1] == 21 + first
+
+
+def test_checkpoint_stop_ids_reach_generation(tmp_path):
+    """load_model's tokenizer stops on the checkpoint's generation_config.json eos ids and the
+    template's end of turn; generate() without stop_ids uses config.json's eos."""
+    import shutil
+
+    from model.build import load_model
+
+    hf_model({**PHI4_MINI, "vocab_size": 1088, "eos_token_id": 1024}, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_TOKENIZER_DIR / name, tmp_path / name)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1024, 1031, 5]}))
+    model, tokenizer = load_model(str(tmp_path), torch.float32, torch.device("cpu"))
+    assert tokenizer.stop_ids == (5, 1024, 1031)  # 1031: <|end|>, the template's end of turn
+    assert model.config.eos_token_id == 1024
+
