@@ -77,9 +77,9 @@ def _default_tokenizer() -> Phi3Tokenizer:
 
 def _template_of(tokenizer: Phi3Tokenizer):
     if tokenizer.chat_template is None:
-        raise ValueError(f"{tokenizer.template_source}: this tokenizer has no chat template "
-                         "(tokenizer_config.json's chat_template or chat_template.jinja); "
-                         "add one, or pass --tokenizer with one")
+        raise ValueError(f"{tokenizer.template_source}: no chat template (neither a chat_template "
+                         "in tokenizer_config.json nor chat_template.jinja); add one, or pass "
+                         "--tokenizer with one")
     return compile_template(tokenizer.chat_template)
 
 

@@ -96,6 +96,8 @@ class Phi3Tokenizer:
         jinja_file = directory / CHAT_TEMPLATE_FILE
         if jinja_file.is_file():  # transformers prefers the separate file when both exist
             template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        if template is None:
+            source = str(directory)
         return cls(Tokenizer.from_file(str(file)), config, template, source, read_eos_ids(directory))
 
     def add_eos_ids(self, ids: Iterable[int]) -> None:
