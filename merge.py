@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"merge.py: error: {error}\n")
     merge_lora(model).save_pretrained(args.output)
-    tokenizer.save(args.output / "tokenizer.json")
+    tokenizer.save_pretrained(args.output)  # with its chat template and stop ids
     print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
     return 0
 

@@ -110,7 +110,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
          ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, D]."""
+    """Rotary position embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, R]
+    rotate the first R <= D dims of each head, the rest pass through."""
     if selected_backend(q) == "triton":
         from .ops import rope as kernels
 

@@ -107,9 +107,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Phi-3's rotary embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, D]."""
+    """Phi-3's rotary embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, R].
+
+    R <= D: the first R dims of each head are rotated, the other D - R pass through
+    (partial rotary, Phi-4-mini's 96 of 128).
+    """
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    rotary = cos.shape[-1]
+    if rotary == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q_rot, q_pass = q[..., :rotary], q[..., rotary:]
+    k_rot, k_pass = k[..., :rotary], k[..., rotary:]
+    return (torch.cat((q_rot * cos + rotate_half(q_rot) * sin, q_pass), dim=-1),
+            torch.cat((k_rot * cos + rotate_half(k_rot) * sin, k_pass), dim=-1))
 
 
 def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from .loading import resolve_checkpoint_dir
 from .lora import apply_peft_adapter
 from .phi3 import Phi3ForCausalLM
 from .quantization import quantize_decoder_linears, uses_nf4
-from .tokenizer import Phi3Tokenizer, load_tokenizer
+from .tokenizer import Phi3Tokenizer, load_tokenizer, read_eos_ids
 
 INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of that spread
 
@@ -48,6 +48,7 @@ def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torc
     if uses_nf4(quantize):
         quantize_decoder_linears(model, dtype)
     model.to_empty(device=device)
+    model.tie_weights()  # to_empty gave the head and the embedding separate storage
     generator = torch.Generator().manual_seed(seed)
 
     def draw(shape) -> torch.Tensor:
@@ -86,6 +87,7 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed
         model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
                                                 quantize=quantize)
         loaded_tokenizer = load_tokenizer(tokenizer or directory)
+        loaded_tokenizer.add_eos_ids(read_eos_ids(directory))  # when the tokenizer is elsewhere
     if loaded_tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {loaded_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary only {model.config.vocab_size}")

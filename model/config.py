@@ -10,7 +10,7 @@ from typing import Optional
 IGNORED_HF_KEYS = {
     "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
     "use_cache", "attention_dropout", "embd_pdrop", "resid_pdrop", "attention_bias",
-    "initializer_range", "partial_rotary_factor", "_name_or_path", "output_attentions",
+    "initializer_range", "_name_or_path", "output_attentions",
     "output_hidden_states", "return_dict",
 }
 
@@ -26,7 +26,10 @@ class Phi3Config:
     max_position_embeddings: int = 4096
     original_max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
-    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (head_dim/2 each).
+    # RoPE rotates the first int(head_dim · factor) dims of each head, the rest pass through
+    # (Phi-4-mini: 0.75, so 96 of 128).
+    partial_rotary_factor: float = 1.0
+    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (rotary_dim/2 each).
     rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = 2047
     rms_norm_eps: float = 1e-5
@@ -46,6 +49,10 @@ class Phi3Config:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Phi-3 uses silu)")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} must give an even "
+                             f"number of rotated dims from 2 to head_dim {self.head_dim}, got "
+                             f"int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim}")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -54,14 +61,23 @@ class Phi3Config:
             if kind == "default":
                 self.rope_scaling = None
             else:
-                half = self.head_dim // 2
+                half = self.rotary_dim // 2
                 for key in ("short_factor", "long_factor"):
-                    if len(self.rope_scaling.get(key, ())) != half:
-                        raise ValueError(f"rope_scaling.{key} must have head_dim/2 = {half} values")
+                    count = len(self.rope_scaling.get(key, ()))
+                    if count != half:
+                        raise ValueError(f"rope_scaling.{key} must have rotary_dim/2 = {half} values "
+                                         f"(head_dim {self.head_dim} × partial_rotary_factor "
+                                         f"{self.partial_rotary_factor} = {self.rotary_dim} rotated "
+                                         f"dims), got {count}")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates: int(head_dim · partial_rotary_factor)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def qkv_split_sizes(self):
@@ -84,6 +100,9 @@ class Phi3Config:
         if "rope_parameters" in values and "rope_scaling" not in values:  # transformers 5 layout
             params = dict(values.pop("rope_parameters") or {})
             values.setdefault("rope_theta", params.pop("rope_theta", 10000.0))
+            for key in ("partial_rotary_factor", "original_max_position_embeddings"):
+                if key in params:
+                    values.setdefault(key, params.pop(key))
             kind = params.get("rope_type", params.get("type", "default"))
             values["rope_scaling"] = None if kind == "default" else params
         known = {f.name for f in fields(cls)} - {"extra"}
@@ -137,4 +156,17 @@ PRESETS = {
     "phi3.5-mini": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3.5-mini"]),
     "phi3-medium-4k": dict(hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
                            num_attention_heads=40, num_key_value_heads=10),
+    # microsoft/phi-4 (14 B): Phi-3-medium's shapes with a 100k vocabulary, 16k positions,
+    # rope_theta 250000, no sliding window; untied. Special ids are its tokenizer's <|endoftext|>.
+    "phi4": dict(vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
+                 num_attention_heads=40, num_key_value_heads=10, max_position_embeddings=16384,
+                 original_max_position_embeddings=16384, rope_theta=250000.0, sliding_window=None,
+                 bos_token_id=100257, eos_token_id=100257, pad_token_id=100257),
+    # microsoft/Phi-4-mini-instruct (3.8 B): 24 query / 8 KV heads of 128 dims, RoPE on the first
+    # 96 (LongRoPE factors for those 48 pairs), embeddings tied to the LM head, 200k vocabulary.
+    "phi4-mini": dict(LONG_CONTEXT, vocab_size=200064, hidden_size=3072, intermediate_size=8192,
+                      num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8,
+                      partial_rotary_factor=0.75, rope_scaling=LONGROPE_FACTORS["phi4-mini"],
+                      tie_word_embeddings=True, bos_token_id=199999, eos_token_id=200020,
+                      pad_token_id=199999),
 }

@@ -1,4 +1,4 @@
-"""Text generation with a KV cache: greedy, temperature and top-p sampling, Phi-3 stop ids."""
+"""Text generation with a KV cache: greedy, temperature and top-p sampling, the checkpoint's stop ids."""
 from typing import Iterable, Optional
 
 import torch
@@ -23,13 +23,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_p: float = 1.0, stop_ids: Iterable[int] = (32000, 32001, 32007),
-             pad_id: int = 32000, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             top_p: float = 1.0, stop_ids: Optional[Iterable[int]] = None,
+             pad_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Continue ``input_ids`` [B, T]; returns [B, T + n] with n <= max_new_tokens.
 
     A sequence ends at its first stop id (kept in the output) and is padded with
     ``pad_id`` while the others go on; generation stops when all have ended.
+    Defaults: the model config's eos and pad ids; chat callers pass the tokenizer's
+    ``stop_ids`` (which add the chat template's end of turn) and ``pad_id``.
     """
+    config = model.config
+    if stop_ids is None:
+        stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
+    if pad_id is None:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id or 0
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
     if not 0.0 < top_p <= 1.0:

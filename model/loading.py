@@ -81,6 +81,9 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
     plus one dense tensor (and its quantisation's temporaries), never the dense model.
     """
     expected = _expected_shapes(model)
+    # A tied weight's second name (lm_head.weight under tie_word_embeddings): some checkpoints
+    # still carry the tensor; as in transformers, the first name's tensor is the one used.
+    aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(expected)
     seen, unexpected, misshaped = set(), [], []
     device = torch.device(device)
     for shard in shard_files(directory):
@@ -90,7 +93,7 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
             for name, file_key in sources.items():
                 _set_tensor(model, name, reader.get_tensor(file_key), dtype)
         seen |= shard_seen
-        unexpected += shard_unexpected
+        unexpected += [key for key in shard_unexpected if key not in aliases]
         misshaped += shard_misshaped
     missing = set(expected) - seen
     if missing or unexpected or misshaped:

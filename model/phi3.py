@@ -3,7 +3,8 @@
 Data flows RMSNorm → attention (fused qkv, RoPE, SDPA) → residual → RMSNorm →
 MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
 Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
-dtype, LongRoPE's long factors when positions pass the original context). RMSNorm,
+dtype, LongRoPE's long factors when positions pass the original context, RoPE on the
+first ``rotary_dim`` dims of each head when ``partial_rotary_factor`` < 1, as Phi-4-mini). RMSNorm,
 RoPE and SwiGLU are ``lorakernels.functional``'s, which runs them as fused Triton
 kernels or as the eager reference (``LORAKERNELS_BACKEND``), like the LoRA layers.
 """
@@ -34,11 +35,15 @@ class Phi3RMSNorm(nn.Module):
 
 
 class Phi3RotaryEmbedding(nn.Module):
-    """cos/sin for given positions; LongRoPE switches to long factors past the original context."""
+    """cos/sin for given positions; LongRoPE switches to long factors past the original context.
+
+    Sized to the rotated dims (``config.rotary_dim``, all of head_dim unless
+    ``partial_rotary_factor`` < 1): ``functional.rope`` passes the rest of each head through.
+    """
 
     def __init__(self, config: Phi3Config):
         super().__init__()
-        dim = config.head_dim
+        dim = config.rotary_dim
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         base_freq = config.rope_theta ** exponents
         scaling = config.rope_scaling
@@ -51,7 +56,7 @@ class Phi3RotaryEmbedding(nn.Module):
         self.longrope = scaling is not None
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """position_ids [B, T] → cos, sin [B, T, head_dim] in ``dtype``."""
+        """position_ids [B, T] → cos, sin [B, T, rotary_dim] in ``dtype``."""
         inv_freq = self.short_inv_freq
         if self.longrope and int(position_ids.max()) + 1 > self.original_max_positions:
             inv_freq = self.long_inv_freq
@@ -174,7 +179,13 @@ class Phi3ForCausalLM(nn.Module):
         self.config = config
         self.model = Phi3Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Under ``tie_word_embeddings`` (Phi-4-mini) the LM head's weight is the embedding
+        table itself, one Parameter. Called again wherever parameters are replaced (loading,
+        ``to_empty``), which unties them."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def init_rotary(self, device: Union[str, torch.device]) -> None:
@@ -216,8 +227,7 @@ class Phi3ForCausalLM(nn.Module):
         if nf4:
             quantize_decoder_linears(model, dtype)
         load_safetensors_checkpoint(model, directory, dtype, device)
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight
+        model.tie_weights()
         model.init_rotary(device)
         return model
 

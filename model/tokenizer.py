@@ -1,40 +1,108 @@
-"""Phi-3's tokenizer: a thin layer over a ``tokenizers.Tokenizer`` loaded from tokenizer.json.
+"""A checkpoint's tokenizer: a thin layer over ``tokenizers.Tokenizer`` (tokenizer.json) plus
+what transformers reads beside it: tokenizer_config.json's special tokens and chat template
+(or chat_template.jinja), and the eos ids of generation_config.json and config.json.
 
 Phi-3 uses Llama-2's 32000-token BPE with byte fallback plus 11 added chat tokens
-(``<|endoftext|>`` 32000 ... ``<|user|>`` 32010). Special ids are looked up by their text, so the
-tiny tokenizer in ``model/assets/phi3-tiny`` (same tokens, 1024-token base vocabulary, built by
-``scripts/build_tiny_tokenizer.py``) works the same way.
+(``<|endoftext|>`` 32000 ... ``<|user|>`` 32010); Phi-4 a 100k tiktoken-style BPE with
+ChatML-like tokens (``<|im_start|>``, ``<|im_sep|>``, ``<|im_end|>``); Phi-4-mini a 200k one
+with Phi-3's role tokens. Nothing here is specific to one of them: special ids are looked up
+by the text the checkpoint's files name. The tiny tokenizer in ``model/assets/phi3-tiny``
+(Phi-3's tokens on a 1024-token base vocabulary, built by ``scripts/build_tiny_tokenizer.py``)
+works the same way.
 
     tokenizer = load_tokenizer()              # the tiny one; or a checkpoint directory
     ids = tokenizer.encode("Hello")
 """
+import json
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from tokenizers import Tokenizer
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "phi3-tiny"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG_FILE = "generation_config.json"
 
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "<|endoftext|>"
-END_TOKEN = "<|end|>"
-ASSISTANT_TOKEN = "<|assistant|>"
+# Used only when tokenizer_config.json names no such token (Phi-3's names).
+DEFAULT_SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}
+
+
+def _token_text(value) -> Optional[str]:
+    """tokenizer_config.json writes a special token as its text or as {"content": text, ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _ids(value) -> List[int]:
+    """An eos_token_id entry of a config: one id, a list of them, or nothing."""
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def read_eos_ids(directory: Union[str, Path]) -> List[int]:
+    """eos_token_id of ``directory``'s generation_config.json and config.json (either may list
+    several, as Phi-3's generation config does: 32000, 32001, 32007)."""
+    ids: List[int] = []
+    for name in (GENERATION_CONFIG_FILE, "config.json"):
+        file = Path(directory) / name
+        if file.is_file():
+            try:
+                ids += _ids(json.loads(file.read_text()).get("eos_token_id"))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}: not valid JSON ({error})") from error
+    return ids
 
 
 class Phi3Tokenizer:
-    """Text <-> token ids with Phi-3's special tokens; no BOS unless asked for."""
+    """Text <-> token ids, the checkpoint's special tokens and chat template; no BOS unless asked."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, config: Optional[dict] = None,
+                 chat_template: Optional[str] = None, template_source: str = "chat_template",
+                 eos_ids: Iterable[int] = ()):
         self._tokenizer = tokenizer
+        config = config or {}
+        self.config = config  # tokenizer_config.json as read, written back by save_pretrained
+        self.special_tokens = dict(DEFAULT_SPECIAL_TOKENS)
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            if _token_text(config.get(key)) is not None:
+                self.special_tokens[key] = _token_text(config[key])
+        self.chat_template = chat_template
+        self.template_source = template_source  # where the template came from, for errors
+        self.extra_eos_ids = tuple(eos_ids)
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Phi3Tokenizer":
-        """Load a tokenizer.json, given its path or the directory that holds it."""
+        """Load a tokenizer.json, given its path or the directory that holds it, with the
+        tokenizer_config.json, chat_template.jinja and generation_config.json beside it."""
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
-        return cls(Tokenizer.from_file(str(file)))
+        directory = file.parent
+        config_file = directory / TOKENIZER_CONFIG_FILE
+        config = {}
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+        template, source = config.get("chat_template"), f"{config_file}: chat_template"
+        if isinstance(template, list):  # named templates, as transformers writes several
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template, source = named.get("default"), f"{config_file}: chat_template 'default'"
+        jinja_file = directory / CHAT_TEMPLATE_FILE
+        if jinja_file.is_file():  # transformers prefers the separate file when both exist
+            template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+        if template is None:
+            source = str(directory)
+        return cls(Tokenizer.from_file(str(file)), config, template, source, read_eos_ids(directory))
+
+    def add_eos_ids(self, ids: Iterable[int]) -> None:
+        """More ids that end generation (a checkpoint's config.json and generation_config.json)."""
+        self.extra_eos_ids = tuple(dict.fromkeys(self.extra_eos_ids + tuple(ids)))
 
     def encode(self, text: str, add_bos: bool = False) -> List[int]:
         """Token ids of ``text``; special-token strings in it become their ids, as in transformers.
@@ -48,6 +116,22 @@ class Phi3Tokenizer:
     def save(self, path: Union[str, Path]) -> None:
         """Write tokenizer.json, e.g. beside a merged checkpoint."""
         self._tokenizer.save(str(path))
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """tokenizer.json, tokenizer_config.json (with the chat template) and, when there are
+        eos ids beyond the tokenizer's eos, generation_config.json's eos_token_id: what
+        transformers' AutoTokenizer and generate read (e.g. beside a merged checkpoint)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.save(directory / "tokenizer.json")
+        config = {**self.config, **self.special_tokens}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False)
+                                                       + "\n", encoding="utf-8")
+        generation = directory / GENERATION_CONFIG_FILE
+        if self.extra_eos_ids and not generation.exists():
+            generation.write_text(json.dumps({"eos_token_id": list(self.stop_ids)}, indent=2) + "\n")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -64,29 +148,44 @@ class Phi3Tokenizer:
             raise KeyError(f"token {token!r} is not in the tokenizer's vocabulary")
         return token_id
 
+    def special_token_id(self, key: str) -> Optional[int]:
+        """Id of tokenizer_config.json's ``key`` (bos_token, eos_token, pad_token, unk_token)."""
+        text = self.special_tokens.get(key)
+        return None if text is None else self.token_id(text)
+
     @property
     def bos_id(self) -> int:
-        return self.token_id(BOS_TOKEN)
+        return self.special_token_id("bos_token")
 
     @property
     def eos_id(self) -> int:
-        """``<|endoftext|>``: ends a document, and a rendered chat without generation prompt."""
-        return self.token_id(EOS_TOKEN)
+        """tokenizer_config.json's eos_token (Phi-3: ``<|endoftext|>``, which ends a document
+        and a rendered chat without generation prompt)."""
+        return self.special_token_id("eos_token")
 
     @property
     def end_id(self) -> int:
-        """``<|end|>``, which closes every chat turn."""
-        return self.token_id(END_TOKEN)
+        """The token that closes an assistant turn in the chat template (Phi-3 and Phi-4-mini:
+        ``<|end|>``; Phi-4: ``<|im_end|>``)."""
+        from .chat import end_of_turn_id
+
+        return end_of_turn_id(self)
 
     @property
     def pad_id(self) -> int:
-        """Phi-3 pads with its eos; padded positions are masked, so the choice is harmless."""
-        return self.eos_id
+        """tokenizer_config.json's pad_token, else the eos; padded positions are masked, so the
+        choice is harmless."""
+        pad = self.special_token_id("pad_token")
+        return self.eos_id if pad is None else pad
 
     @property
     def stop_ids(self) -> Tuple[int, ...]:
-        """Generation stops on any of these: end of text, a new assistant turn, end of turn."""
-        return tuple(self.token_id(token) for token in (EOS_TOKEN, ASSISTANT_TOKEN, END_TOKEN))
+        """Generation stops on any of these: the eos, the end of an assistant turn, and the eos
+        ids of the checkpoint's generation_config.json and config.json (sorted)."""
+        ids = {self.eos_id, *self.extra_eos_ids}
+        if self.chat_template is not None:
+            ids.add(self.end_id)
+        return tuple(sorted(ids))
 
 
 def load_tokenizer(path_or_dir: Optional[Union[str, Path]] = None) -> Phi3Tokenizer:

@@ -10,7 +10,8 @@ JSON layout itself may change between tokenizers releases; rebuild then).
 
     python scripts/build_tiny_tokenizer.py [--out-dir DIR]
 
-Writes DIR/tokenizer.json and DIR/tokenizer_config.json (enough for transformers' AutoTokenizer).
+Writes DIR/tokenizer.json and DIR/tokenizer_config.json (enough for transformers' AutoTokenizer),
+and DIR/generation_config.json with Phi-3's stop tokens.
 """
 import argparse
 import itertools
@@ -205,14 +206,28 @@ def tokenizer_config() -> dict:
     }
 
 
+def generation_config(tokenizer: Tokenizer) -> dict:
+    """Phi-3's generation_config.json (eos 32000, 32001, 32007: <|endoftext|>, <|assistant|>,
+    <|end|>) with the tiny tokenizer's ids of the same tokens."""
+    ids = {token: tokenizer.token_to_id(token) for token in ("<s>", "<|endoftext|>", "<|assistant|>", "<|end|>")}
+    return {"bos_token_id": ids["<s>"],
+            "eos_token_id": [ids["<|endoftext|>"], ids["<|assistant|>"], ids["<|end|>"]],
+            "pad_token_id": ids["<|endoftext|>"]}
+
+
 def write_tiny_tokenizer(out_dir: Path) -> List[Path]:
-    """Write tokenizer.json and tokenizer_config.json into ``out_dir``; return their paths."""
+    """Write tokenizer.json, tokenizer_config.json and generation_config.json into ``out_dir``;
+    return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / "tokenizer.json"
     config_path = out_dir / "tokenizer_config.json"
-    tokenizer_path.write_text(build_tokenizer().to_str(pretty=True) + "\n", encoding="utf-8")
+    generation_path = out_dir / "generation_config.json"
+    tokenizer = build_tokenizer()
+    tokenizer_path.write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     config_path.write_text(json.dumps(tokenizer_config(), indent=2) + "\n", encoding="utf-8")
-    return [tokenizer_path, config_path]
+    generation_path.write_text(json.dumps(generation_config(tokenizer), indent=2) + "\n",
+                               encoding="utf-8")
+    return [tokenizer_path, config_path, generation_path]
 
 
 def main() -> None:

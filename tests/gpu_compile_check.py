@@ -92,9 +92,10 @@ def _launch_configs(settings, sizes, **extra):
 RMS_NORM_CONFIGS = _launch_configs(rms_norm_ops.rms_norm_settings,
                                    [96, 3072, 5120, rms_norm_ops.MAX_ROW])
 SWIGLU_CONFIGS = _launch_configs(swiglu_ops.swiglu_settings, [96, 688, 8192, 17920])
-# (heads, head dim): tiny, Phi-3-mini, Phi-3-medium, the largest head dim; forward and backward.
+# (heads, rotated dims): tiny, Phi-3-mini, Phi-4-mini (96 of 128), Phi-3-medium and Phi-4, the
+# largest head dim; forward and backward.
 ROPE_CONFIGS = [config for backward in (False, True) for config in _launch_configs(
-    rope_ops.rope_settings, [(4, 16), (32, 96), (40, 128), (64, rope_ops.MAX_HEAD_DIM)],
+    rope_ops.rope_settings, [(4, 16), (32, 96), (24, 96), (40, 128), (64, rope_ops.MAX_HEAD_DIM)],
     BACKWARD=backward)]
 NF4_DEQUANT_CONFIGS = [triton.Config(nf4_ops.nf4_dequant_settings()[0],
                                      num_warps=nf4_ops.nf4_dequant_settings()[1])]

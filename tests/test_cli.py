@@ -39,6 +39,11 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(ids), with_adapter(ids), rtol=1e-5, atol=1e-5)
     assert (tmp_path / "merged" / "tokenizer.json").exists()
+    from model.tokenizer import load_tokenizer
+
+    merged_tokenizer, tokenizer = load_tokenizer(tmp_path / "merged"), load_tokenizer()
+    assert merged_tokenizer.chat_template == tokenizer.chat_template
+    assert merged_tokenizer.stop_ids == tokenizer.stop_ids
 
 
 def test_generate_answers_a_prompt(adapter):

@@ -276,6 +276,33 @@ def test_rope_head_loop_broadcast_batch_and_unequal_halves(monkeypatch, head_dim
     run_rope(q, k, cos, sin)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_partial_rotary_passes_the_other_dims_through(monkeypatch, dtype):
+    # Phi-4-mini's layout scaled down: 128-dim heads, the first 96 rotated (LongRoPE, long
+    # factors), 3 query heads per KV head; two heads a step so the head loop runs.
+    monkeypatch.setattr(rope_ops, "TILE", 2 * 64)
+    config = Phi3Config(hidden_size=6 * 128, num_attention_heads=6, num_key_value_heads=2,
+                        partial_rotary_factor=0.75, max_position_embeddings=64,
+                        original_max_position_embeddings=16,
+                        rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
+                                      "long_factor": [1.0 + i / 4 for i in range(48)]})
+    q, k = qkv_heads(2, 5, 6, 2, 128, dtype)
+    cos, sin = rotary(config, torch.arange(20, 25).expand(2, 5), dtype)
+    assert cos.shape == (2, 5, 96)
+    q_out, k_out, dq, dk = run_rope(q, k, cos, sin)
+    assert torch.equal(q_out[..., 96:], q[..., 96:]) and torch.equal(k_out[..., 96:], k[..., 96:])
+    assert not torch.equal(q_out[..., :96], q[..., :96])
+
+
+def test_rope_partial_equals_transformers_phi3():
+    hf_phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3")
+    q, k = qkv_heads(2, 7, 4, 2, 16, torch.float32)
+    cos, sin = randn(2, 7, 12, seed=3), randn(2, 7, 12, seed=4)
+    q_ref, k_ref = apply_rope_reference(q, k, cos, sin)
+    q_hf, k_hf = hf_phi3.apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(q_ref, q_hf) and torch.equal(k_ref, k_hf)
+
+
 def test_rope_equals_transformers_phi3():
     hf_phi3 = pytest.importorskip("transformers.models.phi3.modeling_phi3")
     config = Phi3Config(hidden_size=4 * 96, num_attention_heads=4, num_key_value_heads=2)
@@ -317,8 +344,12 @@ def test_bad_shapes():
         apply_rope(randn(1, 2, 3, 7), randn(1, 2, 3, 7), randn(1, 3, 7), randn(1, 3, 7))
     with pytest.raises(ValueError, match="differ in batch, length or head dim"):
         apply_rope(q, randn(1, 2, 4, 8), randn(1, 3, 8), randn(1, 3, 8))
-    with pytest.raises(ValueError, match=r"cos must be \[B, T, D\]"):
+    with pytest.raises(ValueError, match=r"cos must be \[B, T, R\]"):
         apply_rope(q, q, randn(3, 8), randn(1, 3, 8))
+    with pytest.raises(ValueError, match="even number of dims from 2 to the head dim 8; cos/sin have 10"):
+        apply_rope(q, q, randn(1, 3, 10), randn(1, 3, 10))
+    with pytest.raises(ValueError, match=r"sin must be \[B, T, R\] = \[1, 3, 6\]"):
+        apply_rope(q, q, randn(1, 3, 6), randn(1, 3, 8))
     with pytest.raises(ValueError, match="no gradient for cos or sin"):
         apply_rope(q, q, randn(1, 3, 8).requires_grad_(), randn(1, 3, 8))
 
@@ -356,3 +387,7 @@ def test_phi3_mini_shapes_on_gpu(dtype):
     q, k = qkv_heads(1, 512, 40, 10, 128, dtype)
     medium = Phi3Config.from_name("phi3-medium-4k")
     run_rope(q, k, *rotary(medium, torch.arange(512)[None], dtype))
+    # Phi-4-mini: 24 query, 8 KV heads of 128 dims, the first 96 rotated, long factors.
+    q, k = qkv_heads(1, 512, 24, 8, 128, dtype)
+    mini = Phi3Config.from_name("phi4-mini")
+    run_rope(q, k, *rotary(mini, torch.arange(4096, 4608)[None], dtype))

@@ -117,8 +117,8 @@ def test_presets():
         long = Phi3Config.from_name(name)
         assert long.max_position_embeddings == 131072 and len(long.rope_scaling["long_factor"]) == 48
         assert abs(long.rope_attention_scaling - 1.1902380714238083) < 1e-12  # sqrt(1 + ln 32 / ln 4096)
-    with pytest.raises(ValueError, match="unknown preset 'phi4'"):
-        Phi3Config.from_name("phi4")
+    with pytest.raises(ValueError, match="unknown preset 'phi5'"):
+        Phi3Config.from_name("phi5")
 
 
 def test_bf16_logits_close_to_transformers_bf16(tmp_path):

@@ -241,7 +241,7 @@ def test_build_script_reproduces_the_shipped_files(tmp_path):
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / name).read_bytes() == (TINY_TOKENIZER_DIR / name).read_bytes(), (
             f"{name} differs from a fresh build; rerun scripts/build_tiny_tokenizer.py"
         )

@@ -184,7 +184,7 @@ def test_trains_from_a_checkpoint_directory(data, tmp_path):
     cfg = config(data, tmp_path / "unused")
     base, tokenizer = load_model(cfg.model, torch.float32, torch.device("cpu"), cfg.seed)
     base.save_pretrained(tmp_path / "base")
-    tokenizer.save(tmp_path / "base" / "tokenizer.json")
+    tokenizer.save_pretrained(tmp_path / "base")  # tokenizer.json and its chat template
     summary = train(config(data, tmp_path / "run", model=str(tmp_path / "base"), max_steps=2),
                     log=lambda _: None)
     assert summary["step"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()

@@ -16,6 +16,11 @@ sin once, then rotates every head of q and then of k, BLOCK_H heads at a time
 are usually transposed views of the qkv projection); outputs are new contiguous
 [B, H, T, D] tensors, so autograd never sees an in-place change.
 Saved for backward: cos and sin only.
+
+Partial rotary (Phi-4-mini: cos/sin [B, T, R] with R = 96 < D = 128): the kernel runs on
+the views ``q[..., :R]``, ``k[..., :R]`` (strides unchanged, so no copy) and writes the
+rotated dims of the outputs; the other D - R dims are copied through, and their gradient
+passes through unchanged.
 """
 from typing import Tuple
 
@@ -106,14 +111,21 @@ def rope_settings(n_heads: int, head_dim: int) -> Tuple[dict, int]:
 def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
+    R = cos.shape[-1]  # rotated dims; the last D - R pass through
     q_out = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
     k_out = torch.empty((B, Hk, T, D), device=k.device, dtype=k.dtype)
     if B * T == 0:
         return q_out, k_out
-    meta, warps = rope_settings(max(Hq, Hk), D)
+    if R < D:
+        q_out[..., R:].copy_(q[..., R:])
+        k_out[..., R:].copy_(k[..., R:])
+        q, k, q_rot, k_rot = q[..., :R], k[..., :R], q_out[..., :R], k_out[..., :R]
+    else:
+        q_rot, k_rot = q_out, k_out
+    meta, warps = rope_settings(max(Hq, Hk), R)
     _rope_kernel[(B * T,)](
-        q, k, cos, sin, q_out, k_out, T, Hq, Hk, D // 2,
-        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_out.stride(), *k_out.stride(),
+        q, k, cos, sin, q_rot, k_rot, T, Hq, Hk, R // 2,
+        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_rot.stride(), *k_rot.stride(),
         BACKWARD=backward, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
     )
     return q_out, k_out
@@ -121,7 +133,8 @@ def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]
 
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, D] (any strides) → rotated q, k (contiguous)."""
+    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, R], R <= D (any strides) → q, k with their
+    first R dims rotated (contiguous)."""
     return _launch(q, k, cos, sin, backward=False)
 
 
@@ -154,9 +167,13 @@ def _check_inputs(q, k, cos, sin):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head dim")
     if D % 2 or not 0 < D <= MAX_HEAD_DIM:
         raise ValueError(f"apply_rope needs an even head dim from 2 to {MAX_HEAD_DIM}, got {D}")
+    R = cos.shape[-1] if cos.dim() == 3 else D
+    if R % 2 or not 0 < R <= D:
+        raise ValueError(f"apply_rope rotates an even number of dims from 2 to the head dim {D}; "
+                         f"cos/sin have {R}")
     for name, t in (("cos", cos), ("sin", sin)):
-        if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (T, D):
-            raise ValueError(f"{name} must be [B, T, D] = [{B}, {T}, {D}] (or [1, {T}, {D}]), "
+        if t.dim() != 3 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != (T, R):
+            raise ValueError(f"{name} must be [B, T, R] = [{B}, {T}, {R}] (or [1, {T}, {R}]), "
                              f"got {tuple(t.shape)}")
 
 
@@ -166,8 +183,9 @@ class RoPEFunction(torch.autograd.Function):
         _check_inputs(q, k, cos, sin)
         if any(ctx.needs_input_grad[2:]):
             raise ValueError("apply_rope gives no gradient for cos or sin; pass them detached")
-        B, _, T, D = q.shape
-        cos, sin = cos.expand(B, T, D), sin.expand(B, T, D)  # a batch of 1 broadcasts by stride 0
+        B, _, T, _ = q.shape
+        R = cos.shape[-1]
+        cos, sin = cos.expand(B, T, R), sin.expand(B, T, R)  # a batch of 1 broadcasts by stride 0
         ctx.save_for_backward(cos, sin)
         return rope_forward(q, k, cos, sin)
 
@@ -181,7 +199,8 @@ class RoPEFunction(torch.autograd.Function):
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``reference.rope_reference`` in one launch: q [B, Hq, T, D], k [B, Hk, T, D],
-    cos/sin [B, T, D] → (rotated q, rotated k), new contiguous tensors."""
+    cos/sin [B, T, R] (R <= D dims rotated, the rest copied) → (rotated q, rotated k), new
+    contiguous tensors."""
     with on_device(q):
         return RoPEFunction.apply(q, k, cos, sin)
 
