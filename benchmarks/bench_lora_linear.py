@@ -30,7 +30,7 @@ import argparse
 from typing import Callable, Dict, List
 
 from common import (  # first: it sets TRITON_INTERPRET before anything imports Triton
-    COPY_BYTES, DEVICE, PHI3_MINI_SHAPES, SEED, Inputs, add_layer_args, add_output_args,
+    COPY_BYTES, DEVICE, PHI3_MINI_SHAPES, SEED, linear_shapes, Inputs, add_layer_args, add_output_args,
     backward_step, check_fused, command_line, copy_bandwidth_gbps, extra_elements,
     forward_backward_step, forward_step, fused, make_inputs, random_weight, result_header,
     result_stem, smoke_mode, time_ms, timed_row, timing_config, versions_line, write_results)
@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     smoke = smoke_mode(args)
-    shapes = SMOKE_SHAPES if smoke else {name: PHI3_MINI_SHAPES[name] for name in args.shapes}
+    shapes = SMOKE_SHAPES if smoke else {name: linear_shapes(args.model)[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else args.tokens
     if smoke:
         args.dtype = SMOKE_DTYPE

@@ -65,17 +65,17 @@ import math
 from typing import Dict, List, Optional
 
 from common import (  # first: it sets TRITON_INTERPRET before anything imports Triton
-    BASE_GEMMS, DEVICE, ON_CUDA, PHI3_MINI, PHI3_MINI_SHAPES, SEED, BaseWeight, Inputs,
+    BASE_GEMMS, DEVICE, ON_CUDA, PHI3_MINI, SEED, BaseWeight, Inputs,
     add_layer_args, add_output_args, base_flops, check_fused, command_line, copy_bandwidth_gbps,
     device_name, extra_elements, forward_backward_step, forward_step, fused, make_inputs,
-    random_base, random_weight, result_header, result_stem, smoke_mode, time_ms, timed_row,
+    linear_shapes, random_base, random_weight, result_header, result_stem, smoke_mode, time_ms, timed_row,
     timing_config, versions_line, write_results)
 
 import torch
 
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, nf4_nbytes, quantize_nf4
 from lorakernels.nf4_layers import NF4Layer
-from model import PRESETS, Phi3Config, Phi3ForCausalLM
+from model import Phi3Config, Phi3ForCausalLM
 from model.quantization import quantize_decoder_linears
 
 DEFAULT_SHAPES = ["qkv", "gate_up"]
@@ -431,10 +431,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "weight (fused-in-K-loop, dequant+dense, default dispatch) vs bf16.")
     parser.add_argument("--sections", nargs="+", choices=["memory", "layers"],
                         default=["memory", "layers"], help="what to run (default: both)")
-    parser.add_argument("--model", choices=sorted(PRESETS), default=PHI3_MINI,
-                        help="preset whose base memory is computed and, on a GPU, measured "
-                             f"(default: {PHI3_MINI})")
-    add_layer_args(parser, shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS)
+    add_layer_args(parser, shapes=DEFAULT_SHAPES, tokens=DEFAULT_TOKENS)  # --model: also the
+    # preset whose base memory is computed and, on a GPU, measured
     parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default: 32)")
     add_output_args(parser, "qlora",
                     f"tiny case (K=64, N=64, M={' '.join(map(str, SMOKE_TOKENS))}; memory of "
@@ -448,7 +446,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     smoke = smoke_mode(args)
-    shapes = SMOKE_SHAPES if smoke else {name: PHI3_MINI_SHAPES[name] for name in args.shapes}
+    shapes = SMOKE_SHAPES if smoke else {name: linear_shapes(args.model)[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else sorted(set(args.tokens))
     measure_model = SMOKE_MODEL if smoke else args.model
 

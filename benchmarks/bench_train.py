@@ -90,7 +90,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakernels
 from lorakernels.adapters import PEFT_PREFIX, normalise_peft_key
-from model import Phi3Config, Phi3ForCausalLM
+from model import PRESETS, Phi3Config, Phi3ForCausalLM
 from model.lora import DEFAULT_TARGETS, apply_lora
 from training.loop import StepLoss, accumulate_gradients
 
@@ -538,6 +538,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "step 1 is compared (default: 3 on cpu-small, 2 on gpu-mini and smoke)")
     parser.add_argument("--batch-size", type=int, help="sequences per step (default: per config)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: per config)")
+    parser.add_argument("--model", choices=sorted(PRESETS),
+                        help="preset whose architecture is trained (default: per config)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
     parser.add_argument("--grad-checkpointing", choices=list(CHECKPOINTING),
                         help="gradient checkpointing off, on or both (default: both for "
@@ -582,6 +584,8 @@ def settings_from(args: argparse.Namespace) -> dict:
                  "grad_checkpointing", "repeats"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
+    if args.model is not None:
+        settings["preset"] = args.model
     return settings
 
 

@@ -34,7 +34,7 @@ import triton.testing  # noqa: E402
 from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear  # noqa: E402
 from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
 from lorakernels.reference import BaseWeight, lora_linear_reference  # noqa: E402
-from model import Phi3Config, Phi3ForCausalLM  # noqa: E402
+from model import PRESETS, Phi3Config, Phi3ForCausalLM  # noqa: E402
 from model.build import random_model  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -225,8 +225,10 @@ def add_layer_args(parser: argparse.ArgumentParser, shapes: Sequence[str],
     """--tokens, --shapes, --rank and --dropout: the one-layer case, with these defaults."""
     parser.add_argument("--tokens", type=int, nargs="+", default=list(tokens), metavar="M",
                         help=f"token counts M to run (default: {' '.join(map(str, tokens))})")
+    parser.add_argument("--model", choices=sorted(PRESETS), default=PHI3_MINI,
+                        help=f"preset whose layer shapes are run (default: {PHI3_MINI})")
     parser.add_argument("--shapes", nargs="+", choices=list(PHI3_MINI_SHAPES), default=list(shapes),
-                        help=f"Phi-3-mini layers to run (default: {' '.join(shapes)})")
+                        help=f"the model's layers to run (default: {' '.join(shapes)})")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout p (default: 0.05)")
 
