@@ -6,7 +6,7 @@
 import sys
 
 from training.config import build_parser, parse_config
-from training.loop import train
+from training.loop import TrainingDiverged, train
 
 
 def main(argv=None) -> int:
@@ -15,6 +15,8 @@ def main(argv=None) -> int:
         train(config)
     except (ValueError, FileNotFoundError) as error:  # bad flags, config, data or paths: no traceback
         build_parser().exit(2, f"train.py: error: {error}\n")
+    except TrainingDiverged as error:  # a runtime failure, not a usage error
+        build_parser().exit(1, f"train.py: error: {error}\n")
     return 0
 
 

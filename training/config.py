@@ -1,6 +1,7 @@
 """TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that order."""
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -62,6 +63,10 @@ class TrainConfig:
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
         positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:

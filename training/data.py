@@ -148,6 +148,17 @@ class MicroBatches:
         return collate([self.rows[i] for i in picked], self.pad_id)
 
 
+def require_targets(rows: Sequence[PackedRow], path, max_seq_len: int, truncated: int) -> None:
+    """Refuse data that would train on nothing: a loss over no tokens is 0 and looks like success."""
+    if any(label != IGNORE for row in rows for label in row.labels):
+        return
+    if truncated:
+        raise ValueError(f"{path}: no target tokens left after truncating {truncated} conversation(s) "
+                         f"to --max-seq-len {max_seq_len}: every assistant reply was cut off; "
+                         f"raise --max-seq-len")
+    raise ValueError(f"{path}: no target tokens (no assistant reply has a token to predict)")
+
+
 def batches_in_order(rows: Sequence[PackedRow], batch_size: int, pad_id: int) -> Iterator[dict]:
     """Every row once, in order: for evaluation."""
     for start in range(0, len(rows), batch_size):

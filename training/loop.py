@@ -18,10 +18,11 @@ from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import (load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint,
+                         step_checkpoints)
 from .config import TrainConfig
-from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, target_tokens,
-                   tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
+                   target_tokens, tokenize_chats)
 from .distributed import Distributed
 from .tensorboard_log import TensorBoardLog
 
@@ -96,7 +97,42 @@ def prepare_rows(path: str, tokenizer, config: TrainConfig):
     """Packed rows of a data file, and how many conversations were truncated."""
     examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
                                          config.train_on_prompt)
-    return pack(examples, config.max_seq_len, config.packing), truncated
+    rows = pack(examples, config.max_seq_len, config.packing)
+    require_targets(rows, path, config.max_seq_len, truncated)
+    return rows, truncated
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, gradient or weights stopped being finite: the run stops instead of saving them."""
+
+
+def metrics_line(row: dict) -> str:
+    """One strict-JSON line: a value that is not finite is written as null (JSON has no NaN)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def check_finite(step: int, loss: float, grad_norm: float, output: Path) -> None:
+    """Stop before the optimizer applies a step whose loss or gradient is not finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}: training "
+                           f"diverged (try a lower --lr); {last_good(output)}")
+
+
+def check_finite_weights(params, step: int, output: Path) -> None:
+    """Never save LoRA weights that are not finite (e.g. one update with an infinite --lr)."""
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    raise TrainingDiverged(f"step {step}: the LoRA weights are no longer finite: training diverged "
+                           f"(try a lower --lr); {last_good(output)}")
+
+
+def last_good(output: Path) -> str:
+    found = step_checkpoints(output)
+    if found:
+        return f"the last good checkpoint is {found[-1]} (nothing after it was saved)"
+    return f"no checkpoint was saved in {output}"
 
 
 class StopOnInterrupt:
@@ -197,6 +233,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
 
     def save(name: str, step: int) -> Path:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
+        check_finite_weights(params, step, output)
         save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
                         config.target_modules, dist.is_main)
         dist.barrier()
@@ -220,8 +257,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             micro = [{k: v.to(device) for k, v in train_batches[step * config.grad_accum + j].items()}
                      for j in range(config.grad_accum)]
             loss = accumulate_gradients(step_loss, micro, dist)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-                         if config.max_grad_norm > 0 else float("nan"))
+            # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged either way.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")).item()
+            check_finite(step + 1, loss, grad_norm, output)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -244,7 +283,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                 evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device)
                 row.update(step=step, **evaluation)
             if row and metrics:
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(metrics_line(row))
                 metrics.flush()
                 if board:
                     board.log(row)
