@@ -15,7 +15,7 @@ def main(argv=None) -> int:
         train(config)
     except (ValueError, FileNotFoundError) as error:  # bad flags, config, data or paths: no traceback
         build_parser().exit(2, f"train.py: error: {error}\n")
-    except TrainingDiverged as error:  # a runtime failure, not a usage error
+    except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
         build_parser().exit(1, f"train.py: error: {error}\n")
     return 0
 

@@ -76,15 +76,19 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
-                      target_modules=target_modules, state=lora)
-    save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
-             "config": config}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    _replace_directory(tmp, directory)
+    try:
+        tmp.mkdir(parents=True)
+        save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
+                          target_modules=target_modules, state=lora)
+        save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
+                 "config": config}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+        _replace_directory(tmp, directory)
+    except BaseException:  # disk full, Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
@@ -97,6 +101,12 @@ def resolve_resume(resume: str, output: Path) -> Optional[Path]:
     if not (path / STATE_FILE).exists():
         raise ValueError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
     return path
+
+
+def finished_step(output: Path) -> Optional[int]:
+    """The step of ``output/final`` when the run finished, else None."""
+    state = output / "final" / STATE_FILE
+    return json.loads(state.read_text())["step"] if state.exists() else None
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:

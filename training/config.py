@@ -57,6 +57,7 @@ class TrainConfig:
     log_every: int = 1
     report_to: str = "none"
     resume: Optional[str] = None
+    overwrite: bool = False
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
@@ -93,6 +94,9 @@ class TrainConfig:
         if self.quantize != "none" and self.strategy == "fsdp":
             raise ValueError("--quantize nf4 works with --strategy ddp, not fsdp: FSDP shards "
                              "parameters, and the 4-bit base weights are buffers")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite replaces the run in --output and --resume continues it: "
+                             "give one of them")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
@@ -130,6 +134,8 @@ HELP = {
     "log_every": "write metrics every N steps",
     "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
+    "overwrite": "replace the run already in --output (its metrics.jsonl, checkpoint-*/, final/ "
+                 "and tensorboard/ are removed when training starts; other files stay)",
 }
 
 

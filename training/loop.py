@@ -18,12 +18,14 @@ from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import (load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint,
-                         step_checkpoints)
+from .checkpoint import (finished_step, load_checkpoint, prune_checkpoints, resolve_resume,
+                         save_checkpoint, step_checkpoints)
 from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
                    target_tokens, tokenize_chats)
 from .distributed import Distributed
+from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
+                            remove_stale_temporaries)
 from .tensorboard_log import TensorBoardLog
 
 
@@ -169,9 +171,15 @@ class StepLoss(torch.nn.Module):
 def train(config: TrainConfig, log=print) -> dict:
     """Run the job described by ``config`` (one process, or one rank under torchrun)."""
     dist = Distributed.from_env(config.device)
+    lock = None
     try:
+        if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
+            lock = RunLock(Path(config.output), log)
+            refuse_to_replace(Path(config.output), config.resume, config.overwrite)
         return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
+        if lock:
+            lock.release()
         dist.close()
 
 
@@ -223,6 +231,13 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     start_step = 0
     if config.resume:
         checkpoint = resolve_resume(config.resume, output)
+        finished = finished_step(output) if config.resume == "latest" else None
+        if finished is not None and finished >= total_steps:
+            log(f"{output} holds a finished run (final/ at step {finished}); nothing to do: pass "
+                f"--max-steps above {finished} to train it further")
+            return {"step": finished, "finished": True, "adapter": str(output / "final")}
+        if finished is not None:
+            checkpoint = output / "final"
         if checkpoint is not None:
             start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
             log(f"resumed from {checkpoint} at step {start_step}")
@@ -241,6 +256,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
 
     if dist.is_main:
         output.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output, log)
+        if config.overwrite:  # only now that data and model are ready: a failed start loses nothing
+            remove_previous_run(output, log)
         drop_metrics_after(output / "metrics.jsonl", start_step)
     metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
     board = (TensorBoardLog(output, start_step, settings)
