@@ -58,6 +58,7 @@ class TrainConfig:
     report_to: str = "none"
     resume: Optional[str] = None
     overwrite: bool = False
+    allow_changed_resume: bool = False
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
@@ -134,6 +135,8 @@ HELP = {
     "log_every": "write metrics every N steps",
     "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
+    "allow_changed_resume": "let --resume continue a run whose data or training settings "
+                            "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",
     "overwrite": "replace the run already in --output (its metrics.jsonl, checkpoint-*/, final/ "
                  "and tensorboard/ are removed when training starts; other files stay)",
 }

@@ -18,8 +18,8 @@ from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import (finished_step, load_checkpoint, prune_checkpoints, resolve_resume,
-                         save_checkpoint, step_checkpoints)
+from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
+                         resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
 from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
                    target_tokens, tokenize_chats)
@@ -87,12 +87,35 @@ def evaluate(step_loss, rows, batch_size: int, pad_id: int, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metrics of steps after ``step``: a resumed run logs them again."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+def drop_metrics_after(path: Path, step: int, log=print) -> None:
+    """Forget metrics of steps after ``step``: a resumed run logs them again. A torn last line
+    (the run was killed mid-write) is dropped with a note; a bad line before it is an error."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not JSON; fix or remove that line to resume") from None
+            log(f"note: {path}:{number}: dropped a torn last line (the run stopped mid-write)")
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+def report_overrides(config: TrainConfig, scheduler, optimizer, log) -> None:
+    """A checkpoint's schedule and optimizer settings win over the flags; say so when they differ."""
+    peak_lr = scheduler.base_lrs[0]
+    if not math.isclose(peak_lr, config.lr):
+        log(f"note: the checkpoint's peak learning rate {peak_lr:g} is used, not --lr {config.lr:g}")
+    weight_decay = optimizer.param_groups[0]["weight_decay"]
+    if not math.isclose(weight_decay, config.weight_decay):
+        log(f"note: the checkpoint's weight decay {weight_decay:g} is used, "
+            f"not --weight-decay {config.weight_decay:g}")
 
 
 def prepare_rows(path: str, tokenizer, config: TrainConfig):
@@ -228,19 +251,20 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
 
+    fingerprint = run_fingerprint(config, train_batches.global_batch)
     start_step = 0
     if config.resume:
-        checkpoint = resolve_resume(config.resume, output)
-        finished = finished_step(output) if config.resume == "latest" else None
+        finished = finished_step(output, log) if config.resume == "latest" else None
         if finished is not None and finished >= total_steps:
             log(f"{output} holds a finished run (final/ at step {finished}); nothing to do: pass "
                 f"--max-steps above {finished} to train it further")
             return {"step": finished, "finished": True, "adapter": str(output / "final")}
-        if finished is not None:
-            checkpoint = output / "final"
+        checkpoint = output / "final" if finished is not None else resolve_resume(config.resume, output, log)
         if checkpoint is not None:
+            check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
             start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
             log(f"resumed from {checkpoint} at step {start_step}")
+            report_overrides(config, scheduler, optimizer, log)
         else:
             log(f"--resume: no checkpoint in {output}, starting fresh")
 
@@ -250,7 +274,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
         check_finite_weights(params, step, output)
         save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
-                        config.target_modules, dist.is_main)
+                        config.target_modules, dist.is_main, fingerprint)
         dist.barrier()
         return output / name
 
@@ -259,7 +283,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         remove_stale_temporaries(output, log)
         if config.overwrite:  # only now that data and model are ready: a failed start loses nothing
             remove_previous_run(output, log)
-        drop_metrics_after(output / "metrics.jsonl", start_step)
+        drop_metrics_after(output / "metrics.jsonl", start_step, log)
     metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
     board = (TensorBoardLog(output, start_step, settings)
              if config.report_to == "tensorboard" and dist.is_main else None)
