@@ -34,7 +34,10 @@ class Phi3Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {file}")
-        return cls(Tokenizer.from_file(str(file)))
+        try:
+            return cls(Tokenizer.from_file(str(file)))
+        except Exception as error:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{file}: not a readable tokenizer.json ({error})") from None
 
     def encode(self, text: str, add_bos: bool = False) -> List[int]:
         """Token ids of ``text``; special-token strings in it become their ids, as in transformers.

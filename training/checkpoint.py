@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorakernels.adapters import (LORA_FILE, load_lora_state_dict, save_lora_state_dict,
                                   save_peft_adapter)
+from lorakernels.weight_files import follow_umask, open_safetensors, replace_directory
 
 from .distributed import full_tensors, shard_like
 
@@ -56,17 +56,6 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_gr
         value = value if name == "step" else shard_like(value, params[int(index)])
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def _replace_directory(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 def file_sha256(path) -> str:
@@ -141,7 +130,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
         state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
                  "config": config, "fingerprint": fingerprint}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-        _replace_directory(tmp, directory)
+        for path in tmp.iterdir():
+            follow_umask(path)
+        replace_directory(tmp, directory)
     except BaseException:  # disk full, Ctrl-C: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,10 +159,10 @@ def verify_checkpoint(directory: Path) -> dict:
     for name in (LORA_FILE, OPTIMIZER_FILE):
         path = directory / name
         try:  # the header and its offsets against the file's size: truncation shows here
-            with safe_open(str(path), framework="pt") as reader:
+            with open_safetensors(path) as reader:
                 reader.keys()
-        except Exception as error:  # safetensors raises its own error types, or OSError
-            raise ValueError(f"{path}: damaged or missing ({error})") from None
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
     return state
 
 
@@ -214,7 +205,9 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
     """
     state = read_state(directory)
     load_lora_state_dict(model, directory / LORA_FILE)
-    _restore_optimizer(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"])
+    with open_safetensors(directory / OPTIMIZER_FILE) as reader:
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    _restore_optimizer(optimizer, tensors, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 

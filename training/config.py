@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+from model.build import resolve_device
 from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
 
@@ -69,7 +70,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
-        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every")
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
+                    "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -81,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        resolve_device(self.device)  # cuda without a GPU, or an unknown device, stops here
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):

@@ -291,7 +291,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     evaluation: Optional[dict] = None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not dist.is_main)
-    interrupt = StopOnInterrupt()
+    interrupt, interrupted = StopOnInterrupt(), None
     try:
         while step < total_steps:
             # Dropout masks are a function of (seed, step, rank): resume is exact with no RNG state.
@@ -336,9 +336,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                     prune_checkpoints(output, config.save_total_limit)
             # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
             if dist.sum(interrupt.requested) > 0 and step < total_steps:
-                path = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
-                log(f"interrupted: saved {path} at step {step}; continue with --resume")
-                return {"step": step, "interrupted": True, "checkpoint": str(path)}
+                interrupted = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
+                break
     finally:
         interrupt.restore()
         bar.close()
@@ -346,6 +345,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             metrics.close()
         if board:
             board.close()
+    if interrupted:  # after the bar is closed: the message gets a line of its own
+        log(f"interrupted: saved {interrupted} at step {step}; continue with --resume")
+        return {"step": step, "interrupted": True, "checkpoint": str(interrupted)}
     final = save("final", step)
     summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
