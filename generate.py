@@ -2,6 +2,9 @@
 
     python generate.py --adapter runs/phi3-lora/final --prompt "What is 2 plus 2?"
     python generate.py --adapter runs/phi3-lora/final --chat
+
+Exit status: 0 done, 1 a runtime failure (a file system error), 2 a usage or input error,
+130 interrupted by Ctrl-C.
 """
 import argparse
 import sys
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from model.build import load_model, resolve_device, resolve_dtype
+from model.build import load_model, preset_seed, resolve_device, resolve_dtype
 from model.chat import tokenize_chat
 from model.quantization import QUANTIZE_CHOICES
 
@@ -25,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat", action="store_true", help="interactive chat on stdin")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=42,
-                        help="sampling seed; for a preset, also the seed its random base was built with")
+    parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off (default)")
+    parser.add_argument("--seed", type=int,
+                        help="sampling seed; for a preset, also the seed its random base was built with "
+                             "(default: the training --seed recorded beside the adapter, else 42)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                         help="nf4: the decoder's linear weights in 4 bits (QLoRA's base)")
@@ -35,9 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Ranges and the device, at parse time: each bad value is one usage line naming its flag."""
+    if not args.prompt and not args.chat:
+        parser.error("give --prompt TEXT or --chat")
+    if args.max_new_tokens <= 0:
+        parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def load(args):
     """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
     device = resolve_device(args.device)
+    args.seed = preset_seed(args.model, args.adapter, args.seed)
     model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device, args.seed,
                                   getattr(args, "quantize", "none"), args.tokenizer, args.adapter)
     return model.eval(), tokenizer, device
@@ -56,24 +77,27 @@ def reply(model, tokenizer, messages, args, device) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.prompt and not args.chat:
-        parser.error("give --prompt TEXT or --chat")
+    check_args(parser, args)
     try:
         model, tokenizer, device = load(args)
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        if args.prompt:
+            print(reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, device))
+            return 0
+        print("chat: an empty line ends it")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line.strip()})
+            answer = reply(model, tokenizer, messages, args, device)
+            messages.append({"role": "assistant", "content": answer})
+            print(f"assistant: {answer}")
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"generate.py: error: {error}\n")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    if args.prompt:
-        print(reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, device))
-        return 0
-    print("chat: an empty line ends it")
-    for line in sys.stdin:
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line.strip()})
-        answer = reply(model, tokenizer, messages, args, device)
-        messages.append({"role": "assistant", "content": answer})
-        print(f"assistant: {answer}")
+    except OSError as error:
+        parser.exit(1, f"generate.py: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\ngenerate.py: interrupted\n")
     return 0
 
 

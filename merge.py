@@ -1,34 +1,73 @@
 """Merge a LoRA adapter into its base model and save a plain Phi-3 checkpoint (safetensors).
 
     python merge.py --adapter runs/phi3-lora/final --output merged/
+
+The checkpoint is written into a temporary directory beside --output and renamed into place, so
+--output holds one whole checkpoint: never a mix with an older one's shards or index.
+Exit status: 0 done, 1 a runtime failure (a file system error), 2 a usage or input error.
 """
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
 from lorakernels.adapters import merge_lora
-from model.build import load_model, resolve_device, resolve_dtype
+from lorakernels.weight_files import replace_directory
+from model.build import load_model, preset_seed, resolve_device, resolve_dtype
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="phi3-tiny", help="preset, checkpoint directory or hub id")
     parser.add_argument("--adapter", type=Path, required=True, help="a PEFT adapter directory")
-    parser.add_argument("--output", type=Path, required=True, help="directory for the merged model")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="directory for the merged model: new or empty (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output (swapped in whole once the merge is written)")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
-    parser.add_argument("--seed", type=int, default=42, help="for a preset: its random base's seed")
+    parser.add_argument("--seed", type=int,
+                        help="for a preset: its random base's seed (default: the training --seed "
+                             "recorded beside the adapter, else 42)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def check_output(parser: argparse.ArgumentParser, output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output} is a file, not a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        parser.error(f"--output {output} is not empty; pass --overwrite to replace it or choose "
+                     f"a new directory")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    check_output(parser, args.output, args.overwrite)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
+    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     try:  # the dense base: merging into 4-bit weights is refused
+        seed = preset_seed(args.model, args.adapter, args.seed)
         model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device,
-                                      args.seed, None, args.tokenizer, args.adapter)
+                                      seed, None, args.tokenizer, args.adapter)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        merge_lora(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)  # with its chat template and stop ids
+        replace_directory(tmp, args.output)
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"merge.py: error: {error}\n")
-    merge_lora(model).save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)  # with its chat template and stop ids
-    print(f"merged {args.adapter} into {args.model}: wrote {args.output}")
+    except OSError as error:  # disk full, read-only: nothing half-written is left
+        parser.exit(1, f"merge.py: error: {error}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "\nmerge.py: interrupted; --output was left as it was\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {args.adapter} into {args.model} (seed {seed}): wrote {args.output}")
     return 0
 
 

@@ -15,11 +15,10 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .weight_files import atomic_write, key_mismatch_message, match_keys
+from .weight_files import atomic_write, key_mismatch_message, match_keys, open_safetensors
 from .layers import Embedding, Linear, LoRALayer
 from .nf4_layers import NF4Layer
 from .params import lora_state_dict
@@ -269,7 +268,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
     _check_peft_config(json.loads(config_file.read_text()), model, layers, config_file, strict)
     lora_keys = _peft_key_map(layers)
     state = model.state_dict()
-    with safe_open(str(weights_file), framework="pt", device="cpu") as reader:
+    with open_safetensors(weights_file) as reader:
         sources, seen, unexpected, misshaped = match_keys(
             reader, _shapes(state),
             lambda file_key: lora_keys.get(normalise_peft_key(file_key))
@@ -312,7 +311,7 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
     path = _lora_file(path)
     state = model.state_dict()
     expected = set(lora_state_dict(model))
-    with safe_open(str(path), framework="pt", device="cpu") as reader:
+    with open_safetensors(path) as reader:
         sources, seen, unexpected, misshaped = match_keys(
             reader, _shapes(state),
             lambda key: key if key in expected or (key in state and "bias" in key) else None)

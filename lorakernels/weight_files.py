@@ -1,6 +1,7 @@
 """Weight files on disk: written so a crash never leaves one half-written, read key by key
 against a model so that every mismatch is named."""
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -13,10 +14,48 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        follow_umask(tmp)  # mkstemp's (and safetensors') 0600 would hide the file from the group
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path) -> None:
+    """Give ``path`` the permissions a plain ``open`` would have: 0666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Move the finished directory ``tmp`` to ``final``; an existing ``final`` is swapped out
+    first and removed after, so ``final`` is at every moment the old whole or the new whole."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def open_safetensors(path, device="cpu"):
+    """safetensors' reader for ``path`` (use it in ``with``); a missing, empty, truncated or
+    bad-header file is an error naming it instead of the library's bare message."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except Exception as error:  # SafetensorError derives from Exception only
+        raise ValueError(f"{path}: damaged, not a whole safetensors file ({error})") from None
 
 
 def key_mismatch_message(source: str, missing: Iterable[str], unexpected: Iterable[str],

@@ -2,6 +2,8 @@
 benchmarks share. A preset is built with random weights from a seed (the embedded default
 and the benchmarks need no download); anything else is a checkpoint directory or hub id.
 """
+import difflib
+import json
 from pathlib import Path
 from typing import Optional, Tuple, Union
 
@@ -20,10 +22,41 @@ INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when there is one, else the CPU; otherwise torch's device name."""
+    """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked against
+    the GPUs this machine has, so a bad --device stops before any work, naming the flag."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def check_model_name(name: str) -> None:
+    """A name that is no preset, no path and no model in the hub cache, but close to a preset, is a
+    typo: say which preset was meant instead of failing to download it."""
+    if name in PRESETS or Path(name).expanduser().exists():
+        return
+    close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.75)
+    if close and not in_hub_cache(name):
+        raise ValueError(f"--model {name}: not a preset, a directory or a model in the hub cache "
+                         f"(did you mean {close[0]}?)")
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id, no huggingface_hub: not in the cache
+        return False
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -31,6 +64,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+DEFAULT_SEED = 42
+TRAINER_STATE = "trainer_state.json"  # train.py writes it into every checkpoint, final/ included
+
+
+def preset_seed(model: str, adapter: Optional[Union[str, Path]], seed: Optional[int]) -> int:
+    """The seed to rebuild a preset's random base: ``seed`` when given, else the training seed
+    recorded in the adapter's directory (a different seed is a different base), else 42."""
+    if seed is not None:
+        return seed
+    state = Path(adapter) / TRAINER_STATE if adapter is not None else None
+    if model in PRESETS and state is not None and state.is_file():
+        try:
+            return int(json.loads(state.read_text())["config"]["seed"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{state}: no training seed recorded (damaged?); pass --seed") from None
+    return DEFAULT_SEED
 
 
 def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torch.device],
@@ -83,6 +134,7 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed
         model = random_model(Phi3Config.from_name(name_or_path), dtype, device, seed, quantize)
         loaded_tokenizer = load_tokenizer(tokenizer)
     else:
+        check_model_name(name_or_path)
         directory = resolve_checkpoint_dir(name_or_path)
         model = Phi3ForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
                                                 quantize=quantize)

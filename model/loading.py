@@ -10,11 +10,11 @@ from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lorakernels.nf4_layers import NF4Layer
-from lorakernels.weight_files import atomic_write, key_mismatch_message, match_keys
+from lorakernels.weight_files import (atomic_write, key_mismatch_message, match_keys,
+                                     open_safetensors)
 
 from .config import Phi3Config
 
@@ -35,10 +35,15 @@ def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path], revision: Optional
         raise ValueError(f"{local} is a file; pass the checkpoint directory")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(
-        str(path_or_repo_id), revision=revision,
-        allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
-    ))
+    try:
+        return Path(snapshot_download(
+            str(path_or_repo_id), revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
+        ))
+    except Exception as error:  # offline, no such repo, gated, not a repo id: one line, not a traceback
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path_or_repo_id}: not a local directory, and the Hugging Face hub did not "
+                         f"provide it ({type(error).__name__}: {reason})") from None
 
 
 def shard_files(directory: Path) -> List[Path]:
@@ -87,7 +92,7 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
     seen, unexpected, misshaped = set(), [], []
     device = torch.device(device)
     for shard in shard_files(directory):
-        with safe_open(str(shard), framework="pt", device=str(device)) as reader:
+        with open_safetensors(shard, device) as reader:
             sources, shard_seen, shard_unexpected, shard_misshaped = match_keys(
                 reader, expected, lambda name: name if name in expected else None)
             for name, file_key in sources.items():

@@ -98,7 +98,11 @@ class Phi3Tokenizer:
             template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
         if template is None:
             source = str(directory)
-        return cls(Tokenizer.from_file(str(file)), config, template, source, read_eos_ids(directory))
+        try:
+            tokenizer = Tokenizer.from_file(str(file))
+        except Exception as error:  # the tokenizers library raises a bare Exception
+            raise ValueError(f"{file}: not a readable tokenizer.json ({error})") from None
+        return cls(tokenizer, config, template, source, read_eos_ids(directory))
 
     def add_eos_ids(self, ids: Iterable[int]) -> None:
         """More ids that end generation (a checkpoint's config.json and generation_config.json)."""

@@ -4,22 +4,30 @@ A checkpoint directory is written under a temporary name and renamed into place,
 so a run killed mid-save leaves the previous checkpoints intact. All tensors are
 safetensors; the rest is JSON.
 """
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lorakernels.adapters import (LORA_FILE, load_lora_state_dict, save_lora_state_dict,
                                   save_peft_adapter)
+from lorakernels.weight_files import follow_umask, open_safetensors, replace_directory
 
 from .distributed import full_tensors, shard_like
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+# The options that change what a step computes; a resume under other values is not a continuation.
+# The global batch (per-process batch × processes) stands for --batch-size, so a run may resume
+# on another number of processes.
+FINGERPRINT_OPTIONS = ("model", "lr", "grad_accum", "max_seq_len", "packing", "train_on_prompt",
+                       "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora",
+                       "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "quantize")
 
 
 def step_checkpoints(output: Path) -> List[Path]:
@@ -50,19 +58,56 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, param_gr
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
-def _replace_directory(tmp: Path, final: Path) -> None:
-    """Move ``tmp`` to ``final``; an existing ``final`` is swapped out first, then removed."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(config, global_batch: int) -> dict:
+    """What makes two runs the same run: the data's contents and the options that change the math."""
+    fingerprint = {name: getattr(config, name) for name in FINGERPRINT_OPTIONS}
+    fingerprint.update(global_batch=global_batch, data_sha256=file_sha256(config.data))
+    return fingerprint
+
+
+def fingerprint_changes(saved: dict, current: dict) -> List[str]:
+    """Each difference as the user would name it: the data file, or a flag and its two values."""
+    changes = []
+    for key, value in current.items():
+        if key not in saved or saved[key] == value:
+            continue
+        if key == "data_sha256":
+            changes.append("the data (the --data file's contents differ)")
+        elif key == "global_batch":
+            changes.append(f"the global batch (--batch-size × processes): {saved[key]} → {value}")
+        else:
+            changes.append(f"--{key.replace('_', '-')}: {saved[key]} → {value}")
+    return changes
+
+
+def check_fingerprint(directory: Path, current: dict, allow_changes: bool,
+                      log: Callable[[str], None] = print) -> None:
+    """A resume continues the run that saved ``directory``, or stops naming what differs."""
+    saved = read_state(directory).get("fingerprint")
+    if saved is None:
+        log(f"note: {directory} records no fingerprint (an older checkpoint): the data and "
+            f"settings are not checked against it")
+        return
+    changes = fingerprint_changes(saved, current)
+    if changes and not allow_changes:
+        raise ValueError(f"--resume {directory}: this run differs from the one that saved it: "
+                         f"{'; '.join(changes)}; pass --allow-changed-resume to continue anyway, "
+                         f"or another --output to start a new run")
+    if changes:
+        log(f"note: --allow-changed-resume: continuing with {'; '.join(changes)}")
 
 
 def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, config: dict,
-                    target_modules: List[str], is_main: bool = True) -> Path:
+                    target_modules: List[str], is_main: bool = True,
+                    fingerprint: Optional[dict] = None) -> Path:
     """Adapter + optimizer + scheduler + position, atomically at ``directory``.
 
     Every rank calls it (an FSDP-sharded model's tensors are gathered); the main rank writes.
@@ -76,27 +121,81 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
-                      target_modules=target_modules, state=lora)
-    save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
-    save_file(tensors, str(tmp / OPTIMIZER_FILE))
-    state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
-             "config": config}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
-    _replace_directory(tmp, directory)
+    try:
+        tmp.mkdir(parents=True)
+        save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
+                          target_modules=target_modules, state=lora)
+        save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
+        save_file(tensors, str(tmp / OPTIMIZER_FILE))
+        state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": param_groups,
+                 "config": config, "fingerprint": fingerprint}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks it complete
+        for path in tmp.iterdir():
+            follow_umask(path)
+        replace_directory(tmp, directory)
+    except BaseException:  # disk full, Ctrl-C: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
-def resolve_resume(resume: str, output: Path) -> Optional[Path]:
-    """``latest`` → the newest complete checkpoint in ``output`` (None if there is none)."""
+def read_state(directory: Path) -> dict:
+    """A checkpoint's trainer_state.json, or a ValueError naming it."""
+    path = directory / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path}: empty or not JSON (damaged)") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path}: no step recorded (damaged)")
+    return state
+
+
+def verify_checkpoint(directory: Path) -> dict:
+    """Its state, once every file resume reads is whole; else a ValueError naming the damaged file."""
+    state = read_state(directory)
+    for name in (LORA_FILE, OPTIMIZER_FILE):
+        path = directory / name
+        try:  # the header and its offsets against the file's size: truncation shows here
+            with open_safetensors(path) as reader:
+                reader.keys()
+        except FileNotFoundError as error:
+            raise ValueError(str(error)) from None
+    return state
+
+
+def resolve_resume(resume: str, output: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+    """``latest`` → the newest whole checkpoint in ``output`` (None if there is none): a damaged
+    newest one is named and the one before it used. A PATH must be whole."""
     if resume == "latest":
         found = step_checkpoints(output)
-        return found[-1] if found else None
+        for directory in reversed(found):
+            try:
+                verify_checkpoint(directory)
+                return directory
+            except ValueError as error:
+                log(f"warning: skipping a damaged checkpoint: {error}")
+        if found:
+            raise ValueError(f"--resume: every checkpoint in {output} is damaged")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).exists():
         raise ValueError(f"--resume {path}: not a checkpoint directory (no {STATE_FILE})")
+    verify_checkpoint(path)
     return path
+
+
+def finished_step(output: Path, log: Callable[[str], None] = print) -> Optional[int]:
+    """The step of ``output/final`` when the run finished (and final/ is whole), else None."""
+    if not (output / "final" / STATE_FILE).exists():
+        return None
+    try:
+        return verify_checkpoint(output / "final")["step"]
+    except ValueError as error:
+        log(f"warning: final/ is damaged, resuming from the step checkpoints: {error}")
+        return None
 
 
 def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
@@ -104,9 +203,11 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
 
     No RNG state: the loop seeds dropout from (seed, step, rank) at every step.
     """
-    state = json.loads((directory / STATE_FILE).read_text())
+    state = read_state(directory)
     load_lora_state_dict(model, directory / LORA_FILE)
-    _restore_optimizer(optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["param_groups"])
+    with open_safetensors(directory / OPTIMIZER_FILE) as reader:
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    _restore_optimizer(optimizer, tensors, state["param_groups"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 

@@ -1,12 +1,14 @@
 """TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that order."""
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import yaml
 
+from model.build import resolve_device
 from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
 
@@ -56,13 +58,20 @@ class TrainConfig:
     log_every: int = 1
     report_to: str = "none"
     resume: Optional[str] = None
+    overwrite: bool = False
+    allow_changed_resume: bool = False
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "log_every")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
+                    "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -74,6 +83,7 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        resolve_device(self.device)  # cuda without a GPU, or an unknown device, stops here
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):
@@ -88,6 +98,9 @@ class TrainConfig:
         if self.quantize != "none" and self.strategy == "fsdp":
             raise ValueError("--quantize nf4 works with --strategy ddp, not fsdp: FSDP shards "
                              "parameters, and the 4-bit base weights are buffers")
+        if self.overwrite and self.resume:
+            raise ValueError("--overwrite replaces the run in --output and --resume continues it: "
+                             "give one of them")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
@@ -125,6 +138,10 @@ HELP = {
     "log_every": "write metrics every N steps",
     "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
+    "allow_changed_resume": "let --resume continue a run whose data or training settings "
+                            "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",
+    "overwrite": "replace the run already in --output (its metrics.jsonl, checkpoint-*/, final/ "
+                 "and tensorboard/ are removed when training starts; other files stay)",
 }
 
 

@@ -17,21 +17,39 @@ from model.tokenizer import Phi3Tokenizer
 IGNORE = -100  # label of tokens that are not predicted
 
 
+ONE_PER_LINE = 'JSON Lines holds one whole {"messages": [...]} object per line'
+
+
+def layout_hint(line: str) -> str:
+    """A line that is not a whole object is most often pretty-printed JSON: say so."""
+    text = line.strip()
+    if text.startswith("{") and text.endswith("}"):
+        return ""
+    return f"; {ONE_PER_LINE} (is the file pretty-printed JSON or one JSON array?)"
+
+
 def read_chats(path) -> List[List[dict]]:
     """Every line's ``messages``; the first bad line stops with file, line and reason."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such data file")
     chats = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{path}:{number}"
+            try:  # a UTF-8 byte-order mark (Windows editors write one) is accepted
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{where}: not UTF-8 (byte 0x{raw[error.start]:02x} at column "
+                                 f"{error.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not JSON ({error.msg})") from None
+                raise ValueError(f"{where}: not JSON ({error.msg}){layout_hint(line)}") from None
+            if isinstance(record, list):
+                raise ValueError(f"{where}: a JSON array; {ONE_PER_LINE}")
             if not isinstance(record, dict) or "messages" not in record:
                 raise ValueError(f"{where}: missing \"messages\"")
             messages = record["messages"]
@@ -146,6 +164,17 @@ class MicroBatches:
         first = start * self.global_batch + self.rank * self.batch_size
         picked = [order[(first + i) % len(order)] for i in range(self.batch_size)]
         return collate([self.rows[i] for i in picked], self.pad_id)
+
+
+def require_targets(rows: Sequence[PackedRow], path, max_seq_len: int, truncated: int) -> None:
+    """Refuse data that would train on nothing: a loss over no tokens is 0 and looks like success."""
+    if any(label != IGNORE for row in rows for label in row.labels):
+        return
+    if truncated:
+        raise ValueError(f"{path}: no target tokens left after truncating {truncated} conversation(s) "
+                         f"to --max-seq-len {max_seq_len}: every assistant reply was cut off; "
+                         f"raise --max-seq-len")
+    raise ValueError(f"{path}: no target tokens (no assistant reply has a token to predict)")
 
 
 def batches_in_order(rows: Sequence[PackedRow], batch_size: int, pad_id: int) -> Iterator[dict]:

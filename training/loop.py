@@ -18,11 +18,14 @@ from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import load_checkpoint, prune_checkpoints, resolve_resume, save_checkpoint
+from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
+                         resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
 from .config import TrainConfig
-from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, target_tokens,
-                   tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
+                   target_tokens, tokenize_chats)
 from .distributed import Distributed
+from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
+                            remove_stale_temporaries)
 from .tensorboard_log import TensorBoardLog
 
 
@@ -84,19 +87,77 @@ def evaluate(step_loss, rows, batch_size: int, pad_id: int, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Forget metrics of steps after ``step``: a resumed run logs them again."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+def drop_metrics_after(path: Path, step: int, log=print) -> None:
+    """Forget metrics of steps after ``step``: a resumed run logs them again. A torn last line
+    (the run was killed mid-write) is dropped with a note; a bad line before it is an error."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not JSON; fix or remove that line to resume") from None
+            log(f"note: {path}:{number}: dropped a torn last line (the run stopped mid-write)")
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(line)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+def report_overrides(config: TrainConfig, scheduler, optimizer, log) -> None:
+    """A checkpoint's schedule and optimizer settings win over the flags; say so when they differ."""
+    peak_lr = scheduler.base_lrs[0]
+    if not math.isclose(peak_lr, config.lr):
+        log(f"note: the checkpoint's peak learning rate {peak_lr:g} is used, not --lr {config.lr:g}")
+    weight_decay = optimizer.param_groups[0]["weight_decay"]
+    if not math.isclose(weight_decay, config.weight_decay):
+        log(f"note: the checkpoint's weight decay {weight_decay:g} is used, "
+            f"not --weight-decay {config.weight_decay:g}")
 
 
 def prepare_rows(path: str, tokenizer, config: TrainConfig):
     """Packed rows of a data file, and how many conversations were truncated."""
     examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
                                          config.train_on_prompt)
-    return pack(examples, config.max_seq_len, config.packing), truncated
+    rows = pack(examples, config.max_seq_len, config.packing)
+    require_targets(rows, path, config.max_seq_len, truncated)
+    return rows, truncated
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, gradient or weights stopped being finite: the run stops instead of saving them."""
+
+
+def metrics_line(row: dict) -> str:
+    """One strict-JSON line: a value that is not finite is written as null (JSON has no NaN)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
+def check_finite(step: int, loss: float, grad_norm: float, output: Path) -> None:
+    """Stop before the optimizer applies a step whose loss or gradient is not finite."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}: training "
+                           f"diverged (try a lower --lr); {last_good(output)}")
+
+
+def check_finite_weights(params, step: int, output: Path) -> None:
+    """Never save LoRA weights that are not finite (e.g. one update with an infinite --lr)."""
+    if all(bool(torch.isfinite(p).all()) for p in params):
+        return
+    raise TrainingDiverged(f"step {step}: the LoRA weights are no longer finite: training diverged "
+                           f"(try a lower --lr); {last_good(output)}")
+
+
+def last_good(output: Path) -> str:
+    found = step_checkpoints(output)
+    if found:
+        return f"the last good checkpoint is {found[-1]} (nothing after it was saved)"
+    return f"no checkpoint was saved in {output}"
 
 
 class StopOnInterrupt:
@@ -133,9 +194,15 @@ class StepLoss(torch.nn.Module):
 def train(config: TrainConfig, log=print) -> dict:
     """Run the job described by ``config`` (one process, or one rank under torchrun)."""
     dist = Distributed.from_env(config.device)
+    lock = None
     try:
+        if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
+            lock = RunLock(Path(config.output), log)
+            refuse_to_replace(Path(config.output), config.resume, config.overwrite)
         return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
+        if lock:
+            lock.release()
         dist.close()
 
 
@@ -184,12 +251,20 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
 
+    fingerprint = run_fingerprint(config, train_batches.global_batch)
     start_step = 0
     if config.resume:
-        checkpoint = resolve_resume(config.resume, output)
+        finished = finished_step(output, log) if config.resume == "latest" else None
+        if finished is not None and finished >= total_steps:
+            log(f"{output} holds a finished run (final/ at step {finished}); nothing to do: pass "
+                f"--max-steps above {finished} to train it further")
+            return {"step": finished, "finished": True, "adapter": str(output / "final")}
+        checkpoint = output / "final" if finished is not None else resolve_resume(config.resume, output, log)
         if checkpoint is not None:
+            check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
             start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
             log(f"resumed from {checkpoint} at step {start_step}")
+            report_overrides(config, scheduler, optimizer, log)
         else:
             log(f"--resume: no checkpoint in {output}, starting fresh")
 
@@ -197,14 +272,18 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
 
     def save(name: str, step: int) -> Path:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
+        check_finite_weights(params, step, output)
         save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
-                        config.target_modules, dist.is_main)
+                        config.target_modules, dist.is_main, fingerprint)
         dist.barrier()
         return output / name
 
     if dist.is_main:
         output.mkdir(parents=True, exist_ok=True)
-        drop_metrics_after(output / "metrics.jsonl", start_step)
+        remove_stale_temporaries(output, log)
+        if config.overwrite:  # only now that data and model are ready: a failed start loses nothing
+            remove_previous_run(output, log)
+        drop_metrics_after(output / "metrics.jsonl", start_step, log)
     metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
     board = (TensorBoardLog(output, start_step, settings)
              if config.report_to == "tensorboard" and dist.is_main else None)
@@ -212,7 +291,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     evaluation: Optional[dict] = None
     bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=not dist.is_main)
-    interrupt = StopOnInterrupt()
+    interrupt, interrupted = StopOnInterrupt(), None
     try:
         while step < total_steps:
             # Dropout masks are a function of (seed, step, rank): resume is exact with no RNG state.
@@ -220,8 +299,10 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             micro = [{k: v.to(device) for k, v in train_batches[step * config.grad_accum + j].items()}
                      for j in range(config.grad_accum)]
             loss = accumulate_gradients(step_loss, micro, dist)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-                         if config.max_grad_norm > 0 else float("nan"))
+            # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged either way.
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")).item()
+            check_finite(step + 1, loss, grad_norm, output)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -244,7 +325,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                 evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device)
                 row.update(step=step, **evaluation)
             if row and metrics:
-                metrics.write(json.dumps(row) + "\n")
+                metrics.write(metrics_line(row))
                 metrics.flush()
                 if board:
                     board.log(row)
@@ -255,9 +336,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                     prune_checkpoints(output, config.save_total_limit)
             # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
             if dist.sum(interrupt.requested) > 0 and step < total_steps:
-                path = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
-                log(f"interrupted: saved {path} at step {step}; continue with --resume")
-                return {"step": step, "interrupted": True, "checkpoint": str(path)}
+                interrupted = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
+                break
     finally:
         interrupt.restore()
         bar.close()
@@ -265,6 +345,9 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             metrics.close()
         if board:
             board.close()
+    if interrupted:  # after the bar is closed: the message gets a line of its own
+        log(f"interrupted: saved {interrupted} at step {step}; continue with --resume")
+        return {"step": step, "interrupted": True, "checkpoint": str(interrupted)}
     final = save("final", step)
     summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),

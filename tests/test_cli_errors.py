@@ -1,0 +1,170 @@
+"""One line naming the file or flag for every user error; exit 2 for usage and data, 1 for runtime
+failures, 130 for Ctrl-C; merge.py's outputs whole, with the umask's permissions and the run's seed."""
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import generate
+import merge
+import train as train_cli
+import training.loop as loop
+from lorakernels.weight_files import atomic_write
+from model.build import preset_seed
+from training.config import TrainConfig
+from training.data import read_chats
+from training.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=2, device="cpu",
+                      max_seq_len=64, lora_r=4, seed=5), log=lambda _: None)
+    return out / "final"
+
+
+def train_main(capsys, *argv):
+    try:
+        status = train_cli.main([*map(str, argv)])
+    except SystemExit as stopped:
+        status = stopped.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return status, err
+
+
+def exits(capsys, main, *argv):
+    with pytest.raises(SystemExit) as stopped:
+        main([*map(str, argv)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return stopped.value.code, err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "tpu"], "--device tpu: unknown device; use auto, cpu, cuda or cuda:N"),
+    (["--lora-alpha", "-1"], "--lora-alpha must be positive, got -1.0"),
+    (["--model", "phi3-tiyn"], "--model phi3-tiyn: not a preset, a directory or a model in the hub "
+                               "cache (did you mean phi3-tiny?)"),
+])
+def test_train_usage_errors_are_one_line(capsys, tmp_path, data, flags, message):
+    status, err = train_main(capsys, "--data", data, "--output", tmp_path / "out", *flags)
+    assert status == 2 and err == f"train.py: error: {message}\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys, tmp_path):
+    status, err = train_main(capsys, "--device", "cuda", "--output", tmp_path)
+    assert status == 2 and "--device cuda: no CUDA GPU is visible" in err
+    code, err = exits(capsys, generate.main, "--device", "cuda", "--prompt", "hi")
+    assert code == 2 and "--device cuda: no CUDA GPU is visible" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--temperature", "-1"], "--temperature must be >= 0 (0: greedy), got -1.0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be positive, got 0"),
+])
+def test_generate_ranges(capsys, flags, message):
+    code, err = exits(capsys, generate.main, "--prompt", "hi", *flags)
+    assert code == 2 and err.endswith(f"generate.py: error: {message}\n")
+
+
+def test_data_encoding_and_layout(tmp_path):
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + CHAT.encode())
+    assert read_chats(bom)[0][1]["content"] == "Hello"
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(CHAT.encode() + CHAT.replace("Hello", "Caf\xe9").encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin}:2: not UTF-8 \\(byte 0xe9 at column"):
+        read_chats(latin)
+    pretty = tmp_path / "pretty.json"
+    pretty.write_text(json.dumps(json.loads(CHAT), indent=2))
+    with pytest.raises(ValueError, match=f"{pretty}:1: not JSON .*one whole .* per line .*pretty-printed"):
+        read_chats(pretty)
+
+
+def test_damaged_files_are_named(capsys, tmp_path, data, adapter):
+    damaged = tmp_path / "adapter"
+    damaged.mkdir()
+    for f in adapter.iterdir():
+        (damaged / f.name).write_bytes(f.read_bytes())
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    code, err = exits(capsys, generate.main, "--adapter", damaged, "--prompt", "hi", "--device", "cpu")
+    assert code == 2 and f"{weights}: damaged, not a whole safetensors file" in err
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text("{not json")
+    status, err = train_main(capsys, "--data", data, "--output", tmp_path / "out", "--device", "cpu",
+                             "--tokenizer", tokenizer)
+    assert status == 2 and f"{tokenizer}: not a readable tokenizer.json" in err
+
+
+def test_ctrl_c_exits_130_with_its_own_line(capsys, tmp_path, data, monkeypatch):
+    real, calls = loop.token_loss_sum, {"n": 0}
+
+    def interrupt(presses):
+        def loss(model, batch):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)
+            return real(model, batch)
+        return loss
+
+    flags = ["--data", data, "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4", "--max-steps", "4"]
+    monkeypatch.setattr(loop, "token_loss_sum", interrupt(1))
+    status = train_cli.main([*flags, "--output", str(tmp_path / "once")])
+    out = capsys.readouterr().out
+    assert status == 130 and f"\ninterrupted: saved {tmp_path / 'once' / 'checkpoint-2'} at step 2" in "\n" + out
+    calls["n"] = 0
+    monkeypatch.setattr(loop, "token_loss_sum", interrupt(2))  # the second stops at once
+    status, err = train_main(capsys, *flags, "--output", tmp_path / "twice")
+    assert status == 130 and err.endswith("\ntrain.py: interrupted: stopped at once; checkpoints saved "
+                                          "before are intact\n")
+
+
+def test_ctrl_c_in_chat_exits_130(capsys, adapter, monkeypatch):
+    class Keyboard:
+        def __iter__(self):
+            raise KeyboardInterrupt
+    monkeypatch.setattr("sys.stdin", Keyboard())
+    code, err = exits(capsys, generate.main, "--adapter", adapter, "--chat", "--device", "cpu")
+    assert code == 130 and err.endswith("\ngenerate.py: interrupted\n")
+
+
+def test_merge_writes_a_whole_checkpoint_with_the_runs_seed(capsys, tmp_path, adapter):
+    assert preset_seed("phi3-tiny", adapter, None) == 5 and preset_seed("phi3-tiny", adapter, 7) == 7
+    output = tmp_path / "merged"
+    output.mkdir()
+    stale = ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]
+    for name in stale:
+        (output / name).write_text("old")
+    code, err = exits(capsys, merge.main, "--adapter", adapter, "--output", output)
+    assert code == 2 and f"--output {output} is not empty; pass --overwrite" in err
+    assert sorted(p.name for p in output.iterdir()) == sorted(stale)
+    old_umask = os.umask(0o027)
+    try:
+        assert merge.main(["--adapter", str(adapter), "--output", str(output), "--overwrite"]) == 0
+    finally:
+        os.umask(old_umask)
+    assert "(seed 5)" in capsys.readouterr().out
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert (output / "model.safetensors").stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob(".merged.*"))
+
+
+def test_atomic_write_follows_the_umask(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
