@@ -156,7 +156,9 @@ def test_merge_writes_a_whole_checkpoint_with_the_runs_seed(capsys, tmp_path, ad
     finally:
         os.umask(old_umask)
     assert "(seed 5)" in capsys.readouterr().out
-    assert sorted(p.name for p in output.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in output.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
     assert (output / "model.safetensors").stat().st_mode & 0o777 == 0o640
     assert not list(tmp_path.glob(".merged.*"))
 
