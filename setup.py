@@ -19,6 +19,7 @@ setup(
         "huggingface_hub",
         "tqdm",
         "pyyaml",
+        "jinja2",  # checkpoints' chat templates (torch already depends on it)
     ],
     extras_require={
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
