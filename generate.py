@@ -1,4 +1,4 @@
-"""Generate or chat with a Phi-3 base model plus a trained LoRA adapter.
+"""Generate or chat with a Phi-3 or Phi-4 model plus a trained LoRA adapter.
 
     python generate.py --adapter runs/phi3-lora/final --prompt "What is 2 plus 2?"
     python generate.py --adapter runs/phi3-lora/final --chat

@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model and save a plain Phi-3 checkpoint (safetensors).
+"""Merge a LoRA adapter into its base model and save a plain checkpoint (safetensors, Phi3ForCausalLM).
 
     python merge.py --adapter runs/phi3-lora/final --output merged/
 
