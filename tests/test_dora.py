@@ -1,17 +1,30 @@
 """DoRA: the column norm by algebra against the direct norm, our layers against PEFT's DoRA
-(outputs and every gradient), merge, NF4 bases."""
+(outputs and every gradient), merge, NF4 bases, adapter files both ways, train.py --use-dora."""
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
 import peft
 import pytest
 import torch
 import torch.nn as nn
+import transformers
+from safetensors import safe_open
 
 import lorakernels as lora
+from lorakernels.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_peft_adapter,
+                                  save_peft_adapter)
 from lorakernels.dora import row_sq_norms
 from lorakernels.functional import dora_weight_norm
 from lorakernels.nf4 import dequantize_nf4_reference
 from lorakernels.nf4_layers import NF4Linear
 from lorakernels.parts import LoRAParts
 from lorakernels.reference import dora_linear_reference, dora_weight_norm_reference
+from model import Phi3ForCausalLM
+from model.build import load_model
+from model.lora import DEFAULT_TARGETS, apply_lora
 
 IN, OUT, R, ALPHA = 48, 40, 4, 8
 
@@ -184,3 +197,120 @@ def test_nf4_base_takes_norms_from_the_dequantised_weight():
 def test_dora_needs_a_low_rank_path():
     with pytest.raises(ValueError, match="use_dora needs a low-rank path"):
         lora.Linear(IN, OUT, r=0, use_dora=True)
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+TARGETS = DEFAULT_TARGETS + ("lm_head",)
+MAGNITUDE_KEY = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, attn_implementation="eager"))
+    hf.save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def hf_base(checkpoint):
+    return transformers.Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+
+
+def move_off_init(model: nn.Module, seed: int) -> None:
+    """B random and each magnitude scaled per row, so every DoRA term shows in the logits."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            elif "lora_magnitude" in name:
+                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+
+
+def dora_model(checkpoint, seed=None) -> Phi3ForCausalLM:
+    model = Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    apply_lora(model, r=R, lora_alpha=ALPHA, targets=TARGETS, use_dora=True)
+    if seed is not None:
+        move_off_init(model, seed)
+    return model.eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(ids)
+    return getattr(out, "logits", out)
+
+
+@pytest.fixture()
+def ids():
+    return torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def test_our_dora_adapter_loads_in_peft(checkpoint, tmp_path, ids):
+    model = dora_model(checkpoint, seed=0)
+    save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=checkpoint)
+    assert json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())["use_dora"] is True
+    with safe_open(str(tmp_path / "adapter" / ADAPTER_WEIGHTS_FILE), "pt") as reader:
+        assert tuple(reader.get_slice(MAGNITUDE_KEY).get_shape()) == (128,)
+        assert len(list(reader.keys())) == 3 * (2 * len(DEFAULT_TARGETS) + 1)  # A, B, m per layer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(hf_base(checkpoint), tmp_path / "adapter").eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()
+                or "unexpected" in str(w.message).lower()]
+    torch.testing.assert_close(logits(model, ids), logits(theirs, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_peft_dora_adapter_loads_in_ours(checkpoint, tmp_path, ids):
+    theirs = peft.get_peft_model(hf_base(checkpoint), peft.LoraConfig(
+        r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), use_dora=True, task_type="CAUSAL_LM"))
+    move_off_init(theirs, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True": lm_head is a target
+        theirs.save_pretrained(tmp_path / "peft")
+    model = dora_model(checkpoint)
+    load_peft_adapter(model, tmp_path / "peft")
+    torch.testing.assert_close(logits(model, ids), logits(theirs.eval(), ids), rtol=1e-4, atol=1e-4)
+
+
+def test_use_dora_must_match_the_file(checkpoint, tmp_path):
+    save_peft_adapter(dora_model(checkpoint), tmp_path / "adapter")
+    plain = Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    apply_lora(plain, r=R, lora_alpha=ALPHA, targets=TARGETS)
+    with pytest.raises(ValueError, match="use_dora: file True, model False"):
+        load_peft_adapter(plain, tmp_path / "adapter")
+
+
+def test_lora_state_dict_carries_the_magnitude(checkpoint):
+    model = dora_model(checkpoint)
+    keys = lora.lora_state_dict(model)
+    assert "model.layers.0.self_attn.qkv_proj.lora_magnitude" in keys
+    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+
+
+def test_dora_refuses_embedding_targets(checkpoint):
+    model = Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with pytest.raises(ValueError, match="linear targets only"):
+        apply_lora(model, targets=("qkv_proj", "embed_tokens"), use_dora=True)
+
+
+def test_train_py_use_dora_adapter_loads_in_peft(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--data", str(ROOT / "examples" / "chat.jsonl"),
+         "--output", str(run), "--use-dora", "--max-steps", "2", "--device", "cpu",
+         "--max-seq-len", "64", "--lora-r", "4", "--seed", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((run / "final" / ADAPTER_CONFIG_FILE).read_text())["use_dora"] is True
+    base, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), 3)
+    base.save_pretrained(tmp_path / "base")
+    theirs = peft.PeftModel.from_pretrained(hf_base(tmp_path / "base"), run / "final").eval()
+    ours, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), 3, adapter=run / "final")
+    ids = torch.randint(0, 1000, (1, 12))
+    torch.testing.assert_close(logits(ours.eval(), ids), logits(theirs, ids), rtol=1e-4, atol=1e-4)
