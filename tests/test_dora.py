@@ -17,7 +17,7 @@ import lorakernels as lora
 from lorakernels.adapters import (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, load_peft_adapter,
                                   save_peft_adapter)
 from lorakernels.dora import row_sq_norms
-from lorakernels.functional import dora_weight_norm
+from lorakernels.functional import dora_weight_norm, lm_head_loss
 from lorakernels.nf4 import dequantize_nf4_reference
 from lorakernels.nf4_layers import NF4Linear
 from lorakernels.parts import LoRAParts
@@ -105,7 +105,7 @@ def forward_backward(layer, x, params, seed):
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)],
                          ids=["fp32", "bf16"])
-@pytest.mark.parametrize("backend", ["auto", "eager"])
+@pytest.mark.parametrize("backend", ["auto", "eager", "triton"])  # triton: the interpreter on CPU
 def test_linear_matches_peft_forward_and_gradients(monkeypatch, dropout, bias, dtype, tol, backend):
     monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
     model, peft_layer = trained_peft_dora(dropout, bias, dtype)
@@ -314,3 +314,13 @@ def test_train_py_use_dora_adapter_loads_in_peft(tmp_path):
     ours, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), 3, adapter=run / "final")
     ids = torch.randint(0, 1000, (1, 12))
     torch.testing.assert_close(logits(ours.eval(), ids), logits(theirs, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_lm_head_loss_of_a_dora_head_is_its_logits_loss():
+    head = lora.Linear(IN, 96, r=R, lora_alpha=ALPHA, use_dora=True, bias=False)
+    with torch.no_grad():
+        head.lora_B.normal_(0, 0.1)
+        head.lora_magnitude.mul_(1.3)
+    hidden, labels = torch.randn(6, IN), torch.randint(0, 96, (6,))
+    expected = nn.functional.cross_entropy(head(hidden), labels, reduction="sum")
+    torch.testing.assert_close(lm_head_loss(head, hidden, labels), expected)
