@@ -3,7 +3,9 @@
 ``save_peft_adapter``/``load_peft_adapter`` speak PEFT's LoRA format
 (``adapter_model.safetensors`` + ``adapter_config.json``), so an adapter trained
 here loads with ``peft.PeftModel.from_pretrained`` on transformers' Phi-3 and
-back. ``save_lora_state_dict``/``load_lora_state_dict`` keep loralib's keys.
+back; DoRA layers carry their magnitude under PEFT's ``lora_magnitude_vector`` with
+``use_dora: true``. ``save_lora_state_dict``/``load_lora_state_dict`` keep loralib's keys
+(and ``lora_magnitude`` for DoRA, which loralib lacks).
 ``merge_lora`` folds the adapters into plain layers for a standalone checkpoint.
 Every load checks every key and shape and names what does not match.
 """
@@ -31,7 +33,7 @@ PEFT_PREFIX = "base_model.model."
 # PEFT config options that change the adapter's math or its key set beyond what a
 # uniform-rank loralib-style model holds; each is falsy (off) by default.
 UNSUPPORTED_PEFT_OPTIONS = (
-    "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
+    "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
     "layer_replication", "modules_to_save", "trainable_token_indices", "target_parameters",
     "alora_invocation_tokens",
 )
@@ -77,16 +79,22 @@ def _peft_factor_keys(path: str, layer: LoRALayer) -> Tuple[str, str]:
 
 
 def _peft_key_map(layers: Dict[str, LoRALayer]) -> Dict[str, str]:
-    """PEFT file key → our state-dict key, for every LoRA factor."""
+    """PEFT file key → our state-dict key, for every LoRA factor and DoRA magnitude."""
     keys = {}
     for path, layer in layers.items():
         key_a, key_b = _peft_factor_keys(path, layer)
         keys[key_a], keys[key_b] = f"{path}.lora_A", f"{path}.lora_B"
+        if _uses_dora(layer):
+            keys[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude"
     return keys
 
 
+def _uses_dora(layer: LoRALayer) -> bool:
+    return bool(getattr(layer, "use_dora", False))
+
+
 def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
-    """r, lora_alpha, use_rslora and lora_dropout, which PEFT's config holds once for all layers.
+    """r, lora_alpha, use_rslora, use_dora and lora_dropout: PEFT's config holds each once.
 
     Embeddings are left out of the dropout check: neither PEFT nor we apply dropout to them.
     """
@@ -94,6 +102,7 @@ def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
         "r": {name: m.r for name, m in layers.items()},
         "lora_alpha": {name: m.lora_alpha for name, m in layers.items()},
         "use_rslora": {name: bool(m.use_rslora) for name, m in layers.items()},
+        "use_dora": {name: _uses_dora(m) for name, m in layers.items()},
         "lora_dropout": {name: m.lora_dropout.p for name, m in layers.items()
                          if not isinstance(m, Embedding)},
     }
@@ -166,7 +175,9 @@ def _shapes(state: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
 
 
 def normalise_peft_key(key: str) -> str:
-    """Drop the adapter name PEFT keeps in memory (``lora_A.default.weight``), as its saved files do."""
+    """Drop the adapter name PEFT keeps in memory (``lora_A.default.weight``,
+    ``lora_magnitude_vector.default.weight``), as its saved files do."""
+    key = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude_vector", key)
     return re.sub(r"\.(lora_(?:embedding_)?[AB])\.default(?=\.weight$|$)", r".\1", key)
 
 
@@ -229,7 +240,7 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_dora": False,
+        "use_dora": shared["use_dora"],
         "lora_bias": False,
     }
     atomic_write(directory / ADAPTER_CONFIG_FILE,
@@ -246,7 +257,7 @@ def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALay
                          + ", ".join(f"{o}={config[o]!r}" for o in unsupported))
     shared = _shared_hyperparameters(layers)
     wrong = [f"{option}: file {config.get(option, False)!r}, model {shared[option]!r}"
-             for option in ("r", "lora_alpha", "use_rslora")
+             for option in ("r", "lora_alpha", "use_rslora", "use_dora")
              if config.get(option, False) != shared[option]]
     if wrong:
         raise ValueError(f"{source} does not match the model's LoRA layers: {'; '.join(wrong)}")
@@ -257,7 +268,7 @@ def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALay
 def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> None:
     """Load a PEFT LoRA adapter directory (ours or PEFT's) into a model that already has LoRA layers.
 
-    r, lora_alpha, use_rslora and target_modules must match the model's layers, and every
+    r, lora_alpha, use_rslora, use_dora and target_modules must match the model's layers, and every
     key and shape the file's (keys with or without PEFT's ``.default`` adapter name). With
     ``strict=False`` missing or unexpected keys and targets are a warning naming them, and
     the rest loads; other mismatches always raise. Nothing is copied until all checks pass.

@@ -20,15 +20,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .dora import column_norm
 from .lora_layer import LoRALayer
 from .nf4 import NF4Weight
 from .nf4_linear import nf4_linear
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.onednn_lora_linear import onednn_lora_linear, uses_onednn
 from .parts import LoRAParts
-from .reference import (BaseWeight, base_linear_reference, lora_linear_reference,
-                        merged_lora_linear_reference, rms_norm_reference, rope_reference,
-                        swiglu_reference)
+from .reference import (BaseWeight, base_linear_reference, dora_linear_reference,
+                        lora_linear_reference, merged_lora_linear_reference, rms_norm_reference,
+                        rope_reference, swiglu_reference)
 
 BACKEND_ENV = "LORAKERNELS_BACKEND"
 BACKENDS = ("auto", "triton", "onednn", "eager")
@@ -99,6 +100,59 @@ def lora_linear(
     return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)
 
 
+def dora_weight_norm(
+    weight: BaseWeight,
+    weight_sq_norms: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    parts: Optional[LoRAParts] = None,
+) -> torch.Tensor:
+    """DoRA's n_j = ‖W_j + s·(B·A)_j‖ [N] in fp32, without an [N, K] temporary (``dora.py``).
+
+    weight_sq_norms: ‖W_j‖² [N], fp32, kept by the caller while W is frozen. A·Wᵀ is the
+    base GEMM of A's r·G rows, so it runs where the base linear does (NF4 included).
+    """
+    with torch.no_grad():
+        weight_a = base_linear(lora_A.detach().to(weight.dtype), weight, None)
+    return column_norm(weight_sq_norms, weight_a, lora_A, lora_B, scaling, parts)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: BaseWeight,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    weight_sq_norms: torch.Tensor,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    parts: Optional[LoRAParts] = None,
+) -> torch.Tensor:
+    """DoRA (PEFT's semantics): y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b without dropout.
+
+    Shapes as ``lora_linear``; magnitude m: [N]; weight_sq_norms: ‖W_j‖² [N] (fp32).
+    n is a constant in backward, so the gradients are LoRA's with dy scaled by m/n per
+    column, plus dm = Σ dy⊙z / n, all by autograd. Without dropout the product is
+    ``lora_linear``'s (its fast paths included) scaled per column. With dropout in
+    training, PEFT's formula adds (m/n − 1)⊙(dropout(x)·Wᵀ): a second base GEMM.
+    """
+    dropout_p = dropout_p if training else 0.0
+    norm = dora_weight_norm(weight, weight_sq_norms, lora_A, lora_B, scaling, parts)
+    if dropout_p > 0:
+        lora_input = F.dropout(x, dropout_p, training=True)
+        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
+                                     lora_input, norm)
+    if selected_backend(x) == "eager":
+        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
+                                     norm=norm)
+    product = lora_linear(x, weight, None, lora_A, lora_B, scaling, parts=parts)
+    scaled = product * (magnitude / norm)
+    return (scaled if bias is None else scaled + bias).to(product.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Phi-3's RMSNorm: x [..., N], weight [N] → [..., N]."""
     if selected_backend(x) == "triton":
@@ -134,12 +188,12 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
 
     Chunk by chunk (``ops/linear_cross_entropy.py``), so the [N, vocab] logits are never
     held in full; a LoRA head's live update is part of it. A LoRA head with dropout in
-    training is the one case that takes the plain logits path (the chunked loss draws
-    no dropout).
+    training, or a DoRA head, takes the plain logits path (the chunked loss draws no
+    dropout and knows no magnitude).
     """
     lora = None
     if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
-        if head.training and head.lora_dropout.p > 0:
+        if (head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False):
             return F.cross_entropy(head(hidden).float(), labels, ignore_index=ignore_index,
                                    reduction="sum")
         lora = (head.lora_A, head.lora_B, head.scaling)

@@ -8,6 +8,7 @@ low-rank update into the frozen weight, ``train()`` takes it out again.
 
 Beyond loralib: ``MergedLinear(split_sizes=...)`` for fused projections with
 unequal parts (grouped-query qkv), ``use_rslora`` (scaling alpha/sqrt(r)),
+``use_dora`` (DoRA on Linear and MergedLinear: a trainable ``lora_magnitude`` [out]),
 Conv1d/Conv3d with shapes that work for any kernel size, dropout honoured by the
 conv layers, and clear ``ValueError``s for impossible arguments.
 """
@@ -18,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import base_linear, lora_linear
+from .dora import row_sq_norms
+from .functional import base_linear, dora_linear, dora_weight_norm, lora_linear
 from .lora_layer import LoRALayer
 from .parts import LoRAParts, pair_slices
 
@@ -37,23 +39,33 @@ class Linear(LoRALayer, nn.Linear):
         merge_weights: bool = True,
         use_rslora: bool = False,
         lora_parts: Optional[LoRAParts] = None,
+        use_dora: bool = False,
         **kwargs,
     ):
         """``lora_parts``: one A/B pair per enabled part of a fused projection (see
-        ``MergedLinear``); None: one pair over the whole output."""
+        ``MergedLinear``); None: one pair over the whole output. ``use_dora``: DoRA, with
+        one magnitude per output row (PEFT's ``lora_magnitude_vector``), fused or not."""
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
+        self.fan_in_fan_out = False  # the weight is [out, in] until the transpose below
         self.lora_parts = lora_parts
+        self.use_dora = use_dora
         pairs = 1 if lora_parts is None else lora_parts.num_enabled
         lora_out = out_features if lora_parts is None else lora_parts.lora_out_features
         if r > 0 and pairs > 0:
             self.lora_A = nn.Parameter(self.weight.new_zeros((r * pairs, in_features)))
             self.lora_B = nn.Parameter(self.weight.new_zeros((lora_out, r)))
+            if use_dora:
+                self.lora_magnitude = nn.Parameter(self.weight.new_zeros(out_features))
             self.weight.requires_grad = False
+        elif use_dora:
+            raise ValueError("use_dora needs a low-rank path (r > 0 and a part with LoRA)")
+        self._dora_sq_norms = None  # (key of the weight they belong to, ‖W_j‖² [out])
+        self._dora_merge_norm = None  # n at merge time, to unmerge exactly as PEFT does
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1)
+            self.fan_in_fan_out = True
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
@@ -64,10 +76,37 @@ class Linear(LoRALayer, nn.Linear):
         if self.has_lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if self.use_dora:
+                self.reset_dora_magnitude()
+
+    def reset_dora_magnitude(self):
+        """m = n, the row norms of W + s·B·A, as PEFT initialises it; again whenever W is replaced.
+
+        Nothing to compute on the meta device: layers built there get it with their weight.
+        """
+        if self.lora_magnitude.is_meta:
+            return
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.dora_weight_norm())
 
     def _oriented_weight(self) -> torch.Tensor:
         """The weight as [out, in], a view whatever ``fan_in_fan_out`` says."""
         return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _weight_sq_norms(self) -> torch.Tensor:
+        """‖W_j‖² [out] in fp32, recomputed only when the frozen weight changes (load, ``.to()``)."""
+        weight = self._oriented_weight()
+        tensor = weight if isinstance(weight, torch.Tensor) else weight.packed
+        key = (tensor.data_ptr(), tensor._version, tensor.device, weight.dtype)
+        if self._dora_sq_norms is None or self._dora_sq_norms[0] != key:
+            with torch.no_grad():
+                self._dora_sq_norms = (key, row_sq_norms(weight))
+        return self._dora_sq_norms[1]
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """DoRA's n_j = ‖W_j + s·(B·A)_j‖ [out] in fp32, by algebra (no [out, in] temporary)."""
+        return dora_weight_norm(self._oriented_weight(), self._weight_sq_norms(), self.lora_A,
+                                self.lora_B, self.scaling, self.lora_parts)
 
     def _low_rank_product(self) -> torch.Tensor:
         """Each pair's B_g·A_g in its output rows, zeros in parts without LoRA: [out, in]."""
@@ -80,10 +119,30 @@ class Linear(LoRALayer, nn.Linear):
         delta = self._low_rank_product() * self.scaling
         return delta.t() if self.fan_in_fan_out else delta
 
+    def set_merged(self, merged: bool) -> None:
+        """DoRA merges as PEFT: W ← (m/n)⊙(W + ΔW) with n of the unmerged weight, kept to unmerge."""
+        if not (self.use_dora and self.has_lora) or self.merged == merged:
+            return super().set_merged(merged)
+        weight = self._oriented_weight()
+        with torch.no_grad():
+            delta = self._low_rank_product() * self.scaling
+            if merged:
+                self._dora_merge_norm = torch.linalg.vector_norm(weight + delta, dim=1)
+            factor = (self.lora_magnitude / self._dora_merge_norm).unsqueeze(1)
+            new = factor * (weight + delta) if merged else weight / factor - delta
+            weight.copy_(new.to(weight.dtype))
+        self.merged = merged
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._oriented_weight()
         if not self.has_lora or self.merged:
             return base_linear(x, weight, self.bias)
+        if self.use_dora:
+            return dora_linear(
+                x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
+                self._weight_sq_norms(), dropout_p=self.lora_dropout.p, training=self.training,
+                parts=self.lora_parts,
+            )
         return lora_linear(
             x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
@@ -95,7 +154,8 @@ class MergedLinear(Linear):
 
     ``enable_lora`` says which parts adapt; parts are equal (loralib) unless
     ``split_sizes`` gives their sizes. A: [r·G, in] and B: [sum of enabled part
-    sizes, r] for G enabled parts, stacked in part order as in loralib.
+    sizes, r] for G enabled parts, stacked in part order as in loralib. With
+    ``use_dora`` one magnitude vector spans the whole output, every part included.
     """
 
     def __init__(
@@ -110,6 +170,7 @@ class MergedLinear(Linear):
         merge_weights: bool = True,
         split_sizes: Optional[Sequence[int]] = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
         **kwargs,
     ):
         if split_sizes is None:
@@ -122,7 +183,7 @@ class MergedLinear(Linear):
                     f"not out_features ({out_features})"
                 )
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
-                         merge_weights, use_rslora, lora_parts=parts, **kwargs)
+                         merge_weights, use_rslora, lora_parts=parts, use_dora=use_dora, **kwargs)
         self.enable_lora = list(enable_lora)
 
 

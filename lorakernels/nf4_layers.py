@@ -127,6 +127,8 @@ class NF4Linear(NF4Layer, Linear):
                   device=layer.weight.device, bias=layer.bias is not None, **lora_options)
         nf4.quantize_weight(layer.weight.detach(), layer.weight.dtype)
         nf4.bias = layer.bias
+        if nf4.use_dora:
+            nf4.reset_dora_magnitude()
         return nf4
 
 

@@ -65,6 +65,23 @@ def lora_linear_reference(
     return (base + delta).to(base.dtype)
 
 
+def low_rank_update(lora_input: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                    scaling: float, parts: Optional[LoRAParts], out_features: int) -> torch.Tensor:
+    """s·(h·A_gᵀ)·B_gᵀ in each enabled part's output columns, zeros elsewhere: [..., out_features].
+
+    ``parts`` None: one pair over the whole output. In the adapters' dtype (or wider).
+    """
+    if parts is None:
+        return lora_delta(lora_input, lora_A, lora_B, scaling)
+    rank = lora_A.shape[0] // parts.num_enabled
+    delta = lora_input.new_zeros((*lora_input.shape[:-1], out_features),
+                                 dtype=torch.promote_types(lora_input.dtype, lora_A.dtype))
+    for pair in parts.slices(rank):
+        delta[..., pair.out_cols] = lora_delta(lora_input, lora_A[pair.a_rows], lora_B[pair.b_rows],
+                                               scaling)
+    return delta
+
+
 def merged_lora_linear_reference(
     x: torch.Tensor,
     weight: BaseWeight,
@@ -82,11 +99,52 @@ def merged_lora_linear_reference(
     """
     base = base_linear_reference(x, weight, bias)
     h = x if lora_input is None else lora_input
-    rank = lora_A.shape[0] // parts.num_enabled
-    delta = base.new_zeros(base.shape, dtype=torch.promote_types(base.dtype, lora_A.dtype))
-    for pair in parts.slices(rank):
-        delta[..., pair.out_cols] = lora_delta(h, lora_A[pair.a_rows], lora_B[pair.b_rows], scaling)
+    delta = low_rank_update(h, lora_A, lora_B, scaling, parts, base.shape[-1])
     return (base + delta).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- DoRA
+
+
+def dora_weight_norm_reference(weight: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                               scaling: float, parts: Optional[LoRAParts] = None) -> torch.Tensor:
+    """n_j = ‖W_j + s·(B·A)_j‖ the direct way, as PEFT: W + s·B·A materialised in fp32. [N]."""
+    dense = dequantize_nf4_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
+    eye = torch.eye(dense.shape[1], dtype=torch.float32, device=dense.device)
+    product = low_rank_update(eye, lora_A.float(), lora_B.float(), 1.0, parts, dense.shape[0]).t()
+    return torch.linalg.vector_norm(dense.float() + scaling * product, dim=1)
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: BaseWeight,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    parts: Optional[LoRAParts] = None,
+    lora_input: Optional[torch.Tensor] = None,
+    norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """PEFT's DoRA linear: y = x·Wᵀ + b + (m/n − 1)⊙(h·Wᵀ) + (m/n)⊙s·(h·Aᵀ)·Bᵀ.
+
+    h is x (no dropout; then y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b) or the dropped-out x
+    (``lora_input``), which costs a second base GEMM. magnitude m: [N]; n (``norm``, [N])
+    is taken as a constant in backward, and computed the direct way when None. As in
+    PEFT the DoRA terms are in the adapters' dtype (or wider), added to the base output
+    and rounded once to its dtype; the dropped-out GEMM runs in the base's dtype.
+    """
+    if norm is None:
+        norm = dora_weight_norm_reference(weight, lora_A, lora_B, scaling, parts)
+    scale = magnitude / norm.detach()
+    base = base_linear_reference(x, weight, bias)
+    if lora_input is None:
+        h, unbiased = x, (base if bias is None else base - bias)
+    else:
+        h, unbiased = lora_input, base_linear_reference(lora_input.to(base.dtype), weight, None)
+    delta = low_rank_update(h, lora_A, lora_B, scaling, parts, base.shape[-1])
+    return (base + ((scale - 1) * unbiased + scale * delta)).to(base.dtype)
 
 
 # ----------------------------------------------------------------------------- Phi-3's other ops

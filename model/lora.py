@@ -6,6 +6,8 @@ The frozen base weight is shared, not copied; LoRA parameters are created in fp3
 PEFT does, so adapters move to PEFT unchanged; ``per_part=True`` gives each part
 its own pair (loralib's MergedLinear, grouped-query split sizes included).
 A 4-bit base (``model.quantization``) gets the NF4 twins, with the same LoRA parameters.
+``use_dora=True`` makes every Linear target a DoRA layer (an fp32 magnitude per output row,
+initialised to the weight's row norms, as PEFT).
 """
 import json
 from pathlib import Path
@@ -33,7 +35,7 @@ def _part_sizes(name: str, model: Phi3ForCausalLM, out_features: int):
 
 
 def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lora_alpha: float,
-               lora_dropout: float, use_rslora: bool, per_part: bool) -> nn.Module:
+               lora_dropout: float, use_rslora: bool, per_part: bool, use_dora: bool) -> nn.Module:
     """The LoRA layer for ``module``, built on the meta device, then given the module's weight."""
     # No merge on eval(): merging into a bf16 weight and back is lossy; merge_lora does it once.
     options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=False,
@@ -44,7 +46,8 @@ def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lor
                               padding_idx=module.padding_idx, **options)
     else:
         sizes = _part_sizes(name, model, module.out_features) if per_part else None
-        cls_options = dict(options, lora_dropout=lora_dropout, bias=module.bias is not None)
+        cls_options = dict(options, lora_dropout=lora_dropout, bias=module.bias is not None,
+                           use_dora=use_dora)
         if nf4:
             cls_options["dtype"] = module.weight_dtype
         if sizes:
@@ -62,23 +65,29 @@ def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lor
     device = twin.weight_packed.device if nf4 else module.weight.device
     twin.lora_A = nn.Parameter(torch.empty(twin.lora_A.shape, device=device, dtype=torch.float32))
     twin.lora_B = nn.Parameter(torch.empty(twin.lora_B.shape, device=device, dtype=torch.float32))
+    if use_dora:
+        twin.lora_magnitude = nn.Parameter(torch.empty(twin.lora_magnitude.shape, device=device,
+                                                       dtype=torch.float32))
     twin.reset_lora_parameters()
     return twin
 
 
 def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
                targets: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
-               per_part: bool = False) -> Phi3ForCausalLM:
+               per_part: bool = False, use_dora: bool = False) -> Phi3ForCausalLM:
     """Swap every module named in ``targets`` for its LoRA twin, then train only LoRA parameters."""
     targets = tuple(targets)
     unknown = sorted(set(targets) - set(SUPPORTED_TARGETS))
     if unknown:
         raise ValueError(f"unknown LoRA targets {unknown}; supported: {', '.join(SUPPORTED_TARGETS)}")
+    if use_dora and "embed_tokens" in targets:
+        raise ValueError("use_dora applies to linear targets only, not embed_tokens")
     replaced = 0
     for full_name, module in list(model.named_modules()):
         parent_name, _, name = full_name.rpartition(".")
         if name in targets and not (isinstance(module, lora.LoRALayer) and module.has_lora):
-            twin = _lora_twin(module, name, model, r, lora_alpha, lora_dropout, use_rslora, per_part)
+            twin = _lora_twin(module, name, model, r, lora_alpha, lora_dropout, use_rslora, per_part,
+                              use_dora)
             setattr(model.get_submodule(parent_name), name, twin)
             replaced += 1
     if replaced == 0:
@@ -95,6 +104,7 @@ def apply_peft_adapter(model: Phi3ForCausalLM, directory: Union[str, Path]) -> P
         raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG_FILE} (not a PEFT adapter directory)")
     settings = json.loads(config_file.read_text())
     apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],
-               targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False))
+               targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False),
+               use_dora=settings.get("use_dora", False))
     load_peft_adapter(model, directory)
     return model

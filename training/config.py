@@ -43,6 +43,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     use_rslora: bool = False
+    use_dora: bool = False
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -101,6 +102,9 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError("--overwrite replaces the run in --output and --resume continues it: "
                              "give one of them")
+        if self.use_dora and "embed_tokens" in self.target_modules:
+            raise ValueError("--use-dora applies to linear targets only: drop embed_tokens from "
+                             "--target-modules")
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
@@ -124,6 +128,8 @@ HELP = {
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "LoRA dropout",
     "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head embed_tokens)",
     "use_rslora": "scale alpha/sqrt(r) instead of alpha/r",
+    "use_dora": "DoRA: a trained magnitude per output row over the LoRA update (PEFT's use_dora; "
+                "fastest with --lora-dropout 0)",
     "warmup_ratio": "fraction of steps with linear warmup",
     "weight_decay": "AdamW weight decay", "max_grad_norm": "gradient clipping norm (0: off)",
     "seed": "seed for initialisation, data order and dropout",

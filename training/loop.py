@@ -241,7 +241,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     torch.manual_seed(config.seed)  # the LoRA initialisation, whatever loading drew
     apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
                lora_dropout=config.lora_dropout, targets=config.target_modules,
-               use_rslora=config.use_rslora)
+               use_rslora=config.use_rslora, use_dora=config.use_dora)
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.train()
     step_loss = dist.wrap(StepLoss(model), device, config.strategy)

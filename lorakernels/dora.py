@@ -1,0 +1,43 @@
+"""DoRA's column norm n_j = ‖W_j + s·(B·A)_j‖ by algebra, never materialising W + s·B·A.
+
+n_j² = ‖W_j‖² + 2s·B_j·(W·Aᵀ)_j + s²·B_j·(A·Aᵀ)·B_jᵀ. W is frozen, so ‖W_j‖² is computed
+once (``row_sq_norms``) and kept by the layer; each step then costs one skinny product
+W·Aᵀ ([N, r], the caller's, so it runs on the backend's base GEMM), an r×r Gram matrix and
+row-wise dot products, all in fp32. For a fused projection each enabled part's pair acts on
+its own rows; rows without LoRA keep ‖W_j‖.
+"""
+from typing import Optional
+
+import torch
+
+from .nf4 import NF4Weight, dequantize_nf4_reference
+from .parts import LoRAParts, pair_slices
+
+
+def row_sq_norms(weight) -> torch.Tensor:
+    """‖W_j‖² in fp32 for a dense [N, K] weight or an NF4 one (dequantised once, here): [N]."""
+    if isinstance(weight, NF4Weight):
+        weight = dequantize_nf4_reference(weight, torch.float32)
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+
+
+@torch.no_grad()
+def column_norm(sq_norms: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, parts: Optional[LoRAParts]) -> torch.Tensor:
+    """n [N] in fp32, a constant for autograd (DoRA §4.3, as PEFT detaches it).
+
+    sq_norms: ‖W_j‖² [N] (fp32); weight_a: A·Wᵀ [r·G, N]; A: [r·G, K]; B: [N_lora, r].
+    """
+    a = lora_A.float()
+    b = lora_B.float()
+    weight_a = weight_a.float()
+    rank = lora_B.shape[1]
+    sq = sq_norms.clone()
+    for pair in pair_slices(parts, sq.shape[0], rank):
+        b_g = b[pair.b_rows]                                    # [n_g, r]
+        cross = (b_g * weight_a[pair.a_rows, pair.out_cols].t()).sum(1)
+        gram = a[pair.a_rows] @ a[pair.a_rows].t()              # [r, r]
+        quad = ((b_g @ gram) * b_g).sum(1)
+        sq[pair.out_cols] += 2 * scaling * cross + scaling * scaling * quad
+    # Rounding can take a tiny n² just below zero; a norm is never negative.
+    return sq.clamp_min(0).sqrt()
