@@ -9,6 +9,9 @@ Tolerances, as max |kernel - reference| over max |reference|:
 A wrong mask, part layout or missing term gives errors of order one.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -200,3 +203,17 @@ def test_large_shapes_on_gpu(M, variant, dtype):
         run_case(M, 3072, f"{variant}_large", 16, dtype, 0.05)
     finally:
         del VARIANTS[f"{variant}_large"]
+
+
+def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
+    """LORAKERNELS_AUTOTUNE=0 (read at import, compiled path): each role has its default only."""
+    code = ("from lorakernels.ops import gemm_lowrank as g, lora_linear as l\n"
+            "print(len(g.GEMM_CONFIGS), len(g.NF4_GEMM_CONFIGS), len(l.ROW_CONFIGS))\n"
+            "print(all(k.params[k.arg_names.index('seed')].do_not_specialize for k in "
+            "(g._gemm_lowrank_kernel, l._lora_shrink_kernel, l._lora_grad_a_kernel)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    counts = [subprocess.run([sys.executable, "-c", code], env={**env, "LORAKERNELS_AUTOTUNE": value},
+                             capture_output=True, text=True, check=True).stdout.split()
+              for value in ("0", "1")]
+    assert counts[0] == ["1", "1", "1", "True"]
+    assert all(1 < int(n) for n in counts[1][:3]) and counts[1][3] == "True"

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from .nf4_dequant import nf4_gather
-from .triton_utils import INTERPRETING, autotune_configs, cast_to, dot_precision, max_shared_memory
+from .triton_utils import (INTERPRETING, MAX_CONFIGS, autotune_configs, cast_to, dot_precision,
+                           max_shared_memory)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -77,7 +78,9 @@ def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK
     return scaling * lowrank
 
 
-@triton.jit
+# The seed changes every step and M every batch: specialising either (== 1, divisible by 16)
+# would compile new variants; the autotuner keys on M_BUCKET instead.
+@triton.jit(do_not_specialize=["seed", "M"])
 def _gemm_lowrank_kernel(
     x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
     bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
@@ -163,16 +166,24 @@ def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
     return pipeline + lowrank
 
 
+def fitting_configs(configs, limit: int, elem_bytes: int, block_r: int, nf4: bool):
+    """The first MAX_CONFIGS configs (in preference order) whose shared memory fits ``limit``.
+
+    On sm_90 these are a role's Hopper set; tests/gpu_compile_check.py compiles exactly
+    these per target and fails when one spills there.
+    """
+    def shared(config):
+        return _gemm_shared_memory(config, elem_bytes, block_r, nf4)
+
+    return [c for c in configs if shared(c) <= limit][:MAX_CONFIGS] or [min(configs, key=shared)]
+
+
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configs whose shared memory exceeds this device's (consumer GPUs have ~99 KB)."""
+    """This device's share of a role's configs (consumer GPUs have ~99 KB of shared memory)."""
     args = {**named_args, **kwargs}
     x = args["x_ptr"]
-    limit = max_shared_memory(x.device)
-
-    def shared(config):
-        return _gemm_shared_memory(config, x.element_size(), args["BLOCK_R"], args["W_NF4"])
-
-    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+    return fitting_configs(configs, max_shared_memory(x.device), x.element_size(),
+                           args["BLOCK_R"], args["W_NF4"])
 
 
 def _gemm_config(bm, bn, bk, warps, stages):
@@ -180,29 +191,48 @@ def _gemm_config(bm, bn, bk, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
+# Preference order: on sm_90 the first four fit and form the Hopper set (none spills, see
+# benchmarks/results/kernel_resources.md); ~99 KB GPUs get the next four that fit.
 GEMM_CONFIGS = autotune_configs(
     [
-        _gemm_config(128, 256, 64, 8, 3),  # ~147 KB in bf16: Hopper / A100-class only
-        _gemm_config(128, 128, 64, 4, 4),  # ~131 KB
-        _gemm_config(128, 128, 64, 8, 3),  # ~98 KB: fits consumer GPUs
+        _gemm_config(128, 256, 64, 8, 4),  # LoRAFusion's tile: ~224 KB in bf16, Hopper only
+        _gemm_config(128, 128, 64, 8, 3),
+        _gemm_config(128, 128, 64, 4, 4),
+        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation)
         _gemm_config(128, 128, 32, 4, 4),
-        _gemm_config(64, 128, 32, 4, 4),
         _gemm_config(128, 64, 32, 4, 4),
         _gemm_config(64, 64, 32, 4, 4),
-        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation, NF4 read in the K-loop)
-        _gemm_config(32, 128, 64, 4, 4),
     ],
+    _gemm_config(128, 128, 64, 8, 3),
+    [_gemm_config(32, 32, 32, 4, 1)],
+)
+# An NF4 w is read in the K-loop only for few rows (NF4Weight.fused_max_rows), and its
+# in-register dequantisation leaves room for smaller tiles only: larger ones spill.
+NF4_GEMM_CONFIGS = autotune_configs(
+    [
+        _gemm_config(64, 128, 32, 8, 4),
+        _gemm_config(64, 64, 32, 4, 4),
+        _gemm_config(32, 64, 32, 4, 4),
+        _gemm_config(16, 64, 128, 4, 2),
+    ],
+    _gemm_config(64, 64, 32, 4, 4),
     [_gemm_config(32, 32, 32, 4, 1)],
 )
 
-# Keys hold every argument that changes the kernel's cost: the role (stride_wk tells F2's
-# Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
-_gemm_lowrank = triton.autotune(
-    GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-         "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)(_gemm_lowrank_kernel)
+
+def _autotuned(configs):
+    # Keys hold every argument that changes the kernel's cost: the role (stride_wk tells
+    # F2's Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
+    return triton.autotune(
+        configs,
+        key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
+             "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )(_gemm_lowrank_kernel)
+
+
+_gemm_lowrank = _autotuned(GEMM_CONFIGS)
+_gemm_lowrank_nf4 = _autotuned(NF4_GEMM_CONFIGS)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -252,7 +282,8 @@ def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torc
         p = q = out  # placeholders: the kernel never reads them
     q_row, q_off = q_index if q_index is not None else (q, q)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lowrank[grid](
+    kernel = _gemm_lowrank_nf4 if nf4 is not None else _gemm_lowrank
+    kernel[grid](
         x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
         bias if bias is not None else out,
         M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), m_bucket(M),

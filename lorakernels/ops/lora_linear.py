@@ -38,7 +38,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# The seed changes every step, M every batch: neither is specialised (see gemm_lowrank).
+@triton.jit(do_not_specialize=["seed", "M"])
 def _lora_shrink_kernel(
     x_ptr, a_ptr, s_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed, M_BUCKET,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -61,7 +62,7 @@ def _lora_shrink_kernel(
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _lora_grad_s_b_kernel(
     dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr,
     M, N, R, RANK, scaling, M_BUCKET,
@@ -93,7 +94,7 @@ def _lora_grad_s_b_kernel(
              mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "M"])
 def _lora_grad_a_kernel(
     ds_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, M_BUCKET,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -116,7 +117,7 @@ def _lora_grad_a_kernel(
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,13 +129,19 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
 # ----------------------------------------------------------------------------- autotuning
 
 
+def _row_config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bn}, num_warps=warps,
+                         num_stages=stages)
+
+
 # Skinny, memory-bound kernels (F1, B1, B3). All fit 99 KB of shared memory on sm_86
-# as well as sm_90 (tests/gpu_compile_check.py); (64, 128) with 3 stages needs 128 KB.
+# as well as sm_90 and none spills (tests/gpu_compile_check.py); (64, 128) with 3 stages
+# needs 128 KB, and (32, 128) with 4 warps spilled in B1.
 ROW_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2),
-                          (128, 64, 8, 2)]],
-    [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)],
+    [_row_config(32, 64, 4, 3), _row_config(64, 64, 4, 3), _row_config(64, 128, 8, 2),
+     _row_config(128, 64, 8, 2)],
+    _row_config(64, 64, 4, 3),
+    [_row_config(32, 32, 4, 1)],
 )
 
 
