@@ -6,8 +6,8 @@ One Triton kernel, three uses: the LoRA forward's F2 (x·Wᵀ plus s·S·B̂ᵀ)
 backward's B2 (dy·W plus D⊙(dS·A)), and, without the low-rank term, a frozen 4-bit
 layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). ``w`` is a strided view of a dense weight or an
 ``NF4Operand``, whose 4-bit tiles are dequantised in registers inside the K-loop.
-The dropout mask D is drawn from a seed with Philox (``dropout_scale``), identically in
-every kernel that needs it, and never stored.
+The dropout mask D is drawn once, by the LoRA forward's F1 (``dropout_scale``), and kept
+as one bit per element (``dropout_kept`` reads it back in B2 and B3).
 """
 import dataclasses
 from typing import Optional, Tuple
@@ -38,6 +38,35 @@ def dropout_scale(seed, rows, cols, n_cols, P: tl.constexpr):
 
 
 @triton.jit
+def dropout_kept(mask_ptr, rows, cols, M, n_cols):
+    """D's keep bits for a [rows, cols] block, read back: True where kept.
+
+    Bit k % 32 of int32 word (m, k // 32) of the mask [M, ceil(n_cols/32)] is element (m, k).
+    cols must be contiguous from a multiple of 32, spanning a multiple of 32: each word is
+    loaded once and expanded in registers (~2 instructions per element; a load per element
+    cost ~6). The first column is taken as tl.min(cols): with pid·BLOCK instead, sm_90
+    builds of B2 came out ~10% longer (another layout for the words).
+    """
+    n_words = tl.cdiv(n_cols, 32)
+    word_cols = tl.min(cols.to(tl.int32)) // 32 + tl.arange(0, cols.shape[0] // 32)
+    words = tl.load(mask_ptr + (rows.to(tl.int32)[:, None] * n_words + word_cols[None, :]),
+                    mask=(rows[:, None] < M) & (word_cols[None, :] < n_words), other=0)
+    bits = words[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]
+    return tl.reshape(bits, (rows.shape[0], cols.shape[0])) != 0
+
+
+@triton.jit
+def pack_kept(scale):
+    """The packed bits of a [BLOCK_M, BLOCK_K] block of D (BLOCK_K a multiple of 32):
+    [BLOCK_M, BLOCK_K / 32] int32 words, bit b of word j for column 32·j + b."""
+    BLOCK_M: tl.constexpr = scale.shape[0]
+    BLOCK_K: tl.constexpr = scale.shape[1]
+    bits = tl.reshape((scale != 0).to(tl.uint32), (BLOCK_M, BLOCK_K // 32, 32))
+    words = tl.sum(bits << tl.arange(0, 32).to(tl.uint32)[None, None, :], axis=2)
+    return words.to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, stride_rank,
                         GATHER: tl.constexpr):
     """Offsets and mask of a [BLOCK_N, BLOCK_R] tile of B̂, B expanded to every output column.
@@ -59,7 +88,7 @@ def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, strid
 
 @triton.jit
 def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
-                 stride_q_row, stride_q_rank, scaling, seed, P: tl.constexpr,
+                 stride_q_row, stride_q_rank, scaling, mask_ptr, P: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, GATHER_Q: tl.constexpr, CAST_FP32: tl.constexpr,
                  PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, dtype: tl.constexpr):
     """s·(p·q̂ᵀ)⊙D on one [BLOCK_M, BLOCK_N] tile, fp32: an [M, R]·[R, N] product."""
@@ -74,16 +103,17 @@ def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK
     else:
         lowrank = tl.dot(p.to(dtype), q.to(dtype), input_precision=PRECISION)
     if HAS_DROPOUT:
-        lowrank = lowrank * dropout_scale(seed, rows, cols, N, P)
+        kept = dropout_kept(mask_ptr, rows, cols, M, N)
+        return tl.where(kept, (scaling / (1.0 - P)) * lowrank, 0.0)
     return scaling * lowrank
 
 
-# The seed changes every step and M every batch: specialising either (== 1, divisible by 16)
-# would compile new variants; the autotuner keys on M_BUCKET instead.
-@triton.jit(do_not_specialize=["seed", "M"])
+# M changes every batch: specialising it (== 1, divisible by 16) would compile new
+# variants; the autotuner keys on M_BUCKET instead.
+@triton.jit(do_not_specialize=["M"])
 def _gemm_lowrank_kernel(
     x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
-    bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
+    bias_ptr, mask_ptr, M, N, K, R, Q_RANK, scaling, absmax_offset, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
@@ -92,7 +122,7 @@ def _gemm_lowrank_kernel(
 ):
     """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
 
-    Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    D comes from mask_ptr's packed bits (``dropout_kept``). Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
     With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
     is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
     does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
@@ -116,8 +146,8 @@ def _gemm_lowrank_kernel(
     # so no second [BLOCK_M, BLOCK_N] tile lives across the loop (that one spilled).
     if HAS_LOWRANK:
         acc = lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
-                           stride_q_row, stride_q_rank, scaling, seed, P, HAS_DROPOUT, GATHER_Q,
-                           CAST_FP32, PRECISION, BLOCK_R, x_ptr.dtype.element_ty)
+                           stride_q_row, stride_q_rank, scaling, mask_ptr, P, HAS_DROPOUT,
+                           GATHER_Q, CAST_FP32, PRECISION, BLOCK_R, x_ptr.dtype.element_ty)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -263,12 +293,13 @@ class NF4Operand:
 def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
                  q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
                  block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                 dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
 
     q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
     q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
     low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
+    ``mask``: D's packed bits [M, ceil(N/32)] int32, as F1 wrote them, when dropout_p > 0.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -285,8 +316,8 @@ def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torc
     kernel = _gemm_lowrank_nf4 if nf4 is not None else _gemm_lowrank
     kernel[grid](
         x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
-        bias if bias is not None else out,
-        M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), m_bucket(M),
+        bias if bias is not None else out, mask if mask is not None else out,
+        M, N, K, p.shape[1], q_rank, scaling, float(offset), m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,

@@ -2,13 +2,13 @@
 
 Notation: x [M, K], W [N, K] frozen (read by strides, never copied), A [R, K],
 B [N_lora, r], s the scale, D the dropout mask scaled by 1/(1-p), drawn from a
-seed with Philox wherever it is needed and never stored. A fused projection with
-G LoRA parts stacks their A's (R = r·G); output column n uses B row ``b_row[n]``
-against S columns ``b_off[n] .. b_off[n]+r`` (its part's), so one launch covers
-every part, including N-tiles that straddle two parts.
+seed with Philox once, by F1, and kept as bits (M·K/8 bytes) for B2 and B3.
+A fused projection with G LoRA parts stacks their A's (R = r·G); output column n
+uses B row ``b_row[n]`` against S columns ``b_off[n] .. b_off[n]+r`` (its part's), so
+one launch covers every part, including N-tiles that straddle two parts.
 
 Forward
-  F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once.
+  F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once, writes D's bits.
   F2 ``gemm_lowrank`` (ops/gemm_lowrank.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
      product in the base GEMM's epilogue (R/K extra work), y written once.
 Backward
@@ -16,7 +16,9 @@ Backward
      dB = s·dyᵀ·S (reduced over M with fp32 atomics).
   B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
   B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x).
-Saved for backward: x, S and the seed. An NF4 base weight is read as the GEMM's
+Saved for backward: x, S and D's bits. Reading a bit costs a load and a shift where
+Philox cost ~30 instructions per element: B2 with dropout spilled and ran 5.7x the
+SASS of B2 without (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the GEMM's
 operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
 """
 import functools
@@ -28,7 +30,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from ..parts import LoRAParts
-from .gemm_lowrank import dropout_scale, expanded_b_offsets, gemm_lowrank, m_bucket
+from .gemm_lowrank import (dropout_kept, dropout_scale, expanded_b_offsets, gemm_lowrank,
+                           m_bucket, pack_kept)
 from .nf4_matmul import gemm_operand
 from .triton_utils import INTERPRETING, autotune_configs, dot_precision, next_block, on_device
 
@@ -38,14 +41,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------- kernels
 
 
-# The seed changes every step, M every batch: neither is specialised (see gemm_lowrank).
+# The seed changes every step and M every batch: specialising either (== 1, divisible
+# by 16) would compile new variants; the autotuner keys on M_BUCKET instead.
 @triton.jit(do_not_specialize=["seed", "M"])
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed, M_BUCKET,
-    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, a_ptr, s_ptr, mask_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed,
+    M_BUCKET, P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[M, R] = (D⊙x)·Aᵀ in fp32."""
+    """S[M, R] = (D⊙x)·Aᵀ in fp32; with dropout, D drawn here and its bits written to mask_ptr."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -54,7 +58,12 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * dropout_scale(seed, rows, cols, K, P)
+            scale = dropout_scale(seed, rows, cols, K, P)
+            x = x * scale
+            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            n_words = tl.cdiv(K, 32)
+            tl.store(mask_ptr + rows[:, None] * n_words + words[None, :], pack_kept(scale),
+                     mask=(rows[:, None] < M) & (words[None, :] < n_words))
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0).to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -94,9 +103,9 @@ def _lora_grad_s_b_kernel(
              mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.jit(do_not_specialize=["seed", "M"])
+@triton.jit(do_not_specialize=["M"])
 def _lora_grad_a_kernel(
-    ds_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, M_BUCKET,
+    ds_ptr, x_ptr, mask_ptr, da_ptr, M, K, R, stride_xm, stride_xk, M_BUCKET,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -109,7 +118,8 @@ def _lora_grad_a_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * dropout_scale(seed, rows, cols, K, P)
+            kept = dropout_kept(mask_ptr, rows, cols, M, K)
+            x = tl.where(kept, x * (1.0 / (1.0 - P)), 0.0)
         ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
@@ -185,17 +195,19 @@ class _Layout:
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_p: float,
-                seed: int) -> torch.Tensor:
-    """F1: S = (D⊙x)·Aᵀ, [M, R] fp32."""
+                seed: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """F1: S = (D⊙x)·Aᵀ, [M, R] fp32, and D's bits [M, ceil(K/32)] int32 (None without dropout)."""
     M, K = x.shape
     s = torch.empty((M, layout.R), device=x.device, dtype=torch.float32)
+    mask = (torch.empty((M, triton.cdiv(K, 32)), device=x.device, dtype=torch.int32)
+            if dropout_p > 0 else None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _lora_shrink[grid](
-        x, lora_A, s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        x, lora_A, s, mask if mask is not None else s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         seed, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(x.dtype), BLOCK_R=layout.block_r,
     )
-    return s
+    return s, mask
 
 
 def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layout: _Layout,
@@ -215,13 +227,14 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
 
 
 def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: float,
-                seed: int) -> torch.Tensor:
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
     """B3: dA = dSᵀ·(D⊙x), [R, K] fp32."""
     M, K = x.shape
     da = torch.empty((layout.R, K), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
     _lora_grad_a[grid](
-        ds, x, da, M, K, layout.R, x.stride(0), x.stride(1), seed, m_bucket(M),
+        ds, x, mask if mask is not None else ds, da, M, K, layout.R, x.stride(0), x.stride(1),
+        m_bucket(M),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
@@ -230,9 +243,9 @@ def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: f
 
 def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
                  device: torch.device) -> torch.Tensor:
-    """D materialised, [rows, cols] fp32: the exact mask the kernels draw for this seed.
+    """D materialised, [rows, cols] fp32: the exact mask F1 draws for this seed.
 
-    For tests and the reference only; the kernels never store it.
+    For tests and the reference only; the kernels keep D as bits.
     """
     out = torch.empty((rows, cols), device=device, dtype=torch.float32)
     grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
@@ -283,22 +296,22 @@ class LoRALinearFunction(torch.autograd.Function):
         K, N = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
-        s = lora_shrink(x2, lora_A, layout, dropout_p, seed)
+        s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
         y = gemm_lowrank(x2, gemm_operand(weight, x2.shape[0], True), s, lora_B, layout.b_index,
                          layout.rank, layout.block_r, scaling, bias)
         nf4 = isinstance(weight, NF4Weight)
-        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s)
+        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask)
         ctx.nf4_weight = weight if nf4 else None
-        ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed = layout, scaling, dropout_p, seed
+        ctx.layout, ctx.scaling, ctx.dropout_p = layout, scaling, dropout_p
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, s = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
         weight = ctx.nf4_weight if weight is None else weight
-        layout, scaling, p, seed = ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed
+        layout, scaling, p = ctx.layout, ctx.scaling, ctx.dropout_p
         need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = da = dB = None
@@ -306,9 +319,9 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_dx:
             dx = gemm_lowrank(dy2, gemm_operand(weight, dy2.shape[0], False), ds, lora_A.t(),
                               None, layout.R, layout.block_r, 1.0, dropout_p=p,
-                              seed=seed).view(ctx.x_shape)
+                              mask=mask).view(ctx.x_shape)
         if need_da:
-            da = lora_grad_a(ds, x2, layout, p, seed).to(lora_A.dtype)
+            da = lora_grad_a(ds, x2, layout, p, mask).to(lora_A.dtype)
         if need_dB:
             dB = dB32.to(lora_B.dtype)
         if need_dw:
