@@ -52,7 +52,7 @@ KERNEL_ARGS = {
         stride_dyn=1, stride_b_row=RANK, stride_b_rank=1),
     "_lora_grad_a_kernel": dict(
         ds_ptr="fp32", x_ptr="bf16", mask_ptr="i32", da_ptr="fp32", M=M, K=K, R=R, stride_xm=K,
-        stride_xk=1, M_BUCKET=M),
+        stride_xk=1, rows_per_split=384, M_BUCKET=M),
     # Row-wise fused ops at Phi-3-mini's shapes: hidden 3072, intermediate 8192, q/k as
     # transposed views of qkv [B, T, 9216] (32 heads of 96), cos/sin [B, T, 96].
     "_rms_norm_forward_kernel": dict(

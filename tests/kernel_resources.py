@@ -19,8 +19,10 @@ _USAGE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 # One SASS instruction: its address, an optional predicate, the opcode.
 _INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z0-9_]+)", re.M)
 ATOMICS = ("ATOM", "ATOMG", "ATOMS", "RED", "REDG")
-# Memory fences and cache invalidations (FENCE.VIEW.ASYNC, wgmma's proxy fence, is not one).
-FENCES = ("MEMBAR", "CCTL", "ERRBAR")
+# GPU- and system-scope fences and cache invalidations: what acq_rel atomics cost. The
+# CTA-scope MEMBAR and FENCE.VIEW.ASYNC before a wgmma (its proxy fence) are not counted.
+_FENCE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?"
+                    r"(?:MEMBAR\.[A-Z.]*(?:GPU|SYS)|CCTL|ERRBAR)\b", re.M)
 
 
 def opcode_counts(sass: str) -> collections.Counter:
@@ -50,5 +52,5 @@ def cubin_resources(cubin: bytes, dynamic_shared: int) -> dict:
         registers=regs, stack_bytes=stack + local, shared=dynamic_shared + static, dynamic_shared=dynamic_shared,
         sass=sum(ops.values()), spill_stores=ops["STL"], spill_loads=ops["LDL"],
         tensor_core=tensor_core, mma=ops["HGMMA"] + ops["HMMA"],
-        atomics=sum(ops[op] for op in ATOMICS), fences=sum(ops[op] for op in FENCES),
+        atomics=sum(ops[op] for op in ATOMICS), fences=len(_FENCE.findall(sass)),
     )

@@ -18,7 +18,10 @@ import torch
 
 import lorakernels as lora
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
-from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
+import triton
+
+from lorakernels.ops import lora_linear as lora_linear_ops
+from lorakernels.ops.lora_linear import b3_splits, dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,3 +220,32 @@ def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
               for value in ("0", "1")]
     assert counts[0] == ["1", "1", "1", "True"]
     assert all(1 < int(n) for n in counts[1][:3]) and counts[1][3] == "True"
+
+
+@pytest.mark.parametrize("M, K", [(4096, 3072), (16384, 8192), (4096, 9216), (1, 3072), (700, 96)])
+def test_b3_splits_rows_to_fill_the_gpu(M, K):
+    """B3 launches >= 2 programs per SM (264 on 132 SMs) where M allows, any BLOCK_K."""
+    splits, rows = b3_splits(M, K, 264)
+    assert rows % 128 == 0 and (splits - 1) * rows < M <= splits * rows
+    if M >= 4096:
+        assert splits * triton.cdiv(K, 128) >= 264
+
+
+def test_dA_is_bit_reproducible_with_several_splits(monkeypatch):
+    monkeypatch.setattr(lora_linear_ops, "B3_MAX_BLOCK", 32)  # 129 rows: 5 splits
+    monkeypatch.setattr(lora_linear_ops, "_b3_programs", lambda device: 64)
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        x, w, b = torch.randn(129, 96), torch.randn(40, 96), torch.randn(40, 8)
+        a = torch.randn(8, 96).requires_grad_()
+        fused_lora_linear(*(t.to(DEVICE) for t in (x, w)), None, a.to(DEVICE), b.to(DEVICE),
+                          0.5, 0.1, seed=3).square().sum().backward()
+        grads.append(a.grad)
+    assert torch.equal(grads[0], grads[1])
+    a_ref = a.detach().to(DEVICE).requires_grad_()
+    mask = dropout_mask(129, 96, 0.1, 3, a_ref.device)
+    x = x.to(DEVICE)
+    lora_linear_reference(x, w.to(DEVICE), None, a_ref, b.to(DEVICE), 0.5,
+                          lora_input=x * mask).square().sum().backward()
+    assert_rel_close(grads[0].to(DEVICE), a_ref.grad, 1e-4, "dA")

@@ -13,13 +13,14 @@ Forward
      product in the base GEMM's epilogue (R/K extra work), y written once.
 Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
-     dB = s·dyᵀ·S (reduced over M with fp32 atomics).
+     dB = s·dyᵀ·S (reduced over M with relaxed fp32 atomics).
   B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
-  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x).
-Saved for backward: x, S and D's bits. Reading a bit costs a load and a shift where
-Philox cost ~30 instructions per element: B2 with dropout spilled and ran 5.7x the
-SASS of B2 without (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the GEMM's
-operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
+  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M into partials summed in
+     a fixed order (at least two programs per SM; dA bit-reproducible).
+Saved for backward: x, S and D's bits. Redrawing D with Philox in B2 made it spill and
+run 5.7x the SASS of B2 without dropout; reading the bits costs ~2 instructions per
+element (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the
+GEMM's operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
 """
 import functools
 from typing import Optional, Tuple
@@ -79,15 +80,22 @@ def _lora_grad_s_b_kernel(
     GATHER_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks).
+
+    The atomics are relaxed (a reduction needs no ordering; the default acq_rel fenced
+    every update) and each program starts at its own column block, so programs do not
+    all hit the same dB rows at once.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows[:, None] < M
     s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok & (ranks[None, :] < R),
                 other=0.0)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for step in range(0, num_n):
+        cols = ((pid + step) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & (cols[None, :] < N), other=0.0).to(tl.float32)
         b_offsets, b_mask = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
@@ -98,22 +106,24 @@ def _lora_grad_s_b_kernel(
         # dB is contiguous [N_lora, RANK]: the same offsets as B's with its strides.
         db_offsets, _ = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                             RANK, 1, GATHER_B)
-        tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask)
+        tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask, sem="relaxed")
     tl.store(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scaling,
              mask=row_ok & (ranks[None, :] < R))
 
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_grad_a_kernel(
-    ds_ptr, x_ptr, mask_ptr, da_ptr, M, K, R, stride_xm, stride_xk, M_BUCKET,
+    ds_ptr, x_ptr, mask_ptr, da_ptr, M, K, R, stride_xm, stride_xk, rows_per_split, M_BUCKET,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA[R, K] = dSᵀ·(D⊙x) in fp32."""
+    """Partial dA[split, R, K] = dSᵀ·(D⊙x) in fp32 over one split's rows (program axis 1)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, M), BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
@@ -123,7 +133,7 @@ def _lora_grad_a_kernel(
         ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
-    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+    tl.store(da_ptr + split.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
@@ -226,19 +236,43 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     return ds, db
 
 
+# B3's largest BLOCK_M and BLOCK_K: a split's rows are a multiple of every BLOCK_M.
+B3_MAX_BLOCK = 128
+
+
+def b3_splits(M: int, K: int, programs: int) -> Tuple[int, int]:
+    """(splits, rows per split) so that B3 launches at least ``programs`` programs.
+
+    K/BLOCK_K programs alone leave most SMs idle (24-48 for K = 3072 on 132 SMs), so M is
+    split too, each split writing its own partial dA; summing the partials in a fixed
+    order keeps dA bit-reproducible run to run.
+    """
+    wanted = triton.cdiv(programs, triton.cdiv(K, B3_MAX_BLOCK))
+    splits = max(1, min(wanted, triton.cdiv(M, B3_MAX_BLOCK)))
+    rows = triton.cdiv(triton.cdiv(M, splits), B3_MAX_BLOCK) * B3_MAX_BLOCK
+    return triton.cdiv(M, rows), rows
+
+
+def _b3_programs(device: torch.device) -> int:
+    """Two programs per SM (132 SMs, an H100's, without a GPU)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 2 * sms
+
+
 def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: float,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """B3: dA = dSᵀ·(D⊙x), [R, K] fp32."""
+    """B3: dA = dSᵀ·(D⊙x), [R, K] fp32: split over M, the partials summed in order."""
     M, K = x.shape
-    da = torch.empty((layout.R, K), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+    splits, rows = b3_splits(M, K, _b3_programs(x.device))
+    partials = torch.empty((splits, layout.R, K), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
     _lora_grad_a[grid](
-        ds, x, mask if mask is not None else ds, da, M, K, layout.R, x.stride(0), x.stride(1),
-        m_bucket(M),
+        ds, x, mask if mask is not None else ds, partials, M, K, layout.R, x.stride(0),
+        x.stride(1), rows, m_bucket(M),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
-    return da
+    return partials[0] if splits == 1 else partials.sum(0)
 
 
 def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
