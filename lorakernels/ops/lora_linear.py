@@ -15,8 +15,10 @@ Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
      dB = s·dyᵀ·S (reduced over M with relaxed fp32 atomics).
   B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
-  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M into partials summed in
-     a fixed order (at least two programs per SM; dA bit-reproducible).
+  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M (at least two programs
+     per SM) into partials summed in a fixed order.
+Under torch.use_deterministic_algorithms(True), B1 and B3 run one pinned config and
+dB is summed from per-row-block partials too: dA and dB are bit-reproducible run to run.
 Saved for backward: x, S and D's bits. Redrawing D with Philox in B2 made it spill and
 run 5.7x the SASS of B2 without dropout; reading the bits costs ~2 instructions per
 element (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the
@@ -34,7 +36,8 @@ from ..parts import LoRAParts
 from .gemm_lowrank import (dropout_kept, dropout_scale, expanded_b_offsets, gemm_lowrank,
                            m_bucket, pack_kept)
 from .nf4_matmul import gemm_operand
-from .triton_utils import INTERPRETING, autotune_configs, dot_precision, next_block, on_device
+from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, next_block, on_device,
+                           pinned_config)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -76,15 +79,16 @@ def _lora_shrink_kernel(
 def _lora_grad_s_b_kernel(
     dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr,
     M, N, R, RANK, scaling, M_BUCKET,
-    stride_dym, stride_dyn, stride_b_row, stride_b_rank,
-    GATHER_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dym, stride_dyn, stride_b_row, stride_b_rank, stride_db_part,
+    GATHER_B: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks).
 
     The atomics are relaxed (a reduction needs no ordering; the default acq_rel fenced
     every update) and each program starts at its own column block, so programs do not
-    all hit the same dB rows at once.
+    all hit the same dB rows at once. DETERMINISTIC: each row block stores its partial
+    dB at db_ptr + pid·stride_db_part instead, for the launcher to sum in order.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -106,7 +110,11 @@ def _lora_grad_s_b_kernel(
         # dB is contiguous [N_lora, RANK]: the same offsets as B's with its strides.
         db_offsets, _ = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                             RANK, 1, GATHER_B)
-        tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask, sem="relaxed")
+        if DETERMINISTIC:
+            tl.store(db_ptr + pid.to(tl.int64) * stride_db_part + db_offsets, db * scaling,
+                     mask=b_mask)
+        else:
+            tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask, sem="relaxed")
     tl.store(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scaling,
              mask=row_ok & (ranks[None, :] < R))
 
@@ -157,12 +165,13 @@ def _row_config(bm, bn, warps, stages):
 # Skinny, memory-bound kernels (F1, B1, B3). All fit 99 KB of shared memory on sm_86
 # as well as sm_90 and none spills (tests/gpu_compile_check.py); (64, 128) with 3 stages
 # needs 128 KB, and (32, 128) with 4 warps spilled in B1.
+_ROW_DEFAULT, _ROW_INTERPRETED = _row_config(64, 64, 4, 3), [_row_config(32, 32, 4, 1)]
 ROW_CONFIGS = autotune_configs(
     [_row_config(32, 64, 4, 3), _row_config(64, 64, 4, 3), _row_config(64, 128, 8, 2),
      _row_config(128, 64, 8, 2)],
-    _row_config(64, 64, 4, 3),
-    [_row_config(32, 32, 4, 1)],
+    _ROW_DEFAULT, _ROW_INTERPRETED,
 )
+ROW_PINNED = pinned_config(_ROW_DEFAULT, _ROW_INTERPRETED)
 
 
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
@@ -220,20 +229,37 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_
     return s, mask
 
 
+def _launch(autotuned, grid, *args, **kwargs):
+    """Through the autotuner; under torch.use_deterministic_algorithms, with the pinned
+    config instead, so that the order of a reduction never depends on a timing."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return autotuned[grid](*args, **kwargs)
+    meta = ROW_PINNED
+    autotuned.fn[grid(meta.kwargs)](*args, **kwargs, **meta.kwargs, num_warps=meta.num_warps,
+                                    num_stages=meta.num_stages)
+
+
 def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layout: _Layout,
                   scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """B1: dS = s·dy·B̂ [M, R] and dB = s·dyᵀ·S [N_lora, r], both fp32."""
+    """B1: dS = s·dy·B̂ [M, R] and dB = s·dyᵀ·S [N_lora, r], both fp32.
+
+    dB is reduced over row blocks with atomics, or, in torch's deterministic mode, from
+    per-row-block partials summed in a fixed order (bit-reproducible run to run).
+    """
     M, N = dy.shape
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    blocks = triton.cdiv(M, ROW_PINNED.kwargs["BLOCK_M"]) if deterministic else 1
     ds = torch.empty((M, layout.R), device=dy.device, dtype=torch.float32)
-    db = torch.zeros(lora_B.shape, device=dy.device, dtype=torch.float32)
+    db = torch.zeros((blocks, *lora_B.shape), device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     b_row, b_off = layout.b_index_pointers(lora_B)
-    _lora_grad_s_b[grid](
-        dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank, scaling,
-        m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        GATHER_B=layout.b_index is not None, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
+    _launch(
+        _lora_grad_s_b, grid, dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank,
+        scaling, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        lora_B.numel(), GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic,
+        PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
-    return ds, db
+    return ds, db.sum(0) if deterministic else db[0]
 
 
 # B3's largest BLOCK_M and BLOCK_K: a split's rows are a multiple of every BLOCK_M.
@@ -244,8 +270,7 @@ def b3_splits(M: int, K: int, programs: int) -> Tuple[int, int]:
     """(splits, rows per split) so that B3 launches at least ``programs`` programs.
 
     K/BLOCK_K programs alone leave most SMs idle (24-48 for K = 3072 on 132 SMs), so M is
-    split too, each split writing its own partial dA; summing the partials in a fixed
-    order keeps dA bit-reproducible run to run.
+    split too, each split writing its own partial dA, summed in a fixed order (no atomics).
     """
     wanted = triton.cdiv(programs, triton.cdiv(K, B3_MAX_BLOCK))
     splits = max(1, min(wanted, triton.cdiv(M, B3_MAX_BLOCK)))
@@ -266,10 +291,9 @@ def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: f
     splits, rows = b3_splits(M, K, _b3_programs(x.device))
     partials = torch.empty((splits, layout.R, K), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
-    _lora_grad_a[grid](
-        ds, x, mask if mask is not None else ds, partials, M, K, layout.R, x.stride(0),
-        x.stride(1), rows, m_bucket(M),
-        P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
+    _launch(
+        _lora_grad_a, grid, ds, x, mask if mask is not None else ds, partials, M, K, layout.R,
+        x.stride(0), x.stride(1), rows, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
     return partials[0] if splits == 1 else partials.sum(0)

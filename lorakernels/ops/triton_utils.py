@@ -53,6 +53,12 @@ def autotune_configs(full, default, interpreted):
     return full if AUTOTUNE else [default]
 
 
+def pinned_config(default, interpreted):
+    """The one config a role runs with where a result must not depend on which config won
+    a timing (torch's deterministic mode): the default, or the interpreter's."""
+    return interpreted[0] if INTERPRETING else default
+
+
 def num_warps_for(block: int) -> int:
     """Warps for a tile of ``block`` elements (Liger's calculate_settings rule)."""
     if block >= 32768:
