@@ -1,87 +1,163 @@
-"""The one-command GPU check: the test suite on the GPU, then every benchmark in benchmarks/.
+"""The GPU check that fits one command: every step bounded by the time left.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --budget 480
 
-Each step runs in its own process with a time limit; on a machine lent for a few minutes,
-run the steps one command each (``--list`` names them, ``--only STEP`` runs one). Output goes to
-benchmarks/results/gpu_check_<device>/<step>.log, and a summary with device,
-versions and date to benchmarks/results/gpu_check_<device>.json and .md.
-Benchmarks write their own results next to it. Any issue lent a GPU runs this first.
+In order, each step's results written before the next starts: versions and device;
+the fused LoRA layer at Phi-3-mini's qkv shape against an fp32 reference (output and
+every gradient); bench_lora_linear at M = 4096 and 16384, p = 0 and 0.05; bench_train's
+gpu-mini; the GPU tests (LORAKERNELS_AUTOTUNE=0); bench_qlora. A step gets at most its
+own limit and what is left of the budget; one that cannot get MIN_STEP_S is skipped.
+Logs go to benchmarks/results/gpu_check_<device>/<step>.log, the summary to
+benchmarks/results/gpu_check_<device>.json and .md (rewritten after every step).
+Any issue lent a GPU runs this first.
 """
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, List, Optional
 
 from common import ROOT, device_label, utc_now, versions
 
 import torch
 
-
-def steps() -> list:
-    """(name, command) pairs: the tests first, then each benchmark script."""
-    found = [("tests", [sys.executable, "-m", "pytest", "-q", "tests"])]
-    for script in sorted((ROOT / "benchmarks").glob("bench_*.py")):
-        found.append((script.stem, [sys.executable, str(script.relative_to(ROOT))]))
-    return found
+MIN_STEP_S = 20  # a step given less than this could not even start its process usefully
 
 
-def run_step(name: str, command: list, timeout_s: int, log_dir: Path) -> dict:
-    start = time.perf_counter()
-    log = log_dir / f"{name}.log"
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    command: List[str]
+    limit_s: int  # its share: later steps keep the rest
+    env: Optional[dict] = None
+
+
+def steps() -> List[Step]:
+    """The steps, most informative first (the GPU may be gone before the last)."""
+    py = sys.executable
+    bench = lambda script, *args: [py, f"benchmarks/{script}.py", *args]  # noqa: E731
+    shapes = ["--shapes", "qkv", "o", "gate_up", "down", "--tokens", "4096", "16384"]
+    return [
+        Step("correctness", [py, "benchmarks/gpu_check.py", "--correctness"], 60),
+        Step("bench_lora_linear", bench("bench_lora_linear", *shapes, "--dropout", "0.05"), 120),
+        Step("bench_lora_linear_p0", bench("bench_lora_linear", *shapes, "--dropout", "0",
+                                           "--out-dir", "benchmarks/results/dropout0"), 90),
+        Step("bench_train", bench("bench_train", "--config", "gpu-mini"), 120),
+        Step("tests", [py, "-m", "pytest", "-q", "-x", "tests"], 240,
+             env={"LORAKERNELS_AUTOTUNE": "0"}),
+        Step("bench_qlora", bench("bench_qlora"), 120),
+    ]
+
+
+def run_step(step: Step, timeout_s: float, log_dir: Path) -> dict:
+    """Run one step's process with a timeout; its output goes to its log."""
+    log = log_dir / f"{step.name}.log"
+    env = {**os.environ, **(step.env or {})}
     with log.open("w") as out:
         try:
-            rc = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                                timeout=timeout_s).returncode
+            rc = subprocess.run(step.command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=timeout_s, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    return dict(step=name, command=" ".join(command), returncode=rc,
-                seconds=round(time.perf_counter() - start, 1), last_line=tail[0],
-                log=str(log.relative_to(ROOT)))
+    return dict(returncode=rc, last_line=tail[0], log=str(log.relative_to(ROOT)))
+
+
+def run_steps(chosen: List[Step], budget_s: float, run: Callable[[Step, float], dict],
+              write: Callable[[list], None], clock: Callable[[], float] = time.monotonic) -> list:
+    """Each step in order with min(its limit, budget left) seconds; ``write`` after each."""
+    start, results = clock(), []
+    for step in chosen:
+        left = budget_s - (clock() - start)
+        timeout = min(step.limit_s, left)
+        began = clock()
+        if timeout < MIN_STEP_S:
+            result = dict(returncode="skipped", last_line=f"{left:.0f} s left of the budget")
+        else:
+            result = run(step, timeout)
+        results.append(dict(step=step.name, command=" ".join(step.command), timeout_s=round(timeout),
+                            seconds=round(clock() - began, 1), **result))
+        write(results)
+    return results
+
+
+def correctness() -> int:
+    """The fused layer at Phi-3-mini's qkv (M = 4096, bf16, p = 0.05) against fp32."""
+    from lorakernels import LoRAParts
+    from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
+    from lorakernels.reference import merged_lora_linear_reference
+
+    torch.manual_seed(0)
+    M, K, N, r, p, seed = 4096, 3072, 9216, 16, 0.05, 7
+    parts = LoRAParts((3072, 3072, 3072), (True, True, True))
+    make = lambda *shape, s=1.0: torch.randn(*shape, device="cuda") * s  # noqa: E731
+    x, w = make(M, K).bfloat16(), make(N, K, s=K ** -0.5).bfloat16()
+    a, b, dy = make(3 * r, K, s=K ** -0.5), make(N, r), make(M, N).bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (x, a, b)]
+    y = fused_lora_linear(leaves[0], w, None, leaves[1], leaves[2], 2.0, p, seed, parts)
+    y.backward(dy)
+    refs = [t.detach().float().requires_grad_() for t in (x, a, b)]
+    y_ref = merged_lora_linear_reference(refs[0], w.float(), None, refs[1], refs[2], 2.0, parts,
+                                         lora_input=refs[0] * dropout_mask(M, K, p, seed, "cuda"))
+    y_ref.backward(dy.float())
+    errors = {name: ((got.float() - want).abs().max() / want.abs().max()).item()
+              for name, got, want in [("y", y.detach(), y_ref.detach()), *(
+                  (n, g.grad, r_.grad) for n, g, r_ in zip(("dx", "dA", "dB"), leaves, refs))]}
+    print(json.dumps(dict(shape=[M, K, N], rank=r, dropout=p, relative_errors=errors)))
+    return 0 if all(e < 2e-2 for e in errors.values()) else 1
+
+
+def write_summary(summary: dict, slug: str) -> None:
+    results = ROOT / "benchmarks" / "results"
+    (results / f"gpu_check_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    lines = [f"# GPU check on {summary['device']}",
+             f"{summary['date']} · torch {summary['torch']} · triton {summary['triton']} · "
+             f"CUDA {summary['cuda']} · Python {summary['python']} · budget {summary['budget_s']} s",
+             "", "| step | result | seconds | timeout | last line |", "|---|---|---|---|---|"]
+    lines += [f"| {s['step']} | {'ok' if s['returncode'] == 0 else s['returncode']} | {s['seconds']} "
+              f"| {s['timeout_s']} | {s['last_line']} |" for s in summary["steps"]]
+    (results / f"gpu_check_{slug}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--timeout", type=int, default=540,
-                        help="seconds allowed per step (default 540: one step with --only fits a "
-                             "10-minute command)")
+    parser.add_argument("--budget", type=int, default=480,
+                        help="seconds for all steps together (default 480: one 10-minute command "
+                             "with room for the machine's start)")
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
-    parser.add_argument("--only", nargs="+", metavar="STEP",
-                        help="run only these steps (e.g. to fit a per-command time limit)")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
+    parser.add_argument("--correctness", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.list:
-        for name, command in steps():
-            print(f"{name}: {' '.join(command)}")
+        for step in steps():
+            print(f"{step.name}: {' '.join(step.command)}")
         return 0
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU; on CPU run `python -m pytest -q` instead")
+    if args.correctness:
+        return correctness()
+    chosen = [s for s in steps() if not args.only or s.name in args.only]
+    if args.only and len(chosen) != len(args.only):
+        sys.exit(f"unknown step in --only {args.only}; steps: {[s.name for s in steps()]}")
 
     slug = device_label()
     log_dir = ROOT / "benchmarks" / "results" / f"gpu_check_{slug}"
     log_dir.mkdir(parents=True, exist_ok=True)
     summary = dict(device=torch.cuda.get_device_name(), date=utc_now(), **versions(),
-                   cuda=torch.version.cuda, steps=[])
-    chosen = [(name, command) for name, command in steps() if not args.only or name in args.only]
-    if args.only and len(chosen) != len(args.only):
-        sys.exit(f"unknown step in --only {args.only}; steps: {[name for name, _ in steps()]}")
-    for name, command in chosen:
-        print(f"== {name}", flush=True)
-        summary["steps"].append(run_step(name, command, args.timeout, log_dir))
-        print(summary["steps"][-1], flush=True)
+                   cuda=torch.version.cuda, budget_s=args.budget, steps=[])
+    write_summary(summary, slug)  # versions and device, before any step can hang
 
-    results = ROOT / "benchmarks" / "results"
-    (results / f"gpu_check_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = [f"# GPU check on {summary['device']}",
-             f"{summary['date']} · torch {summary['torch']} · triton {summary['triton']} · "
-             f"CUDA {summary['cuda']} · Python {summary['python']}", "",
-             "| step | result | seconds | last line |", "|---|---|---|---|"]
-    lines += [f"| {s['step']} | {'ok' if s['returncode'] == 0 else s['returncode']} | {s['seconds']} "
-              f"| {s['last_line']} |" for s in summary["steps"]]
-    (results / f"gpu_check_{slug}.md").write_text("\n".join(lines) + "\n")
-    return 0 if all(s["returncode"] == 0 for s in summary["steps"]) else 1
+    def write(results):
+        summary["steps"] = results
+        write_summary(summary, slug)
+        print(results[-1], flush=True)
+
+    results = run_steps(chosen, args.budget, lambda step, t: run_step(step, t, log_dir), write)
+    return 0 if all(s["returncode"] == 0 for s in results) else 1
 
 
 if __name__ == "__main__":

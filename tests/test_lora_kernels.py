@@ -9,13 +9,19 @@ Tolerances, as max |kernel - reference| over max |reference|:
 A wrong mask, part layout or missing term gives errors of order one.
 """
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import lorakernels as lora
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
-from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
+import triton
+
+from lorakernels.ops import lora_linear as lora_linear_ops
+from lorakernels.ops.lora_linear import b3_splits, dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -200,3 +206,51 @@ def test_large_shapes_on_gpu(M, variant, dtype):
         run_case(M, 3072, f"{variant}_large", 16, dtype, 0.05)
     finally:
         del VARIANTS[f"{variant}_large"]
+
+
+def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
+    """LORAKERNELS_AUTOTUNE=0 (read at import, compiled path): each role has its default only."""
+    code = ("from lorakernels.ops import gemm_lowrank as g, lora_linear as l\n"
+            "print(len(g.GEMM_CONFIGS), len(g.NF4_GEMM_CONFIGS), len(l.ROW_CONFIGS))\n"
+            "print(all(k.params[k.arg_names.index('seed')].do_not_specialize for k in "
+            "(l._lora_shrink_kernel, l._dropout_mask_kernel)))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    counts = [subprocess.run([sys.executable, "-c", code], env={**env, "LORAKERNELS_AUTOTUNE": value},
+                             capture_output=True, text=True, check=True).stdout.split()
+              for value in ("0", "1")]
+    assert counts[0] == ["1", "1", "1", "True"]
+    assert all(1 < int(n) for n in counts[1][:3]) and counts[1][3] == "True"
+
+
+@pytest.mark.parametrize("M, K", [(4096, 3072), (16384, 8192), (4096, 9216), (1, 3072), (700, 96)])
+def test_b3_splits_rows_to_fill_the_gpu(M, K):
+    """B3 launches >= 2 programs per SM (264 on 132 SMs) where M allows, any BLOCK_K."""
+    splits, rows = b3_splits(M, K, 264)
+    assert rows % 128 == 0 and (splits - 1) * rows < M <= splits * rows
+    if M >= 4096:
+        assert splits * triton.cdiv(K, 128) >= 264
+
+
+def test_deterministic_mode_reduces_dA_and_dB_from_partials(monkeypatch):
+    """torch.use_deterministic_algorithms(True): pinned configs, dB from per-block partials."""
+    monkeypatch.setattr(lora_linear_ops, "B3_MAX_BLOCK", 32)
+    monkeypatch.setattr(lora_linear_ops, "_b3_programs", lambda device: 64)
+    torch.manual_seed(0)
+    x, w = torch.randn(129, 96, device=DEVICE), torch.randn(40, 96, device=DEVICE)
+    a0, b0 = torch.randn(8, 96, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    grads = []
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for _ in range(2):
+            a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+            fused_lora_linear(x, w, None, a, b, 0.5, 0.1, seed=3).square().sum().backward()
+            grads.append((a.grad, b.grad))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert all(torch.equal(g1, g2) for g1, g2 in zip(*grads))
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    x_dropped = x * dropout_mask(129, 96, 0.1, 3, x.device)
+    lora_linear_reference(x, w, None, a, b, 0.5, lora_input=x_dropped).square().sum().backward()
+    assert_rel_close(grads[0][0], a.grad, 1e-4, "dA")
+    assert_rel_close(grads[0][1], b.grad, 1e-4, "dB")

@@ -6,8 +6,8 @@ One Triton kernel, three uses: the LoRA forward's F2 (x·Wᵀ plus s·S·B̂ᵀ)
 backward's B2 (dy·W plus D⊙(dS·A)), and, without the low-rank term, a frozen 4-bit
 layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). ``w`` is a strided view of a dense weight or an
 ``NF4Operand``, whose 4-bit tiles are dequantised in registers inside the K-loop.
-The dropout mask D is drawn from a seed with Philox (``dropout_scale``), identically in
-every kernel that needs it, and never stored.
+The dropout mask D is drawn once, by the LoRA forward's F1 (``dropout_scale``), and kept
+as one bit per element (``dropout_kept`` reads it back in B2 and B3).
 """
 import dataclasses
 from typing import Optional, Tuple
@@ -18,7 +18,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from .nf4_dequant import nf4_gather
-from .triton_utils import INTERPRETING, autotune_configs, cast_to, dot_precision, max_shared_memory
+from .triton_utils import (INTERPRETING, MAX_CONFIGS, autotune_configs, cast_to, dot_precision,
+                           max_shared_memory)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -34,6 +35,35 @@ def dropout_scale(seed, rows, cols, n_cols, P: tl.constexpr):
     offsets = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32)
     keep = tl.rand(seed, offsets) >= P
     return tl.where(keep, 1.0 / (1.0 - P), 0.0)
+
+
+@triton.jit
+def dropout_kept(mask_ptr, rows, cols, M, n_cols):
+    """D's keep bits for a [rows, cols] block, read back: True where kept.
+
+    Bit k % 32 of int32 word (m, k // 32) of the mask [M, ceil(n_cols/32)] is element (m, k).
+    cols must be contiguous from a multiple of 32, spanning a multiple of 32: each word is
+    loaded once and expanded in registers (~2 instructions per element; a load per element
+    cost ~6). The first column is taken as tl.min(cols): with pid·BLOCK instead, sm_90
+    builds of B2 came out ~10% longer (another layout for the words).
+    """
+    n_words = tl.cdiv(n_cols, 32)
+    word_cols = tl.min(cols.to(tl.int32)) // 32 + tl.arange(0, cols.shape[0] // 32)
+    words = tl.load(mask_ptr + (rows.to(tl.int32)[:, None] * n_words + word_cols[None, :]),
+                    mask=(rows[:, None] < M) & (word_cols[None, :] < n_words), other=0)
+    bits = words[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]
+    return tl.reshape(bits, (rows.shape[0], cols.shape[0])) != 0
+
+
+@triton.jit
+def pack_kept(scale):
+    """The packed bits of a [BLOCK_M, BLOCK_K] block of D (BLOCK_K a multiple of 32):
+    [BLOCK_M, BLOCK_K / 32] int32 words, bit b of word j for column 32·j + b."""
+    BLOCK_M: tl.constexpr = scale.shape[0]
+    BLOCK_K: tl.constexpr = scale.shape[1]
+    bits = tl.reshape((scale != 0).to(tl.uint32), (BLOCK_M, BLOCK_K // 32, 32))
+    words = tl.sum(bits << tl.arange(0, 32).to(tl.uint32)[None, None, :], axis=2)
+    return words.to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -57,9 +87,33 @@ def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, strid
 
 
 @triton.jit
+def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
+                 stride_q_row, stride_q_rank, scaling, mask_ptr, P: tl.constexpr,
+                 HAS_DROPOUT: tl.constexpr, GATHER_Q: tl.constexpr, CAST_FP32: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, dtype: tl.constexpr):
+    """s·(p·q̂ᵀ)⊙D on one [BLOCK_M, BLOCK_N] tile, fp32: an [M, R]·[R, N] product."""
+    ranks = tl.arange(0, BLOCK_R)
+    p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
+                mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
+    q_offsets, q_mask = expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
+                                            stride_q_row, stride_q_rank, GATHER_Q)
+    q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
+    if CAST_FP32:
+        lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
+    else:
+        lowrank = tl.dot(p.to(dtype), q.to(dtype), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        kept = dropout_kept(mask_ptr, rows, cols, M, N)
+        return tl.where(kept, (scaling / (1.0 - P)) * lowrank, 0.0)
+    return scaling * lowrank
+
+
+# M changes every batch: specialising it (== 1, divisible by 16) would compile new
+# variants; the autotuner keys on M_BUCKET instead.
+@triton.jit(do_not_specialize=["M"])
 def _gemm_lowrank_kernel(
     x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
-    bias_ptr, M, N, K, R, Q_RANK, scaling, seed, absmax_offset, M_BUCKET,
+    bias_ptr, mask_ptr, M, N, K, R, Q_RANK, scaling, absmax_offset, M_BUCKET,
     stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
@@ -68,7 +122,7 @@ def _gemm_lowrank_kernel(
 ):
     """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
 
-    Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    D comes from mask_ptr's packed bits (``dropout_kept``). Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
     With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
     is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
     does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
@@ -88,7 +142,14 @@ def _gemm_lowrank_kernel(
     # Wrapped indices need no row/column masks in the K-loop; the store masks them.
     rows_in = rows % M
     cols_in = cols % N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One fp32 accumulator: the K-loop starts from the low-rank term (LoRAFusion's order),
+    # so no second [BLOCK_M, BLOCK_N] tile lives across the loop (that one spilled).
+    if HAS_LOWRANK:
+        acc = lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
+                           stride_q_row, stride_q_rank, scaling, mask_ptr, P, HAS_DROPOUT,
+                           GATHER_Q, CAST_FP32, PRECISION, BLOCK_R, x_ptr.dtype.element_ty)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk,
@@ -105,21 +166,6 @@ def _gemm_lowrank_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
 
-    if HAS_LOWRANK:  # the low-rank term, an [M, R]·[R, N] product on this tile
-        ranks = tl.arange(0, BLOCK_R)
-        p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                    mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-        q_offsets, q_mask = expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
-                                                stride_q_row, stride_q_rank, GATHER_Q)
-        q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
-        if CAST_FP32:
-            lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
-        else:
-            lowrank = tl.dot(p.to(x_ptr.dtype.element_ty), q.to(x_ptr.dtype.element_ty),
-                             input_precision=PRECISION)
-        if HAS_DROPOUT:
-            lowrank = lowrank * dropout_scale(seed, rows, cols, N, P)
-        acc += scaling * lowrank
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -136,29 +182,38 @@ NF4_STAGED_BYTES = 6
 
 def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
                         nf4: bool = False) -> int:
-    """Bytes of shared memory: the pipelined x and w tiles, or the epilogue's p and q tiles.
+    """Bytes of shared memory: the pipelined x and w tiles plus the low-rank term's q̂ tile.
 
-    The epilogue reuses the pipeline's buffers; compiling for sm_90 and sm_86 gives
-    exactly the pipeline term for every dense config here, and at most it for NF4
-    (see tests/test_gpu_compile.py).
+    The two phases are added: the low-rank product now runs before the K-loop and its
+    q̂ tile (the dot's shared operand; p stays in registers) is not reused by the
+    pipeline. Compiling for sm_90 gives exactly this for dense configs and at most it
+    for NF4 (tests/gpu_compile_check.py checks).
     """
     kw = config.kwargs
     w_bytes = NF4_STAGED_BYTES if nf4 else elem_bytes
     pipeline = config.num_stages * (kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes) * kw["BLOCK_K"]
-    epilogue = (kw["BLOCK_M"] + kw["BLOCK_N"]) * block_r * elem_bytes
-    return max(pipeline, epilogue)
+    lowrank = kw["BLOCK_N"] * block_r * elem_bytes
+    return pipeline + lowrank
+
+
+def fitting_configs(configs, limit: int, elem_bytes: int, block_r: int, nf4: bool):
+    """The first MAX_CONFIGS configs (in preference order) whose shared memory fits ``limit``.
+
+    On sm_90 these are a role's Hopper set; tests/gpu_compile_check.py compiles exactly
+    these per target and fails when one spills there.
+    """
+    def shared(config):
+        return _gemm_shared_memory(config, elem_bytes, block_r, nf4)
+
+    return [c for c in configs if shared(c) <= limit][:MAX_CONFIGS] or [min(configs, key=shared)]
 
 
 def _prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configs whose shared memory exceeds this device's (consumer GPUs have ~99 KB)."""
+    """This device's share of a role's configs (consumer GPUs have ~99 KB of shared memory)."""
     args = {**named_args, **kwargs}
     x = args["x_ptr"]
-    limit = max_shared_memory(x.device)
-
-    def shared(config):
-        return _gemm_shared_memory(config, x.element_size(), args["BLOCK_R"], args["W_NF4"])
-
-    return [c for c in configs if shared(c) <= limit] or [min(configs, key=shared)]
+    return fitting_configs(configs, max_shared_memory(x.device), x.element_size(),
+                           args["BLOCK_R"], args["W_NF4"])
 
 
 def _gemm_config(bm, bn, bk, warps, stages):
@@ -166,29 +221,48 @@ def _gemm_config(bm, bn, bk, warps, stages):
                          num_warps=warps, num_stages=stages)
 
 
+# Preference order: on sm_90 the first four fit and form the Hopper set (none spills, see
+# benchmarks/results/kernel_resources.md); ~99 KB GPUs get the next four that fit.
 GEMM_CONFIGS = autotune_configs(
     [
-        _gemm_config(128, 256, 64, 8, 3),  # ~147 KB in bf16: Hopper / A100-class only
-        _gemm_config(128, 128, 64, 4, 4),  # ~131 KB
-        _gemm_config(128, 128, 64, 8, 3),  # ~98 KB: fits consumer GPUs
-        _gemm_config(128, 128, 32, 4, 4),
-        _gemm_config(64, 128, 32, 4, 4),
+        _gemm_config(128, 256, 64, 8, 4),  # LoRAFusion's tile: ~224 KB in bf16, Hopper only
+        _gemm_config(128, 128, 64, 8, 3),
+        _gemm_config(128, 128, 64, 4, 4),
+        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation)
+        _gemm_config(128, 128, 32, 8, 4),  # with 4 warps, B2 with dropout spilled on sm_86
         _gemm_config(128, 64, 32, 4, 4),
         _gemm_config(64, 64, 32, 4, 4),
-        _gemm_config(16, 64, 128, 4, 4),  # few rows (generation, NF4 read in the K-loop)
-        _gemm_config(32, 128, 64, 4, 4),
     ],
+    _gemm_config(128, 128, 64, 8, 3),
+    [_gemm_config(32, 32, 32, 4, 1)],
+)
+# An NF4 w is read in the K-loop only for few rows (NF4Weight.fused_max_rows), and its
+# in-register dequantisation leaves room for smaller tiles only: larger ones spill.
+NF4_GEMM_CONFIGS = autotune_configs(
+    [
+        _gemm_config(64, 128, 32, 8, 4),
+        _gemm_config(64, 64, 32, 4, 4),
+        _gemm_config(32, 64, 32, 4, 4),
+        _gemm_config(16, 64, 128, 4, 2),
+    ],
+    _gemm_config(64, 64, 32, 4, 4),
     [_gemm_config(32, 32, 32, 4, 1)],
 )
 
-# Keys hold every argument that changes the kernel's cost: the role (stride_wk tells F2's
-# Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
-_gemm_lowrank = triton.autotune(
-    GEMM_CONFIGS,
-    key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-         "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
-    prune_configs_by={"early_config_prune": _prune_gemm_configs},
-)(_gemm_lowrank_kernel)
+
+def _autotuned(configs):
+    # Keys hold every argument that changes the kernel's cost: the role (stride_wk tells
+    # F2's Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
+    return triton.autotune(
+        configs,
+        key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
+             "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
+        prune_configs_by={"early_config_prune": _prune_gemm_configs},
+    )(_gemm_lowrank_kernel)
+
+
+_gemm_lowrank = _autotuned(GEMM_CONFIGS)
+_gemm_lowrank_nf4 = _autotuned(NF4_GEMM_CONFIGS)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -219,12 +293,13 @@ class NF4Operand:
 def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
                  q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
                  block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                 dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
 
     q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
     q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
     low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
+    ``mask``: D's packed bits [M, ceil(N/32)] int32, as F1 wrote them, when dropout_p > 0.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -238,10 +313,11 @@ def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torc
         p = q = out  # placeholders: the kernel never reads them
     q_row, q_off = q_index if q_index is not None else (q, q)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    _gemm_lowrank[grid](
+    kernel = _gemm_lowrank_nf4 if nf4 is not None else _gemm_lowrank
+    kernel[grid](
         x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
-        bias if bias is not None else out,
-        M, N, K, p.shape[1], q_rank, scaling, seed, float(offset), m_bucket(M),
+        bias if bias is not None else out, mask if mask is not None else out,
+        M, N, K, p.shape[1], q_rank, scaling, float(offset), m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,

@@ -2,22 +2,27 @@
 
 Notation: x [M, K], W [N, K] frozen (read by strides, never copied), A [R, K],
 B [N_lora, r], s the scale, D the dropout mask scaled by 1/(1-p), drawn from a
-seed with Philox wherever it is needed and never stored. A fused projection with
-G LoRA parts stacks their A's (R = r·G); output column n uses B row ``b_row[n]``
-against S columns ``b_off[n] .. b_off[n]+r`` (its part's), so one launch covers
-every part, including N-tiles that straddle two parts.
+seed with Philox once, by F1, and kept as bits (M·K/8 bytes) for B2 and B3.
+A fused projection with G LoRA parts stacks their A's (R = r·G); output column n
+uses B row ``b_row[n]`` against S columns ``b_off[n] .. b_off[n]+r`` (its part's), so
+one launch covers every part, including N-tiles that straddle two parts.
 
 Forward
-  F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once.
+  F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once, writes D's bits.
   F2 ``gemm_lowrank`` (ops/gemm_lowrank.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
      product in the base GEMM's epilogue (R/K extra work), y written once.
 Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
-     dB = s·dyᵀ·S (reduced over M with fp32 atomics).
+     dB = s·dyᵀ·S (reduced over M with relaxed fp32 atomics).
   B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
-  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x).
-Saved for backward: x, S and the seed. An NF4 base weight is read as the GEMM's
-operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
+  B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M (at least two programs
+     per SM) into partials summed in a fixed order.
+Under torch.use_deterministic_algorithms(True), B1 and B3 run one pinned config and
+dB is summed from per-row-block partials too: dA and dB are bit-reproducible run to run.
+Saved for backward: x, S and D's bits. Redrawing D with Philox in B2 made it spill and
+run 5.7x the SASS of B2 without dropout; reading the bits costs ~2 instructions per
+element (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the
+GEMM's operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
 """
 import functools
 from typing import Optional, Tuple
@@ -28,9 +33,11 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from ..parts import LoRAParts
-from .gemm_lowrank import dropout_scale, expanded_b_offsets, gemm_lowrank, m_bucket
+from .gemm_lowrank import (dropout_kept, dropout_scale, expanded_b_offsets, gemm_lowrank,
+                           m_bucket, pack_kept)
 from .nf4_matmul import gemm_operand
-from .triton_utils import INTERPRETING, autotune_configs, dot_precision, next_block, on_device
+from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, next_block, on_device,
+                           pinned_config)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -38,13 +45,15 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+# The seed changes every step and M every batch: specialising either (== 1, divisible
+# by 16) would compile new variants; the autotuner keys on M_BUCKET instead.
+@triton.jit(do_not_specialize=["seed", "M"])
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed, M_BUCKET,
-    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr, a_ptr, s_ptr, mask_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed,
+    M_BUCKET, P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """S[M, R] = (D⊙x)·Aᵀ in fp32."""
+    """S[M, R] = (D⊙x)·Aᵀ in fp32; with dropout, D drawn here and its bits written to mask_ptr."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -53,7 +62,12 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * dropout_scale(seed, rows, cols, K, P)
+            scale = dropout_scale(seed, rows, cols, K, P)
+            x = x * scale
+            words = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            n_words = tl.cdiv(K, 32)
+            tl.store(mask_ptr + rows[:, None] * n_words + words[None, :], pack_kept(scale),
+                     mask=(rows[:, None] < M) & (words[None, :] < n_words))
         a = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
                     mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0).to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
@@ -61,23 +75,31 @@ def _lora_shrink_kernel(
              mask=(rows[:, None] < M) & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _lora_grad_s_b_kernel(
     dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr,
     M, N, R, RANK, scaling, M_BUCKET,
-    stride_dym, stride_dyn, stride_b_row, stride_b_rank,
-    GATHER_B: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_dym, stride_dyn, stride_b_row, stride_b_rank, stride_db_part,
+    GATHER_B: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks).
+
+    The atomics are relaxed (a reduction needs no ordering; the default acq_rel fenced
+    every update) and each program starts at its own column block, so programs do not
+    all hit the same dB rows at once. DETERMINISTIC: each row block stores its partial
+    dB at db_ptr + pid·stride_db_part instead, for the launcher to sum in order.
+    """
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows[:, None] < M
     s = tl.load(s_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok & (ranks[None, :] < R),
                 other=0.0)
     ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for step in range(0, num_n):
+        cols = ((pid + step) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & (cols[None, :] < N), other=0.0).to(tl.float32)
         b_offsets, b_mask = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
@@ -88,35 +110,42 @@ def _lora_grad_s_b_kernel(
         # dB is contiguous [N_lora, RANK]: the same offsets as B's with its strides.
         db_offsets, _ = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                             RANK, 1, GATHER_B)
-        tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask)
+        if DETERMINISTIC:
+            tl.store(db_ptr + pid.to(tl.int64) * stride_db_part + db_offsets, db * scaling,
+                     mask=b_mask)
+        else:
+            tl.atomic_add(db_ptr + db_offsets, db * scaling, mask=b_mask, sem="relaxed")
     tl.store(ds_ptr + rows[:, None] * R + ranks[None, :], ds * scaling,
              mask=row_ok & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _lora_grad_a_kernel(
-    ds_ptr, x_ptr, da_ptr, M, K, R, stride_xm, stride_xk, seed, M_BUCKET,
+    ds_ptr, x_ptr, mask_ptr, da_ptr, M, K, R, stride_xm, stride_xk, rows_per_split, M_BUCKET,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """dA[R, K] = dSᵀ·(D⊙x) in fp32."""
+    """Partial dA[split, R, K] = dSᵀ·(D⊙x) in fp32 over one split's rows (program axis 1)."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
+    first = split * rows_per_split
+    for m0 in range(first, tl.minimum(first + rows_per_split, M), BLOCK_M):
         rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * dropout_scale(seed, rows, cols, K, P)
+            kept = dropout_kept(mask_ptr, rows, cols, M, K)
+            x = tl.where(kept, x * (1.0 / (1.0 - P)), 0.0)
         ds = tl.load(ds_ptr + rows[:, None] * R + ranks[None, :],
                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
         acc = tl.dot(tl.trans(ds), x, acc, input_precision=PRECISION)
-    tl.store(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+    tl.store(da_ptr + split.to(tl.int64) * R * K + ranks[:, None] * K + cols[None, :], acc,
              mask=(ranks[:, None] < R) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,14 +157,21 @@ def _dropout_mask_kernel(out_ptr, M, K, seed, P: tl.constexpr,
 # ----------------------------------------------------------------------------- autotuning
 
 
+def _row_config(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bn}, num_warps=warps,
+                         num_stages=stages)
+
+
 # Skinny, memory-bound kernels (F1, B1, B3). All fit 99 KB of shared memory on sm_86
-# as well as sm_90 (tests/gpu_compile_check.py); (64, 128) with 3 stages needs 128 KB.
+# as well as sm_90 and none spills (tests/gpu_compile_check.py); (64, 128) with 3 stages
+# needs 128 KB, and (32, 128) with 4 warps spilled in B1.
+_ROW_DEFAULT, _ROW_INTERPRETED = _row_config(64, 64, 4, 3), [_row_config(32, 32, 4, 1)]
 ROW_CONFIGS = autotune_configs(
-    [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bn}, num_warps=w, num_stages=s)
-     for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 2),
-                          (128, 64, 8, 2)]],
-    [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)],
+    [_row_config(32, 64, 4, 3), _row_config(64, 64, 4, 3), _row_config(64, 128, 8, 2),
+     _row_config(128, 64, 8, 2)],
+    _ROW_DEFAULT, _ROW_INTERPRETED,
 )
+ROW_PINNED = pinned_config(_ROW_DEFAULT, _ROW_INTERPRETED)
 
 
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
@@ -178,54 +214,96 @@ class _Layout:
 
 
 def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_p: float,
-                seed: int) -> torch.Tensor:
-    """F1: S = (D⊙x)·Aᵀ, [M, R] fp32."""
+                seed: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """F1: S = (D⊙x)·Aᵀ, [M, R] fp32, and D's bits [M, ceil(K/32)] int32 (None without dropout)."""
     M, K = x.shape
     s = torch.empty((M, layout.R), device=x.device, dtype=torch.float32)
+    mask = (torch.empty((M, triton.cdiv(K, 32)), device=x.device, dtype=torch.int32)
+            if dropout_p > 0 else None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _lora_shrink[grid](
-        x, lora_A, s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        x, lora_A, s, mask if mask is not None else s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         seed, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
         PRECISION=dot_precision(x.dtype), BLOCK_R=layout.block_r,
     )
-    return s
+    return s, mask
+
+
+def _launch(autotuned, grid, *args, **kwargs):
+    """Through the autotuner; under torch.use_deterministic_algorithms, with the pinned
+    config instead, so that the order of a reduction never depends on a timing."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return autotuned[grid](*args, **kwargs)
+    meta = ROW_PINNED
+    autotuned.fn[grid(meta.kwargs)](*args, **kwargs, **meta.kwargs, num_warps=meta.num_warps,
+                                    num_stages=meta.num_stages)
 
 
 def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layout: _Layout,
                   scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """B1: dS = s·dy·B̂ [M, R] and dB = s·dyᵀ·S [N_lora, r], both fp32."""
+    """B1: dS = s·dy·B̂ [M, R] and dB = s·dyᵀ·S [N_lora, r], both fp32.
+
+    dB is reduced over row blocks with atomics, or, in torch's deterministic mode, from
+    per-row-block partials summed in a fixed order (bit-reproducible run to run).
+    """
     M, N = dy.shape
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    blocks = triton.cdiv(M, ROW_PINNED.kwargs["BLOCK_M"]) if deterministic else 1
     ds = torch.empty((M, layout.R), device=dy.device, dtype=torch.float32)
-    db = torch.zeros(lora_B.shape, device=dy.device, dtype=torch.float32)
+    db = torch.zeros((blocks, *lora_B.shape), device=dy.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     b_row, b_off = layout.b_index_pointers(lora_B)
-    _lora_grad_s_b[grid](
-        dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank, scaling,
-        m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        GATHER_B=layout.b_index is not None, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
+    _launch(
+        _lora_grad_s_b, grid, dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank,
+        scaling, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+        lora_B.numel(), GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic,
+        PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
-    return ds, db
+    return ds, db.sum(0) if deterministic else db[0]
+
+
+# B3's largest BLOCK_M and BLOCK_K: a split's rows are a multiple of every BLOCK_M.
+B3_MAX_BLOCK = 128
+
+
+def b3_splits(M: int, K: int, programs: int) -> Tuple[int, int]:
+    """(splits, rows per split) so that B3 launches at least ``programs`` programs.
+
+    K/BLOCK_K programs alone leave most SMs idle (24-48 for K = 3072 on 132 SMs), so M is
+    split too, each split writing its own partial dA, summed in a fixed order (no atomics).
+    """
+    wanted = triton.cdiv(programs, triton.cdiv(K, B3_MAX_BLOCK))
+    splits = max(1, min(wanted, triton.cdiv(M, B3_MAX_BLOCK)))
+    rows = triton.cdiv(triton.cdiv(M, splits), B3_MAX_BLOCK) * B3_MAX_BLOCK
+    return triton.cdiv(M, rows), rows
+
+
+def _b3_programs(device: torch.device) -> int:
+    """Two programs per SM (132 SMs, an H100's, without a GPU)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 2 * sms
 
 
 def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: float,
-                seed: int) -> torch.Tensor:
-    """B3: dA = dSᵀ·(D⊙x), [R, K] fp32."""
+                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """B3: dA = dSᵀ·(D⊙x), [R, K] fp32: split over M, the partials summed in order."""
     M, K = x.shape
-    da = torch.empty((layout.R, K), device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
-    _lora_grad_a[grid](
-        ds, x, da, M, K, layout.R, x.stride(0), x.stride(1), seed, m_bucket(M),
-        P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
+    splits, rows = b3_splits(M, K, _b3_programs(x.device))
+    partials = torch.empty((splits, layout.R, K), device=x.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
+    _launch(
+        _lora_grad_a, grid, ds, x, mask if mask is not None else ds, partials, M, K, layout.R,
+        x.stride(0), x.stride(1), rows, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
-    return da
+    return partials[0] if splits == 1 else partials.sum(0)
 
 
 def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
                  device: torch.device) -> torch.Tensor:
-    """D materialised, [rows, cols] fp32: the exact mask the kernels draw for this seed.
+    """D materialised, [rows, cols] fp32: the exact mask F1 draws for this seed.
 
-    For tests and the reference only; the kernels never store it.
+    For tests and the reference only; the kernels keep D as bits.
     """
     out = torch.empty((rows, cols), device=device, dtype=torch.float32)
     grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
@@ -276,22 +354,22 @@ class LoRALinearFunction(torch.autograd.Function):
         K, N = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
-        s = lora_shrink(x2, lora_A, layout, dropout_p, seed)
+        s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
         y = gemm_lowrank(x2, gemm_operand(weight, x2.shape[0], True), s, lora_B, layout.b_index,
                          layout.rank, layout.block_r, scaling, bias)
         nf4 = isinstance(weight, NF4Weight)
-        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s)
+        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask)
         ctx.nf4_weight = weight if nf4 else None
-        ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed = layout, scaling, dropout_p, seed
+        ctx.layout, ctx.scaling, ctx.dropout_p = layout, scaling, dropout_p
         ctx.x_shape = x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, s = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
         weight = ctx.nf4_weight if weight is None else weight
-        layout, scaling, p, seed = ctx.layout, ctx.scaling, ctx.dropout_p, ctx.seed
+        layout, scaling, p = ctx.layout, ctx.scaling, ctx.dropout_p
         need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = da = dB = None
@@ -299,9 +377,9 @@ class LoRALinearFunction(torch.autograd.Function):
         if need_dx:
             dx = gemm_lowrank(dy2, gemm_operand(weight, dy2.shape[0], False), ds, lora_A.t(),
                               None, layout.R, layout.block_r, 1.0, dropout_p=p,
-                              seed=seed).view(ctx.x_shape)
+                              mask=mask).view(ctx.x_shape)
         if need_da:
-            da = lora_grad_a(ds, x2, layout, p, seed).to(lora_A.dtype)
+            da = lora_grad_a(ds, x2, layout, p, mask).to(lora_A.dtype)
         if need_dB:
             dB = dB32.to(lora_B.dtype)
         if need_dw:

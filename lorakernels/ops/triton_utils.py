@@ -38,9 +38,25 @@ def max_shared_memory(device: torch.device) -> int:
     return props["max_shared_mem"]
 
 
-def autotune_configs(full, interpreted):
-    """The interpreter runs every config it is given, so it gets one small one."""
-    return interpreted if INTERPRETING else full
+# Autotuning tries every config per key: a few per kernel role keep a first step (and a
+# GPU test run) to seconds of compiling. LORAKERNELS_AUTOTUNE=0 pins each role's default.
+MAX_CONFIGS = 4
+AUTOTUNE = os.environ.get("LORAKERNELS_AUTOTUNE", "1") != "0"
+
+
+def autotune_configs(full, default, interpreted):
+    """A role's configs: ``full`` in order of preference (at most MAX_CONFIGS fitting a
+    device), ``[default]`` with LORAKERNELS_AUTOTUNE=0, ``interpreted`` (one small config:
+    the interpreter runs every config it is given) without a GPU. Read at import."""
+    if INTERPRETING:
+        return interpreted
+    return full if AUTOTUNE else [default]
+
+
+def pinned_config(default, interpreted):
+    """The one config a role runs with where a result must not depend on which config won
+    a timing (torch's deterministic mode): the default, or the interpreter's."""
+    return interpreted[0] if INTERPRETING else default
 
 
 def num_warps_for(block: int) -> int:
