@@ -237,3 +237,26 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
             torch.testing.assert_close(logits[:, start:start + len(chat)], expected,
                                        rtol=1e-4, atol=1e-4)
             start += len(chat)
+
+
+# ----------------------------------------------------------------------------- train.py's --attention
+
+
+def test_attention_flag(monkeypatch):
+    import os
+
+    from training.config import TrainConfig, parse_config
+    from training.loop import attention_choice
+
+    assert parse_config(["--attention", "sdpa"]).attention == "sdpa"
+    assert parse_config([]).attention is None
+    with pytest.raises(ValueError, match="--attention must be one of auto, flex, sdpa, got 'flash'"):
+        TrainConfig(attention="flash")
+    with pytest.raises(ValueError, match="--attention flex trains on CUDA only"):
+        TrainConfig(attention="flex", device="cpu")
+    monkeypatch.setenv(ATTENTION_ENV, "auto")
+    with attention_choice("sdpa"):
+        assert os.environ[ATTENTION_ENV] == "sdpa"
+    assert os.environ[ATTENTION_ENV] == "auto"
+    with attention_choice(None):
+        assert os.environ[ATTENTION_ENV] == "auto"
