@@ -8,6 +8,7 @@ import resource
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +23,8 @@ from model.lora import apply_lora
 from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
                          resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
 from .config import TrainConfig
-from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
-                   target_tokens, tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
+                   require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
@@ -75,11 +76,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(step_loss, rows, batch_size: int, pad_id: int, device) -> dict:
+def evaluate(step_loss, rows, batch_size: int, pad_id: int, device, pad_to=None) -> dict:
     """Token-weighted loss and perplexity over every eval row, in order."""
     step_loss.eval()
     total, tokens = 0.0, 0
-    for batch in batches_in_order(rows, batch_size, pad_id):
+    for batch in batches_in_order(rows, batch_size, pad_id, pad_to):
         batch = {k: v.to(device) for k, v in batch.items()}
         total += step_loss(batch).item()
         tokens += target_tokens(batch)
@@ -249,8 +250,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
                                   config.tokenizer)
     rows, truncated = prepare_rows(config.data, tokenizer, config)
+    # On CUDA attention is compiled per length (FlexAttention): batches come in few lengths.
+    pad_to = (partial(bucketed_length, max_seq_len=config.max_seq_len, packing=config.packing)
+              if device.type == "cuda" else None)
     train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
-                                 dist.rank, dist.world_size)
+                                 dist.rank, dist.world_size, pad_to)
     eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
     log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
@@ -340,7 +344,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             if eval_rows and ((config.eval_every and step % config.eval_every == 0)
                               or step == total_steps):
                 # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
-                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device)
+                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device,
+                                      pad_to)
                 row.update(step=step, **evaluation)
             if row and metrics:
                 metrics.write(metrics_line(row))
