@@ -149,6 +149,8 @@ def test_flex_on_cpu_refuses_backward(monkeypatch):
     plan = attention_plan(None, 16, 16, None, CPU)
     with pytest.raises(RuntimeError, match="forward only"):
         attention(q, k, v, plan)
+    with torch.no_grad():  # leaves that require grad, under no_grad: the forward runs
+        torch.testing.assert_close(attention(q, k, v, plan), attention_reference(q, k, v, None))
 
 
 def test_flex_forward_on_cpu_equals_masked_sdpa_and_does_not_recompile(monkeypatch):

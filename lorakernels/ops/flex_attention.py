@@ -61,9 +61,11 @@ def flex_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           block_mask: BlockMask) -> torch.Tensor:
     """q [B, Hq, T, D], k, v [B, Hk, T, D] → [B, Hq, T, D] under ``block_mask``."""
     global _compiled_flex
-    if not q.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError("LORAKERNELS_ATTENTION=flex on CPU runs the forward only: torch has no "
-                           "FlexAttention backward on CPU; train on CPU with auto or sdpa")
+    if not q.is_cuda:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise RuntimeError("LORAKERNELS_ATTENTION=flex on CPU runs the forward only: torch has "
+                               "no FlexAttention backward on CPU; train on CPU with auto or sdpa")
+        q, k, v = q.detach(), k.detach(), v.detach()  # flex refuses leaves that require grad
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
