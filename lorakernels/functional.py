@@ -14,7 +14,8 @@ The frozen weight of a linear is a dense tensor or an NF4Weight (QLoRA's 4-bit b
 Triton and eager backends take either; the oneDNN path is for dense weights only.
 """
 import os
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -198,3 +199,85 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
                                    reduction="sum")
         lora = (head.lora_A, head.lora_B, head.scaling)
     return linear_cross_entropy(hidden, head.weight, labels, ignore_index=ignore_index, lora=lora)
+
+
+# ----------------------------------------------------------------------------- attention
+
+from .reference import attention_mask, attention_reference  # noqa: E402
+
+if TYPE_CHECKING:
+    from .ops.conversation_attention import ConversationBatch
+
+ATTENTION_ENV = "LORAKERNELS_ATTENTION"
+ATTENTION_CHOICES = ("auto", "flex", "sdpa")
+
+
+def selected_attention() -> str:
+    """'auto', 'flex' or 'sdpa', from ``LORAKERNELS_ATTENTION`` (read at every call)."""
+    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"{ATTENTION_ENV}={os.environ[ATTENTION_ENV]!r} is not one of "
+                         f"{', '.join(ATTENTION_CHOICES)}")
+    return choice
+
+
+@dataclass
+class AttentionPlan:
+    """How one forward's attention runs, decided once per batch and shared by every layer.
+
+    kind: ``causal`` (SDPA, is_causal, or one query seeing every key), ``masked`` (SDPA
+    under ``mask`` [B or 1, 1, Tq, Tk]), ``conversations`` (each packed row re-batched
+    into its conversations, causal SDPA, no mask: ``ops/conversation_attention.py``) or
+    ``flex`` (FlexAttention under ``block_mask``: ``ops/flex_attention.py``).
+    """
+
+    kind: str
+    mask: Optional[torch.Tensor] = None
+    conversations: Optional["ConversationBatch"] = None
+    block_mask: Optional[object] = None
+
+
+def attention_plan(segment_ids: Optional[torch.Tensor], query_len: int, key_len: int,
+                   sliding_window: Optional[int], device: torch.device,
+                   cached: bool = False) -> AttentionPlan:
+    """The plan for queries that are the last ``query_len`` of ``key_len`` positions.
+
+    ``segment_ids`` [B, T]: packed conversations (attention never crosses them), or None.
+    ``cached``: keys come from a KV cache (generation), which always runs SDPA.
+    ``LORAKERNELS_ATTENTION``: ``auto`` takes FlexAttention on CUDA when the batch needs a
+    mask (packing, or a window shorter than the keys) and SDPA otherwise; ``flex`` takes it
+    for every uncached forward (on CPU forward only, compiled: for tests); ``sdpa`` never.
+    On SDPA a packed batch is re-batched into its conversations (measured faster than the
+    masked call on CPU: README, "Attention"), anything else gets ``attention_mask``'s mask.
+    """
+    choice = selected_attention()
+    window_matters = sliding_window is not None and sliding_window < key_len
+    needs_mask = segment_ids is not None or window_matters
+    uncached = not cached and query_len == key_len
+    if uncached and (choice == "flex" or (choice == "auto" and device.type == "cuda" and needs_mask)):
+        from .ops.flex_attention import packed_block_mask
+
+        return AttentionPlan("flex", block_mask=packed_block_mask(segment_ids, key_len,
+                                                                  sliding_window, device))
+    if uncached and segment_ids is not None:
+        from .ops.conversation_attention import conversation_batch
+
+        return AttentionPlan("conversations", conversations=conversation_batch(segment_ids,
+                                                                              sliding_window))
+    mask = attention_mask(query_len, key_len, segment_ids, sliding_window, device)
+    return AttentionPlan("causal" if mask is None else "masked", mask=mask)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              plan: Optional[AttentionPlan] = None) -> torch.Tensor:
+    """Scaled dot-product attention as ``plan`` says: q [B, Hq, Tq, D], k, v [B, Hk, Tk, D]
+    (Hk divides Hq: grouped-query heads) → [B, Hq, Tq, D]. No plan: causal attention."""
+    if plan is None or plan.kind in ("causal", "masked"):
+        return attention_reference(q, k, v, None if plan is None else plan.mask)
+    if plan.kind == "conversations":
+        from .ops.conversation_attention import conversation_attention
+
+        return conversation_attention(q, k, v, plan.conversations)
+    from .ops.flex_attention import flex_packed_attention
+
+    return flex_packed_attention(q, k, v, plan.block_mask)

@@ -186,6 +186,41 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
     return up * F.silu(gate)
 
 
+def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Tensor],
+                   sliding_window: Optional[int], device: torch.device) -> Optional[torch.Tensor]:
+    """Boolean [B or 1, 1, Tq, Tk] mask (True = attend), or None when SDPA needs no mask.
+
+    Queries are the last ``query_len`` of ``key_len`` positions (a KV cache holds the
+    rest). Key k is visible from query q when 0 <= q - k < window, as in
+    transformers, and, for packed sequences, when both have the same segment id.
+    """
+    window_matters = sliding_window is not None and sliding_window < key_len
+    plain = query_len == key_len or query_len == 1  # causal SDPA, or one query seeing all
+    if segment_ids is None and not window_matters and plain:
+        return None
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)
+    distance = query_pos[:, None] - torch.arange(key_len, device=device)[None, :]
+    mask = distance >= 0
+    if window_matters:
+        mask = mask & (distance < sliding_window)
+    mask = mask[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    return mask
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """SDPA under ``attention_mask``'s mask: q [B, Hq, Tq, D], k and v [B, Hk, Tk, D] → [B, Hq, Tq, D].
+
+    No mask means causal attention (or, for one query, attention to every key).
+    Grouped-query heads (Hk divides Hq) are SDPA's ``enable_gqa``.
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                          is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
 def linear_cross_entropy_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,

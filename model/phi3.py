@@ -1,6 +1,6 @@
 """Phi-3 as a plain PyTorch module tree whose parameter names equal Hugging Face's.
 
-Data flows RMSNorm → attention (fused qkv, RoPE, SDPA) → residual → RMSNorm →
+Data flows RMSNorm → attention (fused qkv, RoPE, ``functional.attention``) → residual → RMSNorm →
 MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
 Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
 dtype, LongRoPE's long factors when positions pass the original context, RoPE on the
@@ -13,10 +13,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lorakernels.functional import rms_norm, rope, swiglu
+from lorakernels.functional import AttentionPlan, attention, attention_plan, rms_norm, rope, swiglu
 
 from .config import Phi3Config
 from .kv_cache import KVCache
@@ -66,29 +65,6 @@ class Phi3RotaryEmbedding(nn.Module):
                 (angles.sin() * self.attention_scaling).to(dtype))
 
 
-def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Tensor],
-                   sliding_window: Optional[int], device: torch.device) -> Optional[torch.Tensor]:
-    """Boolean [B or 1, 1, Tq, Tk] mask (True = attend), or None when SDPA needs no mask.
-
-    Queries are the last ``query_len`` of ``key_len`` positions (a KV cache holds the
-    rest). Key k is visible from query q when 0 <= q - k < window, as in
-    transformers, and, for packed sequences, when both have the same segment id.
-    """
-    window_matters = sliding_window is not None and sliding_window < key_len
-    plain = query_len == key_len or query_len == 1  # causal SDPA, or one query seeing all
-    if segment_ids is None and not window_matters and plain:
-        return None
-    query_pos = torch.arange(key_len - query_len, key_len, device=device)
-    distance = query_pos[:, None] - torch.arange(key_len, device=device)[None, :]
-    mask = distance >= 0
-    if window_matters:
-        mask = mask & (distance < sliding_window)
-    mask = mask[None, None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    return mask
-
-
 class Phi3Attention(nn.Module):
     def __init__(self, config: Phi3Config, layer_index: int):
         super().__init__()
@@ -102,7 +78,9 @@ class Phi3Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(config.qkv_split_sizes), bias=False)
         self.split_sizes = config.qkv_split_sizes
 
-    def forward(self, x, cos, sin, segment_ids=None, cache: Optional[KVCache] = None):
+    def forward(self, x, cos, sin, plan: Optional[AttentionPlan] = None,
+                cache: Optional[KVCache] = None):
+        """``plan``: Phi3Model's one per batch (packing, window, cache); None is causal."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
@@ -111,11 +89,7 @@ class Phi3Attention(nn.Module):
         q, k = rope(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        mask = attention_mask(T, k.shape[2], segment_ids, self.sliding_window, x.device)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
+        out = attention(q, k, v, plan)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -137,8 +111,8 @@ class Phi3DecoderLayer(nn.Module):
         self.input_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, segment_ids=None, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache)
+    def forward(self, x, cos, sin, plan=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -149,6 +123,7 @@ class Phi3Model(nn.Module):
         self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
+        self.sliding_window = config.sliding_window
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids=None, segment_ids=None, cache=None):
@@ -158,11 +133,16 @@ class Phi3Model(nn.Module):
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
+        # Built once per batch (a mask, a conversation layout or a FlexAttention block mask)
+        # and shared by every layer.
+        key_len = T + (cache.length if cache is not None else 0)
+        plan = attention_plan(segment_ids, T, key_len, self.sliding_window, input_ids.device,
+                              cached=cache is not None)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, segment_ids, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, plan, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, segment_ids, cache)
+                x = layer(x, cos, sin, plan, cache)
         return self.norm(x)
 
 

@@ -70,6 +70,26 @@ def test_collate_pads_as_its_own_untrained_segment():
     assert target_tokens(batch) == int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def test_batches_padded_to_few_lengths_for_compiled_attention():
+    """On CUDA (FlexAttention compiled per length) packed batches are max_seq_len long, unpacked
+    ones a power of two from 128: training.data.bucketed_length."""
+    from functools import partial
+
+    from training.data import bucketed_length
+
+    assert bucketed_length(300, 512, packing=True) == 512
+    assert [bucketed_length(n, 512, packing=False) for n in (1, 128, 129, 300, 512)] == [
+        128, 128, 256, 512, 512]
+    assert bucketed_length(700, 600, packing=False) == 600
+    examples, _ = tokenize_chats([CHAT, CHAT[1:3]], TOKENIZER, 512, False)
+    rows = pack(examples, 512, packing=True)
+    batch = MicroBatches(rows, 1, seed=0, pad_id=TOKENIZER.pad_id,
+                         pad_to=partial(bucketed_length, max_seq_len=512, packing=True))[0]
+    assert batch["input_ids"].shape == (1, 512)
+    assert (batch["segment_ids"][0, len(rows[0].input_ids):] == -1).all()
+    assert target_tokens(batch) == target_tokens(collate(rows, TOKENIZER.pad_id))
+
+
 def test_micro_batches_are_deterministic_and_reshuffled_per_epoch():
     examples, _ = tokenize_chats([CHAT[:3], CHAT[1:3], CHAT[3:], CHAT] * 3, TOKENIZER, 512, False)
     rows = pack(examples, 512, packing=False)

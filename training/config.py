@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 
 import yaml
 
+from lorakernels.functional import ATTENTION_CHOICES
 from model.build import resolve_device
 from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
@@ -58,6 +59,7 @@ class TrainConfig:
     eval_every: int = 0
     log_every: int = 1
     report_to: str = "none"
+    attention: Optional[str] = None
     resume: Optional[str] = None
     overwrite: bool = False
     allow_changed_resume: bool = False
@@ -91,6 +93,12 @@ class TrainConfig:
             raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
         if self.report_to == "tensorboard":
             summary_writer_class()  # a missing package stops here, before any work
+        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+                             f"got {self.attention!r}")
+        if self.attention == "flex" and resolve_device(self.device).type != "cuda":
+            raise ValueError("--attention flex trains on CUDA only (torch has no FlexAttention "
+                             "backward on CPU); use auto or sdpa on a CPU")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in QUANTIZE_CHOICES:
@@ -143,6 +151,9 @@ HELP = {
     "eval_every": "evaluate every N steps (0: only at the end, when --eval-data is given)",
     "log_every": "write metrics every N steps",
     "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
+    "attention": "auto (FlexAttention for packed or windowed batches on CUDA, SDPA otherwise), "
+                 "flex or sdpa; sets LORAKERNELS_ATTENTION for the run (unset: that variable's, "
+                 "else auto)",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
     "allow_changed_resume": "let --resume continue a run whose data or training settings "
                             "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",

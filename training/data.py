@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,9 +120,10 @@ def pack(examples: Sequence[Example], max_seq_len: int, packing: bool) -> List[P
     return rows
 
 
-def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
-    """Tensors [B, L], L the longest row; padding is its own segment and never a target."""
-    length = max(len(r.input_ids) for r in rows)
+def collate(rows: Sequence[PackedRow], pad_id: int, length: Optional[int] = None) -> dict:
+    """Tensors [B, L], L the longest row or ``length`` if given (not shorter); padding is its own
+    segment and never a target."""
+    length = max([len(r.input_ids) for r in rows] + [length or 0])
 
     def padded(values, fill):
         return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
@@ -135,6 +136,18 @@ def collate(rows: Sequence[PackedRow], pad_id: int) -> dict:
     }
 
 
+MIN_BUCKET = 128  # FlexAttention's tile
+
+
+def bucketed_length(longest: int, max_seq_len: int, packing: bool) -> int:
+    """The length a batch is padded to where attention is compiled per length (CUDA): packed rows
+    fill up to ``max_seq_len`` anyway, so always that; unpacked, the longest row rounded up to a
+    power of two (at least MIN_BUCKET, at most ``max_seq_len``): a few shapes for the whole run."""
+    if packing:
+        return max_seq_len
+    return min(max_seq_len, max(MIN_BUCKET, 1 << (longest - 1).bit_length()))
+
+
 class MicroBatches:
     """Micro-batch ``i`` of the whole run, for one rank: random access by index.
 
@@ -145,8 +158,11 @@ class MicroBatches:
     """
 
     def __init__(self, rows: Sequence[PackedRow], batch_size: int, seed: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1,
+                 pad_to: Optional[Callable[[int], int]] = None):
+        """``pad_to``: longest row → batch length (``bucketed_length``); None: the longest row."""
         self.rows, self.batch_size, self.seed, self.pad_id = rows, batch_size, seed, pad_id
+        self.pad_to = pad_to
         self.rank, self.global_batch = rank, batch_size * world_size
         self.per_epoch = math.ceil(len(rows) / self.global_batch)
         self._epoch, self._order = None, None
@@ -163,7 +179,7 @@ class MicroBatches:
         order = self.order(epoch)
         first = start * self.global_batch + self.rank * self.batch_size
         picked = [order[(first + i) % len(order)] for i in range(self.batch_size)]
-        return collate([self.rows[i] for i in picked], self.pad_id)
+        return padded_batch([self.rows[i] for i in picked], self.pad_id, self.pad_to)
 
 
 def require_targets(rows: Sequence[PackedRow], path, max_seq_len: int, truncated: int) -> None:
@@ -177,10 +193,18 @@ def require_targets(rows: Sequence[PackedRow], path, max_seq_len: int, truncated
     raise ValueError(f"{path}: no target tokens (no assistant reply has a token to predict)")
 
 
-def batches_in_order(rows: Sequence[PackedRow], batch_size: int, pad_id: int) -> Iterator[dict]:
+def padded_batch(rows: Sequence[PackedRow], pad_id: int,
+                 pad_to: Optional[Callable[[int], int]] = None) -> dict:
+    """``collate``, padded to ``pad_to(longest row)`` when given."""
+    length = pad_to(max(len(r.input_ids) for r in rows)) if pad_to else None
+    return collate(rows, pad_id, length)
+
+
+def batches_in_order(rows: Sequence[PackedRow], batch_size: int, pad_id: int,
+                     pad_to: Optional[Callable[[int], int]] = None) -> Iterator[dict]:
     """Every row once, in order: for evaluation."""
     for start in range(0, len(rows), batch_size):
-        yield collate(rows[start:start + batch_size], pad_id)
+        yield padded_batch(rows[start:start + batch_size], pad_id, pad_to)
 
 
 def target_tokens(batch: dict) -> int:

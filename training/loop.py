@@ -3,17 +3,19 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import resource
 import signal
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from lorakernels.functional import lm_head_loss
+from lorakernels.functional import ATTENTION_ENV, lm_head_loss
 from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
@@ -21,8 +23,8 @@ from model.lora import apply_lora
 from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
                          resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
 from .config import TrainConfig
-from .data import (IGNORE, MicroBatches, batches_in_order, pack, read_chats, require_targets,
-                   target_tokens, tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
+                   require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
@@ -74,11 +76,11 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(step_loss, rows, batch_size: int, pad_id: int, device) -> dict:
+def evaluate(step_loss, rows, batch_size: int, pad_id: int, device, pad_to=None) -> dict:
     """Token-weighted loss and perplexity over every eval row, in order."""
     step_loss.eval()
     total, tokens = 0.0, 0
-    for batch in batches_in_order(rows, batch_size, pad_id):
+    for batch in batches_in_order(rows, batch_size, pad_id, pad_to):
         batch = {k: v.to(device) for k, v in batch.items()}
         total += step_loss(batch).item()
         tokens += target_tokens(batch)
@@ -199,11 +201,28 @@ def train(config: TrainConfig, log=print) -> dict:
         if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
             lock = RunLock(Path(config.output), log)
             refuse_to_replace(Path(config.output), config.resume, config.overwrite)
-        return _train(config, dist, log if dist.is_main else (lambda _: None))
+        with attention_choice(config.attention):
+            return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
         if lock:
             lock.release()
         dist.close()
+
+
+@contextlib.contextmanager
+def attention_choice(choice: Optional[str]):
+    """--attention as LORAKERNELS_ATTENTION (read by functional.attention at every forward) for
+    the run; the variable is restored afterwards. None leaves it as it is."""
+    previous = os.environ.get(ATTENTION_ENV)
+    if choice is not None:
+        os.environ[ATTENTION_ENV] = choice
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(ATTENTION_ENV, None)
+        else:
+            os.environ[ATTENTION_ENV] = previous
 
 
 def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
@@ -231,8 +250,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
                                   config.tokenizer)
     rows, truncated = prepare_rows(config.data, tokenizer, config)
+    # On CUDA attention is compiled per length (FlexAttention): batches come in few lengths.
+    pad_to = (partial(bucketed_length, max_seq_len=config.max_seq_len, packing=config.packing)
+              if device.type == "cuda" else None)
     train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
-                                 dist.rank, dist.world_size)
+                                 dist.rank, dist.world_size, pad_to)
     eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
     log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
@@ -322,7 +344,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             if eval_rows and ((config.eval_every and step % config.eval_every == 0)
                               or step == total_steps):
                 # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
-                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device)
+                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device,
+                                      pad_to)
                 row.update(step=step, **evaluation)
             if row and metrics:
                 metrics.write(metrics_line(row))

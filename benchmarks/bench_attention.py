@@ -1,0 +1,224 @@
+"""Benchmark packed attention: FlexAttention, conversations re-batched, masked SDPA, causal SDPA.
+
+The batch is what training runs: examples/chat.jsonl tokenized with the phi3-tiny tokenizer
+and packed greedily into rows of T tokens (training.data), its segment ids as the model
+sees them, plus the preset's sliding window (2047 for Phi-3 mini/medium-4k and phi3-tiny).
+Rows per batch: 8192 // T on a GPU, 2048 // T on a CPU (at least 1), so every case holds
+the same number of tokens. q, k, v are random [B, H, T, D] (the attention does not depend on
+their values for timing) in bf16 on a GPU, fp32 on a CPU.
+
+Providers (lorakernels.functional's plans; each computes the same attention but ``causal``):
+  masked         SDPA under reference.attention_mask's dense [B, 1, T, T] mask (the old path)
+  conversations  each row re-batched into its conversations, causal SDPA, no mask
+                 (ops/conversation_attention.py): the SDPA path of lorakernels.functional
+  flex           FlexAttention under the block mask of causal ∧ segment ∧ window, compiled
+                 (ops/flex_attention.py); on a CPU forward only and only when asked
+                 (--providers ... flex): torch has no CPU backward, and compiling takes ~20 s
+  causal         unmasked causal SDPA over whole rows: the floor packing cannot beat
+                 (it attends across conversations, so it is not checked for equality)
+
+Modes: ``both`` = forward + backward (dy random), ``forward``. Each provider's output is
+first checked against ``masked`` (max |error| / max |reference| under 1e-4 in fp32, 2e-2 in
+bf16), and the script exits 1 if one is wrong. The plan (mask, layout or block mask) is
+built once per batch and shared by every layer in the model; its build time is reported
+apart ("plan ms"), not inside the per-layer times. ``blocks computed`` is the fraction of
+128 × 128 tiles of the T × T square that FlexAttention's block mask computes for this data.
+With --repeats N each case is timed N times and the lowest median counts (load from other
+processes only adds time). Peak memory (GPU): torch.cuda.max_memory_allocated over the step.
+
+Layouts (--layouts; heads / KV heads, head dim): phi3-tiny 4/4 × 64, phi3-mini-4k 32/32 × 96,
+phi3-medium-4k 40/10 × 128. Defaults: GPU phi3-mini-4k and phi3-medium-4k at T 2048 and
+4096; CPU phi3-tiny and phi3-mini-4k at T 512 and 2048. --smoke: phi3-tiny, T 128, one
+row, masked/conversations/causal (flex too on a GPU); its files get a _smoke suffix on a GPU.
+
+Run:
+    python benchmarks/bench_attention.py                      # the device's defaults
+    python benchmarks/bench_attention.py --repeats 3          # on a shared machine
+    python benchmarks/bench_attention.py --smoke --out-dir /tmp/bench
+
+Results: a markdown table on stdout, and ``<out-dir>/attention_<device>.json`` and ``.md``.
+"""
+import argparse
+import os
+import time
+from typing import Callable, List
+
+from common import (  # first: it puts this checkout on sys.path
+    DEVICE, ON_CUDA, ROOT, SEED, add_output_args, command_line, device_label, device_name,
+    result_header, time_ms, timing_config, versions_line, write_results)
+
+import torch  # noqa: E402
+
+from lorakernels import functional  # noqa: E402
+from lorakernels.ops.flex_attention import computed_fraction, packed_block_mask  # noqa: E402
+from model import Phi3Config  # noqa: E402
+from model.build import load_model  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
+from training.data import collate  # noqa: E402
+from training.loop import prepare_rows  # noqa: E402
+
+DATA = ROOT / "examples" / "chat.jsonl"
+PROVIDERS = ("masked", "conversations", "flex", "causal")
+CPU_PROVIDERS = ("masked", "conversations", "causal")
+MODES = ("both", "forward")
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+GPU_DEFAULTS = dict(layouts=["phi3-mini-4k", "phi3-medium-4k"], lengths=[2048, 4096], tokens=8192)
+CPU_DEFAULTS = dict(layouts=["phi3-tiny", "phi3-mini-4k"], lengths=[512, 2048], tokens=2048)
+SMOKE = dict(layouts=["phi3-tiny"], lengths=[128], tokens=128)
+
+
+def packed_segments(length: int, rows: int) -> torch.Tensor:
+    """Segment ids [rows, length] of the example data packed to ``length`` (padding -1): the first rows."""
+    _, tokenizer = load_model("phi3-tiny", torch.float32, torch.device("cpu"))
+    packed, _ = prepare_rows(str(DATA), tokenizer, TrainConfig(max_seq_len=length, data=str(DATA)))
+    packed = [packed[i % len(packed)] for i in range(rows)]
+    segments = collate(packed, tokenizer.pad_id)["segment_ids"]
+    if segments.shape[1] < length:  # every row came out short: pad to the case's T
+        pad = segments.new_full((rows, length - segments.shape[1]), -1)
+        segments = torch.cat([segments, pad], dim=1)
+    return segments
+
+
+def plan_for(provider: str, segments: torch.Tensor, window, length: int) -> functional.AttentionPlan:
+    """The provider's plan, through lorakernels.functional's front door."""
+    forced = {"masked": None, "conversations": "sdpa", "flex": "flex", "causal": None}[provider]
+    if provider == "causal":
+        return functional.AttentionPlan("causal")
+    if provider == "masked":
+        from lorakernels.reference import attention_mask
+
+        return functional.AttentionPlan("masked", mask=attention_mask(length, length, segments,
+                                                                      window, segments.device))
+    previous = os.environ.get(functional.ATTENTION_ENV)
+    os.environ[functional.ATTENTION_ENV] = forced
+    try:
+        plan = functional.attention_plan(segments, length, length, window, segments.device)
+    finally:
+        if previous is None:
+            os.environ.pop(functional.ATTENTION_ENV)
+        else:
+            os.environ[functional.ATTENTION_ENV] = previous
+    assert plan.kind == provider, plan.kind
+    return plan
+
+
+def timed_plan_ms(build: Callable[[], object]) -> float:
+    build()
+    if ON_CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    build()
+    if ON_CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: int) -> List[dict]:
+    config = Phi3Config.from_name(layout)
+    H, Hk, D, window = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                        config.sliding_window)
+    segments = packed_segments(length, rows).to(DEVICE)
+    gen = torch.Generator(DEVICE).manual_seed(SEED)
+
+    def randn(*shape, grad=True):
+        return torch.randn(*shape, generator=gen, device=DEVICE).to(dtype).requires_grad_(grad)
+
+    q, k, v = randn(rows, H, length, D), randn(rows, Hk, length, D), randn(rows, Hk, length, D)
+    dy = randn(rows, H, length, D, grad=False)
+    fraction = computed_fraction(packed_block_mask(segments, length, window, torch.device(DEVICE)))
+    conversations = int(sum(len(set(r.tolist()) - {-1}) for r in segments.cpu()))
+    plans = {p: plan_for(p, segments, window, length) for p in providers}
+    with torch.no_grad():
+        reference = functional.attention(q, k, v, plans.get("masked") or plan_for(
+            "masked", segments, window, length)).float()
+    out = []
+    for provider in providers:
+        plan = plans[provider]
+        if provider != "causal":
+            with torch.no_grad():
+                got = functional.attention(q, k, v, plan).float()
+            error = ((got - reference).abs().max() / reference.abs().max()).item()
+            if not error < REL_TOL[dtype]:
+                raise SystemExit(f"{provider} is wrong for {layout} T {length}: relative max error "
+                                 f"{error:.3g} against masked SDPA; not timing it")
+        plan_ms = 0.0 if provider == "causal" else timed_plan_ms(
+            lambda: plan_for(provider, segments, window, length))
+        for mode in MODES:
+            if mode == "both" and provider == "flex" and not ON_CUDA:
+                continue  # no FlexAttention backward on CPU
+            if mode == "both":
+                def step():
+                    functional.attention(q, k, v, plan).backward(dy)
+            else:
+                def step():
+                    with torch.no_grad():
+                        functional.attention(q, k, v, plan)
+            if ON_CUDA:
+                torch.cuda.reset_peak_memory_stats()
+            medians = [time_ms(step, [q, k, v]) for _ in range(repeats)]
+            best = min(medians, key=lambda t: t[0])
+            peak = torch.cuda.max_memory_allocated() / 2**20 if ON_CUDA else None
+            out.append(dict(layout=layout, heads=H, kv_heads=Hk, head_dim=D, T=length, rows=rows,
+                            conversations=conversations, window=window, provider=provider,
+                            mode=mode, median_ms=best[0], p20_ms=best[1], p80_ms=best[2],
+                            all_medians_ms=[m[0] for m in medians], plan_ms=plan_ms,
+                            peak_memory_mb=peak, blocks_computed=fraction))
+    return out
+
+
+def markdown_report(result: dict, command: str) -> str:
+    lines = [f"# Packed attention on {result['device_name']}", "",
+             f"`{command}`; {versions_line(result)}", "",
+             "Example data (examples/chat.jsonl) packed to T; ms per call of one layer's attention "
+             "(best median of --repeats); ratio = masked / provider (higher is better).", "",
+             "| layout | heads | T | rows | convs | blocks computed | provider | mode | ms | "
+             "vs masked | plan ms | peak MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    masked = {(r["layout"], r["T"], r["mode"]): r["median_ms"] for r in result["rows"]
+              if r["provider"] == "masked"}
+    for r in result["rows"]:
+        base = masked.get((r["layout"], r["T"], r["mode"]))
+        ratio = f"{base / r['median_ms']:.2f}×" if base else "-"
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['layout']} | {r['heads']}/{r['kv_heads']}×{r['head_dim']} | {r['T']} | "
+                     f"{r['rows']} | {r['conversations']} | {r['blocks_computed']:.1%} | "
+                     f"{r['provider']} | {r['mode']} | {r['median_ms']:.2f} | {ratio} | "
+                     f"{r['plan_ms']:.2f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layouts", nargs="+", help="presets whose head layouts are run")
+    parser.add_argument("--lengths", nargs="+", type=int, metavar="T", help="packed row lengths")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        help=f"default: {' '.join(PROVIDERS)} on a GPU, {' '.join(CPU_PROVIDERS)} on a CPU")
+    parser.add_argument("--repeats", type=int, default=1, help="time each case N times, keep the best")
+    add_output_args(parser, "attention", "phi3-tiny at T 128, one row: a quick end-to-end check")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    defaults = SMOKE if args.smoke else GPU_DEFAULTS if ON_CUDA else CPU_DEFAULTS
+    layouts = args.layouts or defaults["layouts"]
+    lengths = args.lengths or defaults["lengths"]
+    providers = args.providers or (PROVIDERS if ON_CUDA else CPU_PROVIDERS)
+    dtype = torch.bfloat16 if ON_CUDA else torch.float32
+    rows = []
+    for layout in layouts:
+        for length in lengths:
+            rows += bench_case(layout, length, max(1, defaults["tokens"] // length), providers,
+                               dtype, args.repeats)
+    result = {**result_header(args.smoke), "device_name": device_name(),
+              "config": {"layouts": layouts, "lengths": lengths, "providers": list(providers),
+                         "modes": list(MODES), "dtype": str(dtype).removeprefix("torch."),
+                         "data": str(DATA.relative_to(ROOT)), "repeats": args.repeats,
+                         "threads": torch.get_num_threads(), **timing_config()},
+              "rows": rows}
+    stem = f"attention_{device_label('cpu')}" + ("_smoke" if args.smoke and ON_CUDA else "")
+    write_results(result, markdown_report(result, command_line()), args.out_dir, stem)
+
+
+if __name__ == "__main__":
+    main()
