@@ -26,6 +26,7 @@ from .lora_layer import LoRALayer
 from .nf4 import NF4Weight
 from .nf4_linear import nf4_linear
 from .ops.linear_cross_entropy import linear_cross_entropy
+from .ops.onednn_lora_linear import linear as onednn_linear
 from .ops.onednn_lora_linear import onednn_lora_linear, uses_onednn
 from .parts import LoRAParts
 from .reference import (BaseWeight, base_linear_reference, dora_linear_reference,
@@ -112,10 +113,16 @@ def dora_weight_norm(
     """DoRA's n_j = ‖W_j + s·(B·A)_j‖ [N] in fp32, without an [N, K] temporary (``dora.py``).
 
     weight_sq_norms: ‖W_j‖² [N], fp32, kept by the caller while W is frozen. A·Wᵀ is the
-    base GEMM of A's r·G rows, so it runs where the base linear does (NF4 included).
+    base GEMM of A's r·G rows, so it runs where the LoRA layer's base GEMM does (oneDNN
+    for fp32 CPU tensors; NF4 included).
     """
+    a = lora_A.detach().to(weight.dtype)
     with torch.no_grad():
-        weight_a = base_linear(lora_A.detach().to(weight.dtype), weight, None)
+        if selected_backend(a) == "onednn" and not isinstance(weight, NF4Weight) \
+                and uses_onednn(a, weight):
+            weight_a = onednn_linear(a, weight)
+        else:
+            weight_a = base_linear(a, weight, None)
     return column_norm(weight_sq_norms, weight_a, lora_A, lora_B, scaling, parts)
 
 
