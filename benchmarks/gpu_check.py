@@ -5,7 +5,7 @@
 In order, each step's results written before the next starts: versions and device;
 the fused LoRA layer at Phi-3-mini's qkv shape against an fp32 reference (output and
 every gradient); bench_lora_linear at M = 4096 and 16384, p = 0 and 0.05; bench_train's
-gpu-mini; bench_attention; the GPU tests (LORAKERNELS_AUTOTUNE=0); bench_qlora. A step gets at most its
+gpu-mini; bench_attention; bench_dora at Phi-3-mini's qkv; the GPU tests (LORAKERNELS_AUTOTUNE=0); bench_qlora. A step gets at most its
 own limit and what is left of the budget; one that cannot get MIN_STEP_S is skipped.
 Logs go to benchmarks/results/gpu_check_<device>/<step>.log, the summary to
 benchmarks/results/gpu_check_<device>.json and .md (rewritten after every step).
@@ -48,6 +48,8 @@ def steps() -> List[Step]:
                                            "--out-dir", "benchmarks/results/dropout0"), 90),
         Step("bench_train", bench("bench_train", "--config", "gpu-mini"), 120),
         Step("bench_attention", bench("bench_attention"), 60),
+        Step("bench_dora", bench("bench_dora", "--tokens", "4096", "--in-features", "3072",
+                                 "--out-features", "9216"), 45),
         Step("tests", [py, "-m", "pytest", "-q", "-x", "tests"], 240,
              env={"LORAKERNELS_AUTOTUNE": "0"}),
         Step("bench_qlora", bench("bench_qlora"), 120),
