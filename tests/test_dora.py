@@ -10,7 +10,6 @@ import peft
 import pytest
 import torch
 import torch.nn as nn
-import transformers
 from safetensors import safe_open
 
 import lorakernels as lora
@@ -202,23 +201,11 @@ def test_dora_needs_a_low_rank_path():
 # ----------------------------------------------------------------------------- adapter files
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             sliding_window=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# test_adapters' small Phi-3 checkpoint saved by transformers, and its helpers.
+from test_adapters import checkpoint, hf_base, ids, logits  # noqa: E402, F401 (fixtures)
+
 TARGETS = DEFAULT_TARGETS + ("lm_head",)
 MAGNITUDE_KEY = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_magnitude_vector"
-
-
-@pytest.fixture()
-def checkpoint(tmp_path):
-    torch.manual_seed(0)
-    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**SMALL, attn_implementation="eager"))
-    hf.save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
-
-
-def hf_base(checkpoint):
-    return transformers.Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
 
 
 def move_off_init(model: nn.Module, seed: int) -> None:
@@ -238,17 +225,6 @@ def dora_model(checkpoint, seed=None) -> Phi3ForCausalLM:
     if seed is not None:
         move_off_init(model, seed)
     return model.eval()
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        out = model(ids)
-    return getattr(out, "logits", out)
-
-
-@pytest.fixture()
-def ids():
-    return torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(1))
 
 
 def test_our_dora_adapter_loads_in_peft(checkpoint, tmp_path, ids):
