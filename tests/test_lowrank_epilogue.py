@@ -112,7 +112,8 @@ def test_auto_keeps_the_faster_path_timed_once_per_key(monkeypatch, caplog):
 
 
 def test_backend_triton_and_cpu_do_not_time(monkeypatch):
-    """auto times only CUDA tensors, and not when LORAKERNELS_BACKEND=triton forces the kernels."""
+    """auto times only CUDA tensors, not when LORAKERNELS_BACKEND=triton forces the kernels nor
+    in torch's deterministic mode."""
     gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     monkeypatch.delenv("LORAKERNELS_BACKEND", raising=False)
     assert epilogue._times(gpu) and not epilogue._times(cpu)
@@ -120,6 +121,13 @@ def test_backend_triton_and_cpu_do_not_time(monkeypatch):
     assert epilogue._times(gpu)
     monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
     assert not epilogue._times(gpu)
+    monkeypatch.setenv("LORAKERNELS_BACKEND", "auto")
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert not epilogue._times(gpu)  # a timing must not decide the rounding
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def test_nf4_tiles_stay_fused(monkeypatch):

@@ -11,8 +11,9 @@ after the epilogue, where the fused kernel rounds once).
 Which path F2 and B2 take (``lowrank_gemm``), from ``LORAKERNELS_GEMM``, read per call:
 ``auto`` (default): on CUDA, for a dense weight, the first call per (role, M bucket, N, K,
 dtype, dropout) times both paths and keeps the faster for the process (logged once at
-debug level); on CPU (the interpreter), for an NF4 weight's 4-bit tiles, or with
-``LORAKERNELS_BACKEND=triton``, the fused kernel. ``fused`` / ``cublas`` force one path
+debug level); on CPU (the interpreter), for an NF4 weight's 4-bit tiles, with
+``LORAKERNELS_BACKEND=triton`` or under torch.use_deterministic_algorithms(True), the
+fused kernel. ``fused`` / ``cublas`` force one path
 (an NF4 weight's 4-bit tiles always run fused: torch has no GEMM for them).
 """
 import logging
@@ -118,8 +119,11 @@ def gemm_mode() -> str:
 
 
 def _times(x: torch.Tensor) -> bool:
-    """Whether ``auto`` may time the two paths: on a GPU, unless the fused path is forced."""
-    return x.is_cuda and os.environ.get("LORAKERNELS_BACKEND", "").strip().lower() != "triton"
+    """Whether ``auto`` may time the two paths: on a GPU, unless the fused path is forced or
+    torch's deterministic mode asks that results not depend on a timing (the paths round
+    differently)."""
+    return (x.is_cuda and os.environ.get("LORAKERNELS_BACKEND", "").strip().lower() != "triton"
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def time_ms(fn: Callable[[], torch.Tensor]) -> float:
