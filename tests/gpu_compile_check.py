@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 
 from lorakernels.ops import gemm_lowrank as gemm_ops
 from lorakernels.ops import lora_linear as ops
+from lorakernels.ops import lowrank_epilogue as epilogue_ops
 from lorakernels.ops import nf4_dequant as nf4_ops
 from lorakernels.ops import rms_norm as rms_norm_ops
 from lorakernels.ops import rope as rope_ops
@@ -54,6 +55,11 @@ KERNEL_ARGS = {
     "_lora_grad_a_kernel": dict(
         ds_ptr="fp32", x_ptr="bf16", mask_ptr="i32", da_ptr="fp32", M=M, K=K, R=R, stride_xm=K,
         stride_xk=1, rows_per_split=384, M_BUCKET=M),
+    # The cuBLAS path's epilogue, as F2 adds s·S·B̂ᵀ into y (B2 below: D⊙(dS·A) into dx).
+    "_lowrank_epilogue_kernel": dict(
+        out_ptr="bf16", p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32",
+        mask_ptr="i32", M=M, N=N, R=R, Q_RANK=RANK, scaling=2.0, M_BUCKET=M, stride_om=N,
+        stride_on=1, stride_q_row=RANK, stride_q_rank=1),
     # Row-wise fused ops at Phi-3-mini's shapes: hidden 3072, intermediate 8192, q/k as
     # transposed views of qkv [B, T, 9216] (32 heads of 96), cos/sin [B, T, 96].
     "_rms_norm_forward_kernel": dict(
@@ -123,10 +129,13 @@ NF4_GEMM = dict(F2, M=16, M_BUCKET=16, w_ptr="u8", absmax_q_ptr="i8", absmax_sca
                 W_NF4=True)
 NF4_GEMM_BACKWARD = dict(NF4_GEMM, stride_wk=K, stride_wn=1, HAS_LOWRANK=False)
 NO_DROPOUT = dict(HAS_DROPOUT=False)
+EPILOGUE_B2 = dict(N=K, stride_om=K, Q_RANK=R, stride_q_row=1, stride_q_rank=K, GATHER_Q=False,
+                   HAS_DROPOUT=False)
+EPILOGUE_B2_DROPOUT = dict(EPILOGUE_B2, HAS_DROPOUT=True)
 
 
 SPILL_FREE = (gemm_ops._gemm_lowrank_kernel, ops._lora_shrink_kernel, ops._lora_grad_s_b_kernel,
-              ops._lora_grad_a_kernel)
+              ops._lora_grad_a_kernel, epilogue_ops._lowrank_epilogue_kernel)
 
 
 def compiled_kernels():
@@ -145,6 +154,12 @@ def compiled_kernels():
          False),
         (ops._lora_grad_a_kernel, "B3", NO_DROPOUT, row, False),
         (ops._lora_grad_a_kernel, "B3 dropout", {}, row, False),
+        (epilogue_ops._lowrank_epilogue_kernel, "F2 epilogue", NO_DROPOUT,
+         epilogue_ops.EPILOGUE_CONFIGS, False),
+        (epilogue_ops._lowrank_epilogue_kernel, "B2 epilogue", EPILOGUE_B2,
+         epilogue_ops.EPILOGUE_CONFIGS, False),
+        (epilogue_ops._lowrank_epilogue_kernel, "B2 dropout epilogue", EPILOGUE_B2_DROPOUT,
+         epilogue_ops.EPILOGUE_CONFIGS, False),
         (rms_norm_ops._rms_norm_forward_kernel, "", {}, RMS_NORM_CONFIGS, False),
         (rms_norm_ops._rms_norm_backward_kernel, "", {}, RMS_NORM_CONFIGS, False),
         (swiglu_ops._swiglu_forward_kernel, "", {}, SWIGLU_CONFIGS, False),

@@ -10,7 +10,9 @@ one launch covers every part, including N-tiles that straddle two parts.
 Forward
   F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once, writes D's bits.
   F2 ``gemm_lowrank`` (ops/gemm_lowrank.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
-     product in the base GEMM's epilogue (R/K extra work), y written once.
+     product in the base GEMM's epilogue (R/K extra work), y written once; or, where
+     it times faster on a GPU, torch's GEMM plus a low-rank epilogue kernel
+     (ops/lowrank_epilogue.py; the same for B2).
 Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
      dB = s·dyᵀ·S (reduced over M with relaxed fp32 atomics).
@@ -33,8 +35,8 @@ import triton.language as tl
 
 from ..nf4 import NF4Weight
 from ..parts import LoRAParts
-from .gemm_lowrank import (dropout_kept, dropout_scale, expanded_b_offsets, gemm_lowrank,
-                           m_bucket, pack_kept)
+from .gemm_lowrank import dropout_kept, dropout_scale, expanded_b_offsets, m_bucket, pack_kept
+from .lowrank_epilogue import lowrank_gemm
 from .nf4_matmul import gemm_operand
 from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, next_block, on_device,
                            pinned_config)
@@ -355,8 +357,8 @@ class LoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
         s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
-        y = gemm_lowrank(x2, gemm_operand(weight, x2.shape[0], True), s, lora_B, layout.b_index,
-                         layout.rank, layout.block_r, scaling, bias)
+        y = lowrank_gemm("F2", x2, gemm_operand(weight, x2.shape[0], True), s, lora_B,
+                         layout.b_index, layout.rank, layout.block_r, scaling, bias)
         nf4 = isinstance(weight, NF4Weight)
         ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask)
         ctx.nf4_weight = weight if nf4 else None
@@ -375,8 +377,8 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dw = db = da = dB = None
         ds, dB32 = lora_grad_s_b(dy2, s, lora_B, layout, scaling)
         if need_dx:
-            dx = gemm_lowrank(dy2, gemm_operand(weight, dy2.shape[0], False), ds, lora_A.t(),
-                              None, layout.R, layout.block_r, 1.0, dropout_p=p,
+            dx = lowrank_gemm("B2", dy2, gemm_operand(weight, dy2.shape[0], False), ds,
+                              lora_A.t(), None, layout.R, layout.block_r, 1.0, dropout_p=p,
                               mask=mask).view(ctx.x_shape)
         if need_da:
             da = lora_grad_a(ds, x2, layout, p, mask).to(lora_A.dtype)
