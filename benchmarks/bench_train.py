@@ -89,7 +89,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lorakernels
-from lorakernels.adapters import PEFT_PREFIX, normalise_peft_key
+from lorakernels.adapters import lora_key_from_peft
 from model import PRESETS, Phi3Config, Phi3ForCausalLM
 from model.lora import DEFAULT_TARGETS, apply_lora
 from training.loop import StepLoss, accumulate_gradients
@@ -162,12 +162,6 @@ class Subject:
     set_dropout: object
 
 
-def ours_from_peft(name: str) -> str:
-    """PEFT's in-memory parameter name -> ours (base_model.model.X.lora_A.default.weight -> X.lora_A),
-    by lorakernels.adapters' key rule."""
-    return normalise_peft_key(name).removeprefix(PEFT_PREFIX).removesuffix(".weight")
-
-
 def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject:
     import peft
     import transformers
@@ -181,7 +175,7 @@ def hf_peft_subject(checkpoint: str, dtype: torch.dtype, device: str) -> Subject
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data = param.data.float()  # fp32 adapters over the frozen base, as ours
-            lora[ours_from_peft(name)] = param
+            lora[lora_key_from_peft(name)] = param
     dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
 
     def set_checkpointing(enabled: bool) -> None:

@@ -181,6 +181,13 @@ def normalise_peft_key(key: str) -> str:
     return re.sub(r"\.(lora_(?:embedding_)?[AB])\.default(?=\.weight$|$)", r".\1", key)
 
 
+def lora_key_from_peft(name: str) -> str:
+    """Our state-dict key for a PEFT LoRA factor's name, in memory or in a file:
+    ``base_model.model.X.lora_A.default.weight`` → ``X.lora_A`` (embeddings' too)."""
+    key = normalise_peft_key(name).removeprefix(PEFT_PREFIX).removesuffix(".weight")
+    return re.sub(r"\.lora_embedding_([AB])$", r".lora_\1", key)
+
+
 def _base_weight_key(file_key: str, state: Dict[str, torch.Tensor]) -> Optional[str]:
     """Our key for a base weight PEFT saved next to the adapter, or None.
 

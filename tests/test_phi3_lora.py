@@ -5,6 +5,7 @@ import torch
 import transformers
 
 import lorakernels as lora
+from lorakernels.adapters import lora_key_from_peft
 from model import Phi3ForCausalLM
 from model.lora import apply_lora
 
@@ -33,7 +34,7 @@ def test_apply_lora_matches_peft(checkpoint):
         for name, param in hf.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.2)
-                key = name.removeprefix("base_model.model.").replace(".default.weight", "")
+                key = lora_key_from_peft(name)
                 ours_params[key].copy_(param)
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 4 * 2 and all("lora_" in n for n in trainable)
@@ -45,7 +46,7 @@ def test_apply_lora_matches_peft(checkpoint):
     our_logits.square().mean().backward()
     for name, param in hf.named_parameters():
         if "lora_" in name:
-            key = name.removeprefix("base_model.model.").replace(".default.weight", "")
+            key = lora_key_from_peft(name)
             torch.testing.assert_close(ours_params[key].grad, param.grad, rtol=1e-4, atol=1e-6)
 
 

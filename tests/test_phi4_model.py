@@ -14,7 +14,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lorakernels.adapters import merge_lora
+from lorakernels.adapters import lora_key_from_peft, merge_lora
 from model import Phi3Config, Phi3ForCausalLM
 from model.build import random_model
 from model.lora import apply_lora
@@ -226,14 +226,11 @@ def test_lora_logits_gradients_and_adapter_equal_peft(layout, tmp_path):
                       r=4, lora_alpha=8, targets=targets)
     ours_params = dict(ours.named_parameters())
 
-    def our_key(name):
-        return name.removeprefix("base_model.model.").replace(".default.weight", "")
-
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.2)
-                ours_params[our_key(name)].copy_(param)
+                ours_params[lora_key_from_peft(name)].copy_(param)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
     hf_logits, our_logits = hf(ids).logits, ours(ids)
     torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
@@ -241,7 +238,7 @@ def test_lora_logits_gradients_and_adapter_equal_peft(layout, tmp_path):
     our_logits.square().mean().backward()
     for name, param in hf.named_parameters():
         if "lora_" in name:
-            got, want = ours_params[our_key(name)].grad, param.grad
+            got, want = ours_params[lora_key_from_peft(name)].grad, param.grad
             assert (got - want).abs().max() <= 1e-4 * want.abs().max(), name
 
     save_peft_adapter(ours, tmp_path / "adapter")
