@@ -23,19 +23,25 @@ def checkpoint(tmp_path):
     return tmp_path
 
 
-def test_apply_lora_matches_peft(checkpoint):
+def peft_and_ours(checkpoint, targets):
+    """PEFT's LoRA (r 4, alpha 8) over transformers and ours over our model, on one checkpoint,
+    with the same random factors (B off zero, so the low-rank path shows); ours' parameters."""
     hf = transformers.Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=TARGETS))
+                                                 target_modules=list(targets)))
     ours = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32),
-                      r=4, lora_alpha=8, targets=TARGETS)
+                      r=4, lora_alpha=8, targets=targets)
     ours_params = dict(ours.named_parameters())
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if "lora_" in name:
                 param.normal_(0, 0.2)
-                key = lora_key_from_peft(name)
-                ours_params[key].copy_(param)
+                ours_params[lora_key_from_peft(name)].copy_(param)
+    return hf, ours, ours_params
+
+
+def test_apply_lora_matches_peft(checkpoint):
+    hf, ours, ours_params = peft_and_ours(checkpoint, TARGETS)
     trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
     assert len(trainable) == 2 * 4 * 2 and all("lora_" in n for n in trainable)
 

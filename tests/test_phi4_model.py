@@ -19,6 +19,7 @@ from model import Phi3Config, Phi3ForCausalLM
 from model.build import random_model
 from model.lora import apply_lora
 from model.tokenizer import TINY_TOKENIZER_DIR
+from test_phi3_lora import peft_and_ours
 
 HEAD_DIM = 16
 PHI4_MINI = dict(vocab_size=128, hidden_size=6 * HEAD_DIM, intermediate_size=160, num_hidden_layers=2,
@@ -219,18 +220,7 @@ def test_lora_logits_gradients_and_adapter_equal_peft(layout, tmp_path):
 
     hf_model(LAYOUTS[layout], tmp_path / "base")
     targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"]
-    hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                                                 target_modules=targets))
-    ours = apply_lora(Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
-                      r=4, lora_alpha=8, targets=targets)
-    ours_params = dict(ours.named_parameters())
-
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if "lora_" in name:
-                param.normal_(0, 0.2)
-                ours_params[lora_key_from_peft(name)].copy_(param)
+    hf, ours, ours_params = peft_and_ours(tmp_path / "base", targets)
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(4))
     hf_logits, our_logits = hf(ids).logits, ours(ids)
     torch.testing.assert_close(our_logits, hf_logits, rtol=1e-4, atol=1e-4)
