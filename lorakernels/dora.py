@@ -41,3 +41,19 @@ def column_norm(sq_norms: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Te
         sq[pair.out_cols] += 2 * scaling * cross + scaling * scaling * quad
     # Rounding can take a tiny n² just below zero; a norm is never negative.
     return sq.clamp_min(0).sqrt()
+
+
+def column_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """DoRA's per-column output scale c = m/n [N], fp32 and contiguous, for the kernels."""
+    return (magnitude.detach().float() / norm).contiguous()
+
+
+def magnitude_grad(dot: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """dm [N] from dot_j = Σ_i dy_ij·(y_ij − b_j), y the layer's output.
+
+    With y = (m/n)⊙z + b: dm_j = Σ_i dy_ij·z_ij/n_j = dot_j/m_j, so backward needs only y,
+    never an unscaled copy z. A column whose m_j is exactly 0 has lost z (its y is b): it
+    gets a zero gradient, where PEFT's would be Σ dy·z/n.
+    """
+    safe = torch.where(magnitude == 0, 1.0, magnitude.float())
+    return torch.where(magnitude == 0, 0.0, dot / safe).to(magnitude.dtype)

@@ -67,6 +67,25 @@ def base_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor
     return base_linear_reference(x, weight, bias)
 
 
+def _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts,
+                      magnitude=None, norm=None) -> Optional[torch.Tensor]:
+    """The oneDNN or Triton LoRA linear (DoRA with ``magnitude``) where the backend has one;
+    None where the reference runs."""
+    backend = selected_backend(x)
+    dense = not isinstance(weight, NF4Weight)
+    if backend == "onednn" and dense and x.numel() > 0 and uses_onednn(x, weight, lora_A, lora_B):
+        return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts,
+                                  magnitude, norm)
+    if backend == "triton" and x.numel() > 0:
+        from .ops.lora_linear import fused_lora_linear
+
+        # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.
+        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
+        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts,
+                                 magnitude, norm)
+    return None
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: BaseWeight,
@@ -86,16 +105,9 @@ def lora_linear(
     ``training`` and ``dropout_p > 0``.
     """
     dropout_p = dropout_p if training else 0.0
-    backend = selected_backend(x)
-    dense = not isinstance(weight, NF4Weight)
-    if backend == "onednn" and dense and x.numel() > 0 and uses_onednn(x, weight, lora_A, lora_B):
-        return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts)
-    if backend == "triton" and x.numel() > 0:
-        from .ops.lora_linear import fused_lora_linear
-
-        # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.
-        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
-        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts)
+    fast = _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts)
+    if fast is not None:
+        return fast
     lora_input = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
     if parts is None:
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
@@ -143,22 +155,21 @@ def dora_linear(
 
     Shapes as ``lora_linear``; magnitude m: [N]; weight_sq_norms: ‖W_j‖² [N] (fp32).
     n is a constant in backward, so the gradients are LoRA's with dy scaled by m/n per
-    column, plus dm = Σ dy⊙z / n, all by autograd. Without dropout the product is
-    ``lora_linear``'s (its fast paths included) scaled per column. With dropout in
-    training, PEFT's formula adds (m/n − 1)⊙(dropout(x)·Wᵀ): a second base GEMM.
+    column, plus dm = Σ dy⊙z / n. Without dropout the oneDNN and Triton paths are
+    ``lora_linear``'s with m/n applied inside them (the output scaled in place or in F2's
+    epilogue; dy scaled in B1 and B2). With dropout in training, PEFT's formula adds
+    (m/n − 1)⊙(dropout(x)·Wᵀ): a second base GEMM, run by the reference.
     """
     dropout_p = dropout_p if training else 0.0
     norm = dora_weight_norm(weight, weight_sq_norms, lora_A, lora_B, scaling, parts)
-    if dropout_p > 0:
-        lora_input = F.dropout(x, dropout_p, training=True)
-        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
-                                     lora_input, norm)
-    if selected_backend(x) == "eager":
-        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
-                                     norm=norm)
-    product = lora_linear(x, weight, None, lora_A, lora_B, scaling, parts=parts)
-    scaled = product * (magnitude / norm)
-    return (scaled if bias is None else scaled + bias).to(product.dtype)
+    if dropout_p == 0:
+        fast = _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, parts,
+                                 magnitude, norm)
+        if fast is not None:
+            return fast
+    lora_input = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
+    return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
+                                 lora_input, norm)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

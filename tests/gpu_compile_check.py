@@ -45,20 +45,21 @@ KERNEL_ARGS = {
     "_gemm_lowrank_kernel": dict(
         x_ptr="bf16", w_ptr="bf16", absmax_q_ptr="bf16", absmax_scale_ptr="bf16", out_ptr="bf16",
         p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32", bias_ptr="bf16", mask_ptr="i32",
-        M=M, N=N, K=K, R=R, Q_RANK=RANK, scaling=2.0, absmax_offset=0.01, M_BUCKET=M,
+        col_scale_ptr="fp32", k_scale_ptr="fp32", M=M, N=N, K=K, R=R, Q_RANK=RANK, scaling=2.0, absmax_offset=0.01, M_BUCKET=M,
         stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_om=N, stride_on=1,
         stride_q_row=RANK, stride_q_rank=1),
     "_lora_grad_s_b_kernel": dict(
         dy_ptr="bf16", s_ptr="fp32", b_ptr="fp32", b_row_ptr="i32", b_off_ptr="i32", ds_ptr="fp32",
-        db_ptr="fp32", M=M, N=N, R=R, RANK=RANK, scaling=2.0, M_BUCKET=M, stride_dym=N,
-        stride_dyn=1, stride_b_row=RANK, stride_b_rank=1, stride_db_part=N * RANK),
+        db_ptr="fp32", col_scale_ptr="fp32", y_ptr="bf16", bias_ptr="bf16", dm_ptr="fp32", M=M, N=N,
+        R=R, RANK=RANK, scaling=2.0, M_BUCKET=M, stride_dym=N, stride_dyn=1, stride_b_row=RANK,
+        stride_b_rank=1, stride_db_part=N * RANK, stride_ym=N, stride_yn=1),
     "_lora_grad_a_kernel": dict(
         ds_ptr="fp32", x_ptr="bf16", mask_ptr="i32", da_ptr="fp32", M=M, K=K, R=R, stride_xm=K,
         stride_xk=1, rows_per_split=384, M_BUCKET=M),
     # The cuBLAS path's epilogue, as F2 adds s·S·B̂ᵀ into y (B2 below: D⊙(dS·A) into dx).
     "_lowrank_epilogue_kernel": dict(
         out_ptr="bf16", p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32",
-        mask_ptr="i32", M=M, N=N, R=R, Q_RANK=RANK, scaling=2.0, M_BUCKET=M, stride_om=N,
+        mask_ptr="i32", col_scale_ptr="fp32", bias_ptr="bf16", M=M, N=N, R=R, Q_RANK=RANK, scaling=2.0, M_BUCKET=M, stride_om=N,
         stride_on=1, stride_q_row=RANK, stride_q_rank=1),
     # Row-wise fused ops at Phi-3-mini's shapes: hidden 3072, intermediate 8192, q/k as
     # transposed views of qkv [B, T, 9216] (32 heads of 96), cos/sin [B, T, 96].
@@ -91,7 +92,8 @@ KERNEL_ARGS = {
 }
 COMMON_CONSTEXPRS = dict(P=0.05, HAS_DROPOUT=True, HAS_BIAS=True, GATHER_Q=True, GATHER_B=True,
                          HAS_LOWRANK=True, W_NF4=False, CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
-                         EMULATE_BF16_RTNE=False, COMPUTE_DW=True, DETERMINISTIC=False)
+                         EMULATE_BF16_RTNE=False, COMPUTE_DW=True, DETERMINISTIC=False,
+                         HAS_COL_SCALE=False, HAS_K_SCALE=False, DORA=False)
 
 
 def _launch_configs(settings, sizes, **extra):
@@ -132,6 +134,12 @@ NO_DROPOUT = dict(HAS_DROPOUT=False)
 EPILOGUE_B2 = dict(N=K, stride_om=K, Q_RANK=R, stride_q_row=1, stride_q_rank=K, GATHER_Q=False,
                    HAS_DROPOUT=False)
 EPILOGUE_B2_DROPOUT = dict(EPILOGUE_B2, HAS_DROPOUT=True)
+# DoRA (dropout 0): m/n in F2's epilogue, on dy's columns in B2's K-loop and in B1, which
+# also reads the forward's output for m's gradient; the cuBLAS path's F2 epilogue scales too.
+DORA_F2 = dict(F2, HAS_COL_SCALE=True)
+DORA_B2 = dict(B2, HAS_K_SCALE=True)
+DORA_B1 = dict(DORA=True)
+DORA_EPILOGUE_F2 = dict(NO_DROPOUT, HAS_COL_SCALE=True)
 
 
 SPILL_FREE = (gemm_ops._gemm_lowrank_kernel, ops._lora_shrink_kernel, ops._lora_grad_s_b_kernel,
@@ -145,16 +153,21 @@ def compiled_kernels():
         (gemm, "F2", F2, gemm_ops.GEMM_CONFIGS, True),
         (gemm, "B2", B2, gemm_ops.GEMM_CONFIGS, True),
         (gemm, "B2 dropout", B2_DROPOUT, gemm_ops.GEMM_CONFIGS, True),
+        (gemm, "DoRA F2", DORA_F2, gemm_ops.GEMM_CONFIGS, True),
+        (gemm, "DoRA B2", DORA_B2, gemm_ops.GEMM_CONFIGS, True),
         (gemm, "NF4 F2", NF4_GEMM, gemm_ops.NF4_GEMM_CONFIGS, True),
         (gemm, "NF4 base dy·W", NF4_GEMM_BACKWARD, gemm_ops.NF4_GEMM_CONFIGS, True),
         (ops._lora_shrink_kernel, "F1", NO_DROPOUT, row, False),
         (ops._lora_shrink_kernel, "F1 dropout", {}, row, False),
         (ops._lora_grad_s_b_kernel, "B1", {}, row, False),
+        (ops._lora_grad_s_b_kernel, "DoRA B1", DORA_B1, ops.DORA_B1_CONFIGS, False),
         (ops._lora_grad_s_b_kernel, "B1 deterministic", dict(DETERMINISTIC=True), [ops.ROW_PINNED],
          False),
         (ops._lora_grad_a_kernel, "B3", NO_DROPOUT, row, False),
         (ops._lora_grad_a_kernel, "B3 dropout", {}, row, False),
         (epilogue_ops._lowrank_epilogue_kernel, "F2 epilogue", NO_DROPOUT,
+         epilogue_ops.EPILOGUE_CONFIGS, False),
+        (epilogue_ops._lowrank_epilogue_kernel, "DoRA F2 epilogue", DORA_EPILOGUE_F2,
          epilogue_ops.EPILOGUE_CONFIGS, False),
         (epilogue_ops._lowrank_epilogue_kernel, "B2 epilogue", EPILOGUE_B2,
          epilogue_ops.EPILOGUE_CONFIGS, False),

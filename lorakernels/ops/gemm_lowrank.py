@@ -1,10 +1,12 @@
 """The base GEMM with a low-rank epilogue, shared by the LoRA kernels and the NF4 base linear.
 
-    out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]
+    out[M, N] = c ⊙ (x[M, K]·w[K, N] + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]) + bias
 
 One Triton kernel, three uses: the LoRA forward's F2 (x·Wᵀ plus s·S·B̂ᵀ), the LoRA
 backward's B2 (dy·W plus D⊙(dS·A)), and, without the low-rank term, a frozen 4-bit
-layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). ``w`` is a strided view of a dense weight or an
+layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). DoRA adds two per-column scales: c [N] on the
+output (F2's m/n) and one on x's columns, the reduction index (B2's dy⊙(m/n)), so
+neither a scaled weight nor a scaled copy of dy is ever written. ``w`` is a strided view of a dense weight or an
 ``NF4Operand``, whose 4-bit tiles are dequantised in registers inside the K-loop.
 The dropout mask D is drawn once, by the LoRA forward's F1 (``dropout_scale``), and kept
 as one bit per element (``dropout_kept`` reads it back in B2 and B3).
@@ -113,16 +115,20 @@ def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK
 @triton.jit(do_not_specialize=["M"])
 def _gemm_lowrank_kernel(
     x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
-    bias_ptr, mask_ptr, M, N, K, R, Q_RANK, scaling, absmax_offset, M_BUCKET,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
+    bias_ptr, mask_ptr, col_scale_ptr, k_scale_ptr, M, N, K, R, Q_RANK, scaling, absmax_offset,
+    M_BUCKET, stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row,
+    stride_q_rank,
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
-    HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr,
+    HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+    HAS_K_SCALE: tl.constexpr,
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """out[M, N] = x[M, K]·w[K, N] + bias + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N].
+    """out[M, N] = c ⊙ (x[M, K]·w[K, N] + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]) + bias.
 
     D comes from mask_ptr's packed bits (``dropout_kept``). Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    HAS_COL_SCALE: c from col_scale_ptr [N] (else 1). HAS_K_SCALE: each x tile's columns
+    are scaled by k_scale_ptr [K] and rounded back to x's dtype before the dot.
     With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
     is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
     does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
@@ -154,6 +160,9 @@ def _gemm_lowrank_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_in[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=ks[None, :] < K, other=0.0)
+        if HAS_K_SCALE:
+            k_scale = tl.load(k_scale_ptr + ks, mask=ks < K, other=0.0)
+            x = (x.to(tl.float32) * k_scale[None, :]).to(x_ptr.dtype.element_ty)
         w_offsets = ks[:, None] * stride_wk + cols_in[None, :] * stride_wn
         if W_NF4:
             w = nf4_gather(w_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, w_offsets,
@@ -166,6 +175,8 @@ def _gemm_lowrank_kernel(
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
 
+    if HAS_COL_SCALE:
+        acc *= tl.load(col_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
@@ -256,7 +267,7 @@ def _autotuned(configs):
     return triton.autotune(
         configs,
         key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-             "HAS_LOWRANK", "W_NF4", "CAST_FP32"],
+             "HAS_LOWRANK", "W_NF4", "HAS_COL_SCALE", "HAS_K_SCALE", "CAST_FP32"],
         prune_configs_by={"early_config_prune": _prune_gemm_configs},
     )(_gemm_lowrank_kernel)
 
@@ -293,13 +304,17 @@ class NF4Operand:
 def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
                  q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
                  block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F2 / B2: out = x·w + bias + s·(p·q̂ᵀ)⊙D, with x [M, K], w [K, N] (a strided view).
+                 dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None,
+                 col_scale: Optional[torch.Tensor] = None,
+                 k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F2 / B2: out = c⊙(x·w + s·(p·q̂ᵀ)⊙D) + bias, with x [M, K], w [K, N] (a strided view).
 
     q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
     q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
     low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
     ``mask``: D's packed bits [M, ceil(N/32)] int32, as F1 wrote them, when dropout_p > 0.
+    ``col_scale``: c [N] fp32 (DoRA's m/n in F2); ``k_scale``: [K] fp32 scaling x's
+    columns (DoRA's m/n on dy in B2); None: 1.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -317,11 +332,12 @@ def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torc
     kernel[grid](
         x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
         bias if bias is not None else out, mask if mask is not None else out,
+        col_scale if col_scale is not None else out, k_scale if k_scale is not None else out,
         M, N, K, p.shape[1], q_rank, scaling, float(offset), m_bucket(M),
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
         GATHER_Q=q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
-        CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None, CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
     )
     return out

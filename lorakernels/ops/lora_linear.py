@@ -19,6 +19,9 @@ Backward
   B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
   B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M (at least two programs
      per SM) into partials summed in a fixed order.
+DoRA (p = 0) adds a per-column scale c = m/n: F2 writes y = c⊙(x·Wᵀ + s·S·B̂ᵀ) + b, B1
+scales dy by c and reduces m's gradient Σ dy⊙(y − b)/m from the saved y, B2 scales dy's
+columns in its K-loop; B3 is unchanged (it reads dS).
 Under torch.use_deterministic_algorithms(True), B1 and B3 run one pinned config and
 dB is summed from per-row-block partials too: dA and dB are bit-reproducible run to run.
 Saved for backward: x, S and D's bits. Redrawing D with Philox in B2 made it spill and
@@ -26,6 +29,7 @@ run 5.7x the SASS of B2 without dropout; reading the bits costs ~2 instructions 
 element (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the
 GEMM's operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
 """
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -33,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dora import column_scale, magnitude_grad
 from ..nf4 import NF4Weight
 from ..parts import LoRAParts
 from .gemm_lowrank import dropout_kept, dropout_scale, expanded_b_offsets, m_bucket, pack_kept
@@ -79,10 +84,11 @@ def _lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_grad_s_b_kernel(
-    dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr,
-    M, N, R, RANK, scaling, M_BUCKET,
-    stride_dym, stride_dyn, stride_b_row, stride_b_rank, stride_db_part,
-    GATHER_B: tl.constexpr, DETERMINISTIC: tl.constexpr, PRECISION: tl.constexpr,
+    dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr, col_scale_ptr, y_ptr, bias_ptr,
+    dm_ptr, M, N, R, RANK, scaling, M_BUCKET,
+    stride_dym, stride_dyn, stride_b_row, stride_b_rank, stride_db_part, stride_ym, stride_yn,
+    GATHER_B: tl.constexpr, DETERMINISTIC: tl.constexpr, DORA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One pass over dy: dS[M, R] = s·dy·B̂ and dB += s·dyᵀ·S (fp32, atomics across row blocks).
@@ -91,6 +97,9 @@ def _lora_grad_s_b_kernel(
     every update) and each program starts at its own column block, so programs do not
     all hit the same dB rows at once. DETERMINISTIC: each row block stores its partial
     dB at db_ptr + pid·stride_db_part instead, for the launcher to sum in order.
+    DORA: dy is first scaled by c = m/n per column (col_scale_ptr), and the same pass
+    reduces Σ_i dy·(y − bias) per column, y the forward's output, into dm_ptr [N]
+    (partials [row blocks, N] when DETERMINISTIC): m_j·dm_j, see ``dora.magnitude_grad``.
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,6 +113,17 @@ def _lora_grad_s_b_kernel(
         cols = ((pid + step) % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok & (cols[None, :] < N), other=0.0).to(tl.float32)
+        if DORA:
+            y = tl.load(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+                        mask=row_ok & (cols[None, :] < N), other=0.0).to(tl.float32)
+            if HAS_BIAS:  # rows past M: dy is 0 there, whatever y - bias is
+                y -= tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            dm = tl.sum(dy * y, axis=0)
+            if DETERMINISTIC:
+                tl.store(dm_ptr + pid.to(tl.int64) * N + cols, dm, mask=cols < N)
+            else:
+                tl.atomic_add(dm_ptr + cols, dm, mask=cols < N, sem="relaxed")
+            dy *= tl.load(col_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
         b_offsets, b_mask = expanded_b_offsets(b_row_ptr, b_off_ptr, cols, ranks, N, RANK,
                                                 stride_b_row, stride_b_rank, GATHER_B)
         b = tl.load(b_ptr + b_offsets, mask=b_mask, other=0.0).to(tl.float32)
@@ -178,8 +198,16 @@ ROW_PINNED = pinned_config(_ROW_DEFAULT, _ROW_INTERPRETED)
 
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
     _lora_shrink_kernel)
-_lora_grad_s_b = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "N", "BLOCK_R", "GATHER_B"],
-                                 reset_to_zero=["db_ptr"])(_lora_grad_s_b_kernel)
+# B1 with DoRA holds y's tile beside dy's: (64, 128) with 8 warps spilled 8 bytes on sm_90.
+DORA_B1_CONFIGS = [c for c in ROW_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
+
+
+def _autotuned_b1(configs):
+    return triton.autotune(configs, key=["M_BUCKET", "N", "BLOCK_R", "GATHER_B"],
+                           reset_to_zero=["db_ptr", "dm_ptr"])(_lora_grad_s_b_kernel)
+
+
+_lora_grad_s_b, _lora_grad_s_b_dora = _autotuned_b1(ROW_CONFIGS), _autotuned_b1(DORA_B1_CONFIGS)
 _lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
     _lora_grad_a_kernel)
 
@@ -241,9 +269,20 @@ def _launch(autotuned, grid, *args, **kwargs):
                                     num_stages=meta.num_stages)
 
 
+@dataclasses.dataclass
+class DoRAColumns:
+    """What DoRA adds to the LoRA backward: c = m/n [N] fp32, the forward's output y [M, N]
+    (z = (y - bias)/c, so no unscaled copy is kept) and the bias, or None."""
+    col_scale: torch.Tensor
+    output: torch.Tensor
+    bias: Optional[torch.Tensor]
+
+
 def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layout: _Layout,
-                  scaling: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """B1: dS = s·dy·B̂ [M, R] and dB = s·dyᵀ·S [N_lora, r], both fp32.
+                  scaling: float, dora: Optional[DoRAColumns] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """B1: dS = s·dz·B̂ [M, R], dB = s·dzᵀ·S [N_lora, r] and, with ``dora``, Σ_i dy⊙(y − bias)
+    [N] (None without), all fp32; dz = dy, or dy⊙c with ``dora``.
 
     dB is reduced over row blocks with atomics, or, in torch's deterministic mode, from
     per-row-block partials summed in a fixed order (bit-reproducible run to run).
@@ -253,15 +292,22 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     blocks = triton.cdiv(M, ROW_PINNED.kwargs["BLOCK_M"]) if deterministic else 1
     ds = torch.empty((M, layout.R), device=dy.device, dtype=torch.float32)
     db = torch.zeros((blocks, *lora_B.shape), device=dy.device, dtype=torch.float32)
+    dm = torch.zeros((blocks, N), device=dy.device, dtype=torch.float32) if dora else db
+    y = dora.output if dora else dy
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     b_row, b_off = layout.b_index_pointers(lora_B)
     _launch(
-        _lora_grad_s_b, grid, dy, s, lora_B, b_row, b_off, ds, db, M, N, layout.R, layout.rank,
-        scaling, m_bucket(M), dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-        lora_B.numel(), GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic,
+        _lora_grad_s_b_dora if dora else _lora_grad_s_b, grid, dy, s, lora_B, b_row, b_off, ds, db,
+        dora.col_scale if dora else db, y, dora.bias if dora and dora.bias is not None else db,
+        dm, M, N, layout.R, layout.rank, scaling, m_bucket(M), dy.stride(0), dy.stride(1),
+        lora_B.stride(0), lora_B.stride(1), lora_B.numel(), y.stride(0), y.stride(1),
+        GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic, DORA=dora is not None,
+        HAS_BIAS=dora is not None and dora.bias is not None,
         PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
-    return ds, db.sum(0) if deterministic else db[0]
+    if deterministic:
+        return ds, db.sum(0), dm.sum(0) if dora else None
+    return ds, db[0], dm[0] if dora else None
 
 
 # B3's largest BLOCK_M and BLOCK_K: a split's rows are a multiple of every BLOCK_M.
@@ -348,19 +394,32 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
 
 class LoRALinearFunction(torch.autograd.Function):
     """The fused kernels behind autograd. A dense W is frozen unless it asks for a gradient;
-    an NF4Weight is always frozen and is dequantised again in backward, never kept dense."""
+    an NF4Weight is always frozen and is dequantised again in backward, never kept dense.
+
+    With a DoRA ``magnitude`` m [N] and ``norm`` n [N] (fp32, a constant), y = c⊙z + b with
+    c = m/n and z the LoRA product: c is F2's epilogue scale; backward scales dy by c in B1
+    and in B2's K-loop and reduces m's gradient in B1 from the saved output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts,
+                magnitude, norm):
         _check_inputs(x, weight, bias, lora_A, lora_B, parts)
         K, N = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, K)
         layout = _Layout(parts, lora_A, lora_B)
+        col_scale = None
+        if magnitude is not None:
+            if dropout_p > 0:
+                raise ValueError("the fused DoRA path is for lora_dropout 0 (dropout needs a "
+                                 "second base GEMM: dora_linear_reference)")
+            col_scale = column_scale(magnitude, norm)
         s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
         y = lowrank_gemm("F2", x2, gemm_operand(weight, x2.shape[0], True), s, lora_B,
-                         layout.b_index, layout.rank, layout.block_r, scaling, bias)
+                         layout.b_index, layout.rank, layout.block_r, scaling, bias,
+                         col_scale=col_scale)
         nf4 = isinstance(weight, NF4Weight)
-        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask)
+        dora = (y, magnitude, col_scale, bias) if magnitude is not None else (None,) * 4
+        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask, *dora)
         ctx.nf4_weight = weight if nf4 else None
         ctx.layout, ctx.scaling, ctx.dropout_p = layout, scaling, dropout_p
         ctx.x_shape = x.shape
@@ -369,36 +428,42 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, s, mask = ctx.saved_tensors
+        x2, weight, lora_A, lora_B, s, mask, y, magnitude, col_scale, bias = ctx.saved_tensors
         weight = ctx.nf4_weight if weight is None else weight
         layout, scaling, p = ctx.layout, ctx.scaling, ctx.dropout_p
         need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
         dy2 = dy.reshape(-1, weight.shape[0])
-        dx = dw = db = da = dB = None
-        ds, dB32 = lora_grad_s_b(dy2, s, lora_B, layout, scaling)
+        dx = dw = db = da = dB = dm = None
+        dora = DoRAColumns(col_scale, y, bias) if magnitude is not None else None
+        ds, dB32, dm_dot = lora_grad_s_b(dy2, s, lora_B, layout, scaling, dora)
         if need_dx:
             dx = lowrank_gemm("B2", dy2, gemm_operand(weight, dy2.shape[0], False), ds,
                               lora_A.t(), None, layout.R, layout.block_r, 1.0, dropout_p=p,
-                              mask=mask).view(ctx.x_shape)
+                              mask=mask, k_scale=col_scale).view(ctx.x_shape)
         if need_da:
             da = lora_grad_a(ds, x2, layout, p, mask).to(lora_A.dtype)
         if need_dB:
             dB = dB32.to(lora_B.dtype)
         if need_dw:
-            dw = (dy2.t() @ x2).to(weight.dtype)
+            dz = dy2 if dora is None else (dy2 * col_scale).to(dy2.dtype)
+            dw = (dz.t() @ x2).to(weight.dtype)
         if need_db:
             db = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, db, da, dB, None, None, None, None
+        if dora is not None and ctx.needs_input_grad[9]:
+            dm = magnitude_grad(dm_dot, magnitude)
+        return dx, dw, db, da, dB, None, None, None, None, dm, None
 
 
 def fused_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       dropout_p: float = 0.0, seed: int = 0,
-                      parts: Optional[LoRAParts] = None) -> torch.Tensor:
+                      parts: Optional[LoRAParts] = None, magnitude: Optional[torch.Tensor] = None,
+                      norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0.
 
-    ``weight``: a dense tensor [N, K] or an NF4Weight of that shape.
+    ``weight``: a dense tensor [N, K] or an NF4Weight of that shape. With DoRA's
+    ``magnitude`` m and ``norm`` n ([N]; p = 0 only): y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·B̂ᵀ) + b.
     """
     with on_device(x):
         return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling),
-                                        float(dropout_p), int(seed), parts)
+                                        float(dropout_p), int(seed), parts, magnitude, norm)

@@ -13,13 +13,14 @@ and the low-rank input gradient into the base one inside the oneDNN call (its
 ``add`` post-op); the dropout mask is a bool drawn with ``torch.rand`` (half the
 cost of ``bernoulli_`` on CPU), kept for backward instead of a scaled copy.
 Saved for backward: x, the dropped-out input h (x itself without dropout), the
-mask and S.
+mask and S; with DoRA's column scale also the output (m's gradient is read from it).
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..dora import column_scale, magnitude_grad
 from ..parts import LoRAParts, pair_slices
 
 
@@ -58,31 +59,53 @@ def dropped_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
 
 
 class OneDNNLoRALinearFunction(torch.autograd.Function):
-    """x [M, K], W [N, K] frozen or not, b [N] or None, A [r·G, K], B [N_lora, r] → y [M, N]."""
+    """x [M, K], W [N, K] frozen or not, b [N] or None, A [r·G, K], B [N_lora, r] → y [M, N].
+
+    With DoRA's ``magnitude`` m and ``norm`` n [N] (p = 0): y = (m/n)⊙z + b, scaled in
+    place; backward takes m's gradient from the saved y (``dora.magnitude_grad``) and runs
+    the LoRA backward on dy⊙(m/n)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts, magnitude, norm):
         rank = lora_A.shape[0] // (1 if parts is None else parts.num_enabled)
         slices = pair_slices(parts, weight.shape[0], rank)
         dropped = dropped_mask(x.shape, dropout_p, x.device) if dropout_p > 0 else None
         h = x if dropped is None else x.masked_fill(dropped, 0.0)
         low_rank_scale = scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not on h
         S = linear(h, lora_A).mul_(low_rank_scale)
-        y = linear(x, weight, bias)
+        dora = magnitude is not None
+        y = linear(x, weight, None if dora else bias)
         for cols, b_rows, a_rows in slices:
             y[:, cols].addmm_(S[:, a_rows], lora_B[b_rows].t())
-        ctx.save_for_backward(x, h, dropped, S, weight, lora_A, lora_B)
+        col_scale = None
+        if dora:
+            if dropout_p > 0:
+                raise ValueError("the oneDNN DoRA path is for lora_dropout 0 (dropout needs a "
+                                 "second base GEMM: dora_linear_reference)")
+            col_scale = column_scale(magnitude, norm)
+            y.mul_(col_scale)
+            if bias is not None:
+                y.add_(bias)
+        ctx.save_for_backward(x, h, dropped, S, weight, lora_A, lora_B, bias,
+                              *((y, magnitude, col_scale) if dora else (None,) * 3))
         ctx.slices, ctx.low_rank_scale = slices, low_rank_scale
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, h, dropped, S, weight, lora_A, lora_B = ctx.saved_tensors
+        x, h, dropped, S, weight, lora_A, lora_B, bias, y, magnitude, col_scale = ctx.saved_tensors
         need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
+        dx = dweight = dbias = dA = dB = dm = None
+        if need_bias:
+            dbias = dy.sum(0)
+        if magnitude is not None:
+            if ctx.needs_input_grad[8]:
+                dot = torch.linalg.vecdot(dy, y, dim=0)
+                dm = magnitude_grad(dot if bias is None else dot - bias * dy.sum(0), magnitude)
+            dy = dy * col_scale  # dz: what the LoRA product z receives
         # d(h·Aᵀ): the gradient of S = (h·Aᵀ)·scale, per part's columns of dy.
         dS = torch.cat([matmul(dy[:, cols], lora_B[b_rows]) for cols, b_rows, _ in ctx.slices], dim=1)
-        dx = dweight = dbias = dA = dB = None
         if need_B:  # torch.mm: oneDNN is slower than MKL with dy transposed
             dB = torch.cat([dy[:, cols].t() @ S[:, a_rows] for cols, _, a_rows in ctx.slices])
         dS.mul_(ctx.low_rank_scale)
@@ -95,16 +118,17 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
             dx = linear(dy, weight.t(), add=dh)
         if need_weight:
             dweight = dy.t() @ x
-        if need_bias:
-            dbias = dy.sum(0)
-        return dx, dweight, dbias, dA, dB, None, None, None
+        return dx, dweight, dbias, dA, dB, None, None, None, dm, None
 
 
 def onednn_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                        lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                       dropout_p: float = 0.0, parts: Optional[LoRAParts] = None) -> torch.Tensor:
-    """``lora_linear`` for fp32 CPU tensors of any leading shape: x [..., K] → [..., N]."""
+                       dropout_p: float = 0.0, parts: Optional[LoRAParts] = None,
+                       magnitude: Optional[torch.Tensor] = None,
+                       norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``lora_linear`` for fp32 CPU tensors of any leading shape: x [..., K] → [..., N];
+    with DoRA's ``magnitude`` and ``norm`` (p = 0), ``dora_linear``."""
     x2 = x.reshape(-1, x.shape[-1])
     y = OneDNNLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling),
-                               float(dropout_p), parts)
+                                       float(dropout_p), parts, magnitude, norm)
     return y.view(*x.shape[:-1], weight.shape[0])
