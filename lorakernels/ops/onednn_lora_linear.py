@@ -100,10 +100,12 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
         if need_bias:
             dbias = dy.sum(0)
         if magnitude is not None:
+            # One fresh [M, N] buffer, not two: fresh pages cost more here than the products.
+            dz = torch.mul(dy, y)
             if ctx.needs_input_grad[8]:
-                dot = torch.linalg.vecdot(dy, y, dim=0)
+                dot = dz.sum(0)
                 dm = magnitude_grad(dot if bias is None else dot - bias * dy.sum(0), magnitude)
-            dy = dy * col_scale  # dz: what the LoRA product z receives
+            dy = torch.mul(dy, col_scale, out=dz)  # dz: what the LoRA product z receives
         # d(h·Aᵀ): the gradient of S = (h·Aᵀ)·scale, per part's columns of dy.
         dS = torch.cat([matmul(dy[:, cols], lora_B[b_rows]) for cols, b_rows, _ in ctx.slices], dim=1)
         if need_B:  # torch.mm: oneDNN is slower than MKL with dy transposed
