@@ -132,7 +132,7 @@ def dora_weight_norm(
     with torch.no_grad():
         if selected_backend(a) == "onednn" and not isinstance(weight, NF4Weight) \
                 and uses_onednn(a, weight):
-            weight_a = onednn_linear(a, weight)
+            weight_a = onednn_linear(weight, a).t()  # W·Aᵀ: oneDNN's faster orientation
         else:
             weight_a = base_linear(a, weight, None)
     return column_norm(weight_sq_norms, weight_a, lora_A, lora_B, scaling, parts)
