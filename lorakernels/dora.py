@@ -54,13 +54,13 @@ def column_norm(sq_norms: torch.Tensor, weight_a: torch.Tensor, lora_A: torch.Te
     sq_norms: ‖W_j‖² [N] (fp32); weight_a: A·Wᵀ [r·G, N]; A: [r·G, K]; B: [N_lora, r].
     With B̂ [N, r·G] (``expanded_b``), every part at once, in a fixed handful of ops
     (each a launch on a GPU, whatever the number of parts):
-    n² = ‖W‖² + 2s·rowsum(B̂ ⊙ (A·Wᵀ)ᵀ) + s²·rowsum((B̂·A·Aᵀ) ⊙ B̂).
+    n² = ‖W‖² + rowsum(B̂ ⊙ (2s·(A·Wᵀ)ᵀ + s²·B̂·A·Aᵀ)).
     """
     a = lora_A.float()
     b_hat = expanded_b(lora_B, parts, sq_norms.shape[0])
-    cross = (b_hat * weight_a.float().t()).sum(1)
-    quad = ((b_hat @ (a @ a.t())) * b_hat).sum(1)
-    sq = sq_norms + 2 * scaling * cross + scaling * scaling * quad
+    terms = torch.addmm(weight_a.float().t(), b_hat, a @ a.t(), beta=2 * scaling,
+                        alpha=scaling * scaling)
+    sq = sq_norms + torch.linalg.vecdot(b_hat, terms)
     # Rounding can take a tiny n² just below zero; a norm is never negative.
     return sq.clamp_min(0).sqrt()
 
@@ -77,5 +77,4 @@ def magnitude_grad(dot: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     never an unscaled copy z. A column whose m_j is exactly 0 has lost z (its y is b): it
     gets a zero gradient, where PEFT's would be Σ dy·z/n.
     """
-    safe = torch.where(magnitude == 0, 1.0, magnitude.float())
-    return torch.where(magnitude == 0, 0.0, dot / safe).to(magnitude.dtype)
+    return torch.where(magnitude != 0, dot / magnitude, 0.0).to(magnitude.dtype)
