@@ -8,40 +8,27 @@ differentiate (m/n)⊙z: two different computations. Tolerances are test_lora_ke
 (fp32 1e-5, bf16 2e-2 of the largest reference value); the magnitude is moved ±10% off n so
 that m/n ≠ 1 and a missing scale is an error of order 0.1.
 """
-import dataclasses
-
 import pytest
 import torch
 
 from lorakernels.dora import row_sq_norms
 from lorakernels.functional import dora_weight_norm
-from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from lorakernels.ops import lowrank_epilogue as epilogue
 from lorakernels.ops.lora_linear import fused_lora_linear
 from lorakernels.ops.onednn_lora_linear import ONEDNN_AVAILABLE, onednn_lora_linear
 from lorakernels.reference import dora_linear_reference
-from test_lora_kernels import DEVICE, REL_TOL, VARIANTS, assert_rel_close
+from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, case_inputs
 
 GRADS = ("dx", "dbias", "dA", "dB", "dm")
 
 
-def dora_inputs(M, K, variant, r, dtype, bias, nf4=False, device=DEVICE):
+def dora_inputs(M, K, variant, r, dtype, bias, nf4=False):
     """x, the kernels' weight, the reference's dense weight, bias, A, B, magnitude, dy, parts."""
-    N, parts = VARIANTS[variant]
-    groups = 1 if parts is None else parts.num_enabled
-    n_lora = N if parts is None else parts.lora_out_features
-    gen = torch.Generator().manual_seed(M * 1000 + r)
-    make = lambda *shape, s=1.0: (torch.randn(*shape, generator=gen) * s).to(device)  # noqa: E731
-    x = make(M, K).to(dtype)
-    weight = make(N, K, s=K ** -0.5).to(dtype)
-    kernel_weight = weight
-    if nf4:
-        kernel_weight = dataclasses.replace(quantize_nf4(weight), fused_max_rows=M)
-        weight = dequantize_nf4_reference(kernel_weight, dtype)
-    b = make(N).to(dtype) if bias else None
-    lora_A, lora_B = make(r * groups, K, s=K ** -0.5), make(n_lora, r, s=0.3)
-    magnitude = weight.float().norm(dim=1) * (1 + 0.1 * make(N))
-    return x, kernel_weight, weight, b, lora_A, lora_B, magnitude, make(M, N).to(dtype), parts
+    case = case_inputs(M, K, variant, r, dtype, bias=bias, nf4=nf4, nf4_fused_max_rows=M,
+                       b_std=0.3)
+    magnitude = case.weight.float().norm(dim=1) * (1 + 0.1 * case.make(case.weight.shape[0]))
+    return (case.x, case.kernel_weight, case.weight, case.bias, case.lora_A, case.lora_B,
+            magnitude, case.dy, case.parts)
 
 
 def check_against_reference(run, M, K, variant, r, dtype, bias, nf4=False):

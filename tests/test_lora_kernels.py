@@ -12,6 +12,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,11 +44,11 @@ def assert_rel_close(actual, expected, rel, what):
     assert error <= rel * scale + 1e-6, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
 
 
-def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, nf4=False,
-             nf4_fused_max_rows=NF4_FUSED_MAX_ROWS):
-    """Kernels vs the fp32 reference; ``nf4``: the base weight quantised, the reference given
-    its eager dequantisation (so the test checks the kernels' use of it, not NF4's error);
-    ``nf4_fused_max_rows``: where the kernels switch from 4-bit tiles to a dequantised copy."""
+def case_inputs(M, K, variant, r, dtype, lead=(), bias=True, nf4=False,
+                nf4_fused_max_rows=NF4_FUSED_MAX_ROWS, b_std=1.0) -> SimpleNamespace:
+    """One case's random tensors: x, the kernels' weight, the reference's dense weight, bias,
+    A, B, dy, the variant's parts, and ``make`` (its generator) for anything more.
+    ``nf4``: the kernels' weight quantised, the reference given its eager dequantisation."""
     N, parts = VARIANTS[variant]
     groups = 1 if parts is None else parts.num_enabled
     n_lora = N if parts is None else parts.lora_out_features
@@ -60,8 +61,20 @@ def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, 
         kernel_weight = dataclasses.replace(quantize_nf4(weight), fused_max_rows=nf4_fused_max_rows)
         weight = dequantize_nf4_reference(kernel_weight, dtype)
     b = make(N).to(dtype) if bias else None
-    lora_A, lora_B = make(r * groups, K, s=K ** -0.5), make(n_lora, r)
+    lora_A, lora_B = make(r * groups, K, s=K ** -0.5), make(n_lora, r, s=b_std)
     dy = make(*lead, M, N).to(dtype)
+    return SimpleNamespace(x=x, kernel_weight=kernel_weight, weight=weight, bias=b, lora_A=lora_A,
+                           lora_B=lora_B, dy=dy, parts=parts, make=make)
+
+
+def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, nf4=False,
+             nf4_fused_max_rows=NF4_FUSED_MAX_ROWS):
+    """Kernels vs the fp32 reference; ``nf4``: the base weight quantised, the reference given
+    its eager dequantisation (so the test checks the kernels' use of it, not NF4's error);
+    ``nf4_fused_max_rows``: where the kernels switch from 4-bit tiles to a dequantised copy."""
+    case = case_inputs(M, K, variant, r, dtype, lead, bias, nf4, nf4_fused_max_rows)
+    x, kernel_weight, weight, b = case.x, case.kernel_weight, case.weight, case.bias
+    lora_A, lora_B, dy, parts = case.lora_A, case.lora_B, case.dy, case.parts
     scaling = 2.0 / r
 
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, b, lora_A, lora_B)]
