@@ -35,17 +35,24 @@ def uses_onednn(*tensors: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           add: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x·Wᵀ + b + add for x [M, K], W [N, K] (any strides), add [M, N]; no autograd.
+           add: Optional[torch.Tensor] = None,
+           col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x·Wᵀ + b + add, or (x·Wᵀ + b)⊙c with ``col_scale`` c [N], for x [M, K], W [N, K] (any
+    strides), add [M, N]; no autograd.
 
-    oneDNN for fp32 CPU tensors (``add`` fused as a post-op), ``F.linear`` otherwise.
+    oneDNN for fp32 CPU tensors (``add`` or the scale fused as a post-op), ``F.linear``
+    otherwise.
     """
+    if add is not None and col_scale is not None:
+        raise ValueError("linear fuses one post-op: add or col_scale, not both")
     if not (uses_onednn(x, weight) and x.shape[0] > 0):
         out = F.linear(x, weight, bias)
-        return out if add is None else out.add_(add)
-    if add is None:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
+        return out.add_(add) if add is not None else out.mul_(col_scale) if col_scale is not None else out
+    if add is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
+    if col_scale is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, col_scale.view(1, -1), weight, bias, "mul")
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,16 +81,19 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
         low_rank_scale = scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not on h
         S = linear(h, lora_A).mul_(low_rank_scale)
         dora = magnitude is not None
-        y = linear(x, weight, None if dora else bias)
-        for cols, b_rows, a_rows in slices:
-            y[:, cols].addmm_(S[:, a_rows], lora_B[b_rows].t())
-        col_scale = None
-        if dora:
+        if not dora:
+            y = linear(x, weight, bias)
+            for cols, b_rows, a_rows in slices:
+                y[:, cols].addmm_(S[:, a_rows], lora_B[b_rows].t())
+        else:
             if dropout_p > 0:
                 raise ValueError("the oneDNN DoRA path is for lora_dropout 0 (dropout needs a "
                                  "second base GEMM: dora_linear_reference)")
+            # c⊙(x·Wᵀ) in the GEMM's post-op, c⊙(S·Bᵀ) as S·(c⊙B)ᵀ: no pass over y for c.
             col_scale = column_scale(magnitude, norm)
-            y.mul_(col_scale)
+            y = linear(x, weight, col_scale=col_scale)
+            for cols, b_rows, a_rows in slices:
+                y[:, cols].addmm_(S[:, a_rows], (lora_B[b_rows] * col_scale[cols, None]).t())
             if bias is not None:
                 y.add_(bias)
         ctx.save_for_backward(x, h, dropped, S, weight, lora_A, lora_B, bias,
