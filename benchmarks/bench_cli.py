@@ -8,12 +8,13 @@ HF, ...):
            --max-seq-len 256 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-4
            --dtype float32 --device cpu --output TMP/...   (packing on: train.py's default)
   hf_peft  python benchmarks/bench_cli.py --hf-worker ...: hf_worker() below, a plain
-           Hugging Face training loop: transformers.Phi3ForCausalLM.from_pretrained(BASE,
-           dtype=fp32, attn_implementation="sdpa") + peft.get_peft_model(LoraConfig(r 16,
-           alpha 32, dropout 0.05, qkv_proj o_proj gate_up_proj down_proj)); the chats in
+           Hugging Face training loop (its parts in common.py, shared with bench_train.py):
+           hf_peft_model, transformers.Phi3ForCausalLM.from_pretrained(BASE, dtype=fp32,
+           attn_implementation="sdpa") + peft.get_peft_model(LoraConfig(r 16, alpha 32,
+           dropout 0.05, qkv_proj o_proj gate_up_proj down_proj)); hf_batches, the chats in
            order shuffled once (seed 42), 4 conversations a batch padded to the longest of
            the 4 (right padding, attention_mask, labels -100 on padding; no packing, as HF
-           users train), each conversation cut to 256 tokens; per step
+           users train), each conversation cut to 256 tokens; per step hf_training_step,
            ``model(input_ids, attention_mask=..., labels=..., use_cache=False).loss.backward()``,
            clip_grad_norm_(1.0) (train.py's and HF Trainer's default, so both do that work),
            AdamW(lr 2e-4, weight decay 0).step(), zero_grad. No LR schedule (train.py's cosine
@@ -22,9 +23,9 @@ HF, ...):
 Same checkpoint: one random base (model.build.random_model, seed 1234; the phi3-tiny preset
 unless --model) written with our save_pretrained, and the tiny tokenizer beside it with
 tokenizer.save_pretrained, in a temp dir; both sides load it. Same tokens: both tokenize each
-conversation with model.chat.tokenize_chat and the checkpoint's tokenizer (train.py through
-training.data), so the token ids and the loss mask (the assistant replies and their end-of-turn
-token) are identical; HF's labels are the ids on the mask and -100 elsewhere.
+conversation with training.data.tokenize_chats and the checkpoint's tokenizer, so the token
+ids and the loss mask (the assistant replies and their end-of-turn token) are identical; HF's
+labels are the ids on the mask and -100 elsewhere.
 
 What is counted, the same on both sides: **data tokens consumed per second**, i.e. the
 non-padding tokens of the conversations in the step's batch (HF: attention_mask.sum(); ours:
@@ -59,22 +60,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import (  # first: it sets TRITON_INTERPRET and puts this checkout on sys.path
+    DATA, DATA_SEED, ROOT, add_output_args, command_line, data_tokens, device_name, hf_batches,
+    hf_peft_model, hf_training_step, utc_now, versions, write_random_base, write_results)
+
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's model/ and training/ (the HF worker imports no more)
-if __name__ == "__main__" and "--hf-worker" not in sys.argv:
-    # common (Triton, our kernels) stays out of the HF worker's process.
-    from common import SEED, add_output_args, command_line, device_name, utc_now, versions, write_results
-else:  # the HF worker, or imported by a test: only argument parsing is needed
-    from common import SEED, add_output_args  # noqa: F811
-
-DATA = ROOT / "examples" / "chat.jsonl"
 WARMUP_STEPS = 2
 LORA = dict(r=16, alpha=32, dropout=0.05)
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 LR = 2e-4
-DATA_SEED = 42  # train.py's default --seed; also the HF side's shuffle
+MAX_GRAD_NORM = 1.0  # train.py's default --max-grad-norm, and HF Trainer's
 
 
 # ----------------------------------------------------------------------------- the base
@@ -82,74 +78,36 @@ DATA_SEED = 42  # train.py's default --seed; also the HF side's shuffle
 
 def build_base(preset: str, directory: Path, layers=None) -> dict:
     from model import Phi3Config
-    from model.build import random_model
-    from model.tokenizer import load_tokenizer
 
     config = Phi3Config.from_name(preset)
     if layers:
         config = dataclasses.replace(config, num_hidden_layers=layers)
-    random_model(config, torch.float32, "cpu", SEED).save_pretrained(directory)
-    load_tokenizer().save_pretrained(directory)
+    write_random_base(config, torch.float32, "cpu", directory)
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("extra", "rope_scaling")}
 
 
 # ----------------------------------------------------------------------------- HF + PEFT worker
 
 
-def hf_batches(base: str, data: str, batch_size: int, max_seq_len: int, steps: int):
-    """Batches of ``batch_size`` conversations, shuffled once, padded right to the longest."""
-    from model.chat import tokenize_chat
-    from model.tokenizer import load_tokenizer
-    from training.data import read_chats
-
-    tokenizer = load_tokenizer(base)
-    examples = []
-    for messages in read_chats(data):
-        ids, mask = tokenize_chat(tokenizer, messages)
-        ids, mask = ids[:max_seq_len], mask[:max_seq_len]
-        examples.append((ids, [i if m else -100 for i, m in zip(ids, mask)]))
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
-    batches = []
-    for step in range(steps):
-        picked = [examples[order[(step * batch_size + i) % len(order)]] for i in range(batch_size)]
-        length = max(len(ids) for ids, _ in picked)
-        pad = lambda values, fill: [v + [fill] * (length - len(v)) for v in values]  # noqa: E731
-        batches.append({
-            "input_ids": torch.tensor(pad([ids for ids, _ in picked], tokenizer.pad_id)),
-            "attention_mask": torch.tensor(pad([[1] * len(ids) for ids, _ in picked], 0)),
-            "labels": torch.tensor(pad([labels for _, labels in picked], -100)),
-        })
-    return batches
-
-
 def hf_worker(args) -> None:
     """The transformers + PEFT training script; prints one JSON line with its step times."""
-    import peft
-    import transformers
+    from model.tokenizer import load_tokenizer
 
     torch.manual_seed(DATA_SEED)
-    model = transformers.Phi3ForCausalLM.from_pretrained(args.base, dtype=torch.float32,
-                                                         attn_implementation="sdpa")
-    model = peft.get_peft_model(model, peft.LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-        target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
+    model = hf_peft_model(args.base, torch.float32, "cpu", LORA["r"], LORA["alpha"], LORA["dropout"],
+                          TARGETS)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    batches = hf_batches(args.base, args.data, args.batch_size, args.max_seq_len, args.steps)
+    batches = hf_batches(load_tokenizer(args.base), args.data, args.batch_size, args.max_seq_len,
+                         args.steps)
     ends, losses = [], []
     for batch in batches:
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"], use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(hf_training_step(model, params, optimizer, batch, MAX_GRAD_NORM)[0])
         ends.append(time.perf_counter())
     print(json.dumps({
         "ends": ends, "losses": losses,
-        "data_tokens": [int(b["attention_mask"].sum()) for b in batches],
+        "data_tokens": [data_tokens(b) for b in batches],
         "padded_tokens": [int(b["input_ids"].numel()) for b in batches],
     }))
 
@@ -172,7 +130,7 @@ def our_batches(base: str, data: str, batch_size: int, max_seq_len: int, steps: 
     counts = []
     for step in range(steps):
         batch = batches[step]
-        counts.append((int(batch["input_ids"].numel()), int((batch["segment_ids"] >= 0).sum())))
+        counts.append((int(batch["input_ids"].numel()), data_tokens(batch)))
     return counts
 
 

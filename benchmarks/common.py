@@ -1,5 +1,6 @@
 """What the benchmark scripts share: setup, arguments, result files, Phi-3 shapes and presets,
-and the one-LoRA-layer timing harness of bench_lora_linear.py and bench_qlora.py.
+the one-LoRA-layer timing harness of bench_lora_linear.py and bench_qlora.py, and the
+transformers + PEFT training side (model, padded batches, step) of bench_train.py and bench_cli.py.
 
 Import it before anything that imports Triton: without CUDA it sets TRITON_INTERPRET=1,
 which Triton reads when kernels are decorated. It also puts this checkout first on
@@ -36,10 +37,14 @@ from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
 from lorakernels.reference import BaseWeight, lora_linear_reference  # noqa: E402
 from model import PRESETS, Phi3Config, Phi3ForCausalLM  # noqa: E402
 from model.build import random_model  # noqa: E402
+from model.tokenizer import Phi3Tokenizer, load_tokenizer  # noqa: E402
+from training.data import IGNORE, read_chats, tokenize_chats  # noqa: E402
 
 DEVICE = "cuda" if ON_CUDA else "cpu"
 SEED = 1234
 RESULTS_DIR = Path("benchmarks/results")
+DATA = ROOT / "examples" / "chat.jsonl"
+DATA_SEED = 42  # train.py's default --seed; also the transformers + PEFT side's shuffle
 
 
 # ----------------------------------------------------------------------------- device, versions
@@ -145,6 +150,96 @@ def random_base(config: Phi3Config, dtype: torch.dtype, device: str,
                 quantize: Optional[str] = None) -> Phi3ForCausalLM:
     """The benchmarks' random base (model.build.random_model from SEED): the same weights every run."""
     return random_model(config, dtype, device, SEED, quantize)
+
+
+def write_random_base(config: Phi3Config, dtype: torch.dtype, device: str,
+                      directory: Path) -> Phi3ForCausalLM:
+    """random_base saved with our save_pretrained and the tiny tokenizer beside it: a checkpoint
+    that train.py (model.build.load_model) and transformers both load. Returns the model."""
+    model = random_base(config, dtype, device)
+    model.save_pretrained(directory)
+    load_tokenizer().save_pretrained(directory)
+    return model
+
+
+# ----------------------------------------------------------------------------- transformers + PEFT
+
+
+def hf_peft_model(checkpoint: str, dtype: torch.dtype, device: str, r: int, lora_alpha: float,
+                  lora_dropout: float, targets: Sequence[str]):
+    """transformers' Phi3ForCausalLM (attn_implementation="sdpa") from ``checkpoint``, wrapped by
+    peft.get_peft_model(LoraConfig(...)); the adapters in fp32 over the frozen base, as ours."""
+    import peft
+    import transformers
+
+    base = transformers.Phi3ForCausalLM.from_pretrained(checkpoint, dtype=dtype,
+                                                        attn_implementation="sdpa").to(device)
+    model = peft.get_peft_model(base, peft.LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(targets),
+        bias="none", task_type="CAUSAL_LM"))
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model
+
+
+def padded_conversations(conversations: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> dict:
+    """(ids, labels) pairs as a transformers batch: one conversation a row, right-padded to the
+    longest; attention_mask 0 and labels -100 on the padding."""
+    length = max(len(ids) for ids, _ in conversations)
+
+    def pad(values, fill):
+        return torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
+
+    return {"input_ids": pad([ids for ids, _ in conversations], pad_id),
+            "attention_mask": pad([[1] * len(ids) for ids, _ in conversations], 0),
+            "labels": pad([labels for _, labels in conversations], IGNORE)}
+
+
+def hf_batches(tokenizer: Phi3Tokenizer, data, batch_size: int, max_seq_len: int,
+               steps: int) -> List[dict]:
+    """What a transformers + PEFT script trains on: the chats shuffled once (DATA_SEED),
+    ``batch_size`` conversations a batch (no packing), each cut to ``max_seq_len`` tokens,
+    padded by padded_conversations. Tokens and targets are train.py's (training.data)."""
+    examples, _ = tokenize_chats(read_chats(data), tokenizer, max_seq_len, train_on_prompt=False)
+    conversations = [(e.input_ids, [i if t else IGNORE for i, t in zip(e.input_ids, e.targets)])
+                     for e in examples]
+    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
+    return [padded_conversations([conversations[order[(step * batch_size + i) % len(order)]]
+                                  for i in range(batch_size)], tokenizer.pad_id)
+            for step in range(steps)]
+
+
+def unpacked(batch: dict, pad_id: int) -> dict:
+    """A packed batch (training.data: segment_ids, -1 on padding) as its conversations one per
+    row, in padded_conversations' layout: the same tokens and targets for transformers."""
+    conversations = []
+    for ids, labels, segments in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
+                                     batch["segment_ids"].tolist()):
+        for segment in sorted(set(segments) - {-1}):
+            keep = [i for i, s in enumerate(segments) if s == segment]
+            conversations.append(([ids[i] for i in keep], [labels[i] for i in keep]))
+    return padded_conversations(conversations, pad_id)
+
+
+def data_tokens(batch: dict) -> int:
+    """The batch's non-padding tokens: attention_mask's ones (transformers), segment ids >= 0 (ours)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int((batch["segment_ids"] >= 0).sum())
+
+
+def hf_training_step(model, params, optimizer, batch: dict, max_grad_norm: float) -> Tuple[float, float]:
+    """A transformers + PEFT script's step: Hugging Face's own loss (full logits, upcast to fp32,
+    mean over the shifted labels), backward, clip_grad_norm_, AdamW, zero_grad. ``batch`` is on
+    the model's device. Returns (loss, the gradient norm before clipping)."""
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"], use_cache=False).loss
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), grad_norm.item()
 
 
 # ----------------------------------------------------------------------------- one LoRA layer

@@ -10,7 +10,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -60,6 +60,51 @@ def accumulate_gradients(step_loss, micro_batches, dist: Optional[Distributed] =
     return dist.sum(total) / n_targets
 
 
+def add_lora(model, config: TrainConfig) -> None:
+    """The run's LoRA layers on the target projections, initialised from --seed (whatever
+    loading drew before)."""
+    torch.manual_seed(config.seed)
+    apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
+               lora_dropout=config.lora_dropout, targets=config.target_modules,
+               use_rslora=config.use_rslora, use_dora=config.use_dora)
+
+
+def seed_step(seed: int, step: int, rank: int = 0) -> None:
+    """Seed torch for optimizer step ``step``: dropout masks are a function of (seed, step, rank),
+    so a resumed run is exact with no RNG state saved."""
+    torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)
+
+
+def step_micro_batches(batches: MicroBatches, step: int, grad_accum: int, device) -> List[dict]:
+    """Optimizer step ``step``'s ``grad_accum`` micro-batches, collated and on ``device``."""
+    return [{k: v.to(device) for k, v in batches[step * grad_accum + j].items()}
+            for j in range(grad_accum)]
+
+
+def training_step(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm: float,
+                  dist: Optional[Distributed] = None,
+                  before_update: Optional[Callable[[float, float], None]] = None
+                  ) -> Tuple[float, float, float]:
+    """One optimizer step of train.py: backward over ``micro_batches``, clip the gradient to
+    ``max_grad_norm`` (<= 0: measure only), AdamW, the schedule, zero_grad.
+
+    ``before_update(loss, grad_norm)`` runs before the weights change and may raise to stop a
+    step that must not be applied (train.py's check_finite). Returns (the step's mean token
+    loss, the gradient norm before clipping, the learning rate the step used).
+    """
+    loss = accumulate_gradients(step_loss, micro_batches, dist)
+    # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged either way.
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        params, max_grad_norm if max_grad_norm > 0 else float("inf")).item()
+    if before_update is not None:
+        before_update(loss, grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, lr
+
+
 def cosine_with_warmup(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -67,6 +112,23 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
+
+
+def optimizer_and_schedule(params, config: TrainConfig, total_steps: int):
+    """AdamW over ``params`` and its schedule: linear warmup over --warmup-ratio of the steps to
+    --lr, then cosine decay to 0 at ``total_steps``."""
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+    return optimizer, scheduler
+
+
+def batch_length_rule(config: TrainConfig, device: torch.device) -> Optional[Callable[[int], int]]:
+    """MicroBatches' ``pad_to`` for this run: on CUDA attention is compiled per length
+    (FlexAttention), so batches come in few lengths; elsewhere each is its longest row."""
+    if device.type != "cuda":
+        return None
+    return partial(bucketed_length, max_seq_len=config.max_seq_len, packing=config.packing)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -250,9 +312,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
                                   config.tokenizer)
     rows, truncated = prepare_rows(config.data, tokenizer, config)
-    # On CUDA attention is compiled per length (FlexAttention): batches come in few lengths.
-    pad_to = (partial(bucketed_length, max_seq_len=config.max_seq_len, packing=config.packing)
-              if device.type == "cuda" else None)
+    pad_to = batch_length_rule(config, device)
     train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
                                  dist.rank, dist.world_size, pad_to)
     eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
@@ -260,18 +320,13 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
         f"{train_batches.global_batch} × {config.grad_accum} accumulation")
 
-    torch.manual_seed(config.seed)  # the LoRA initialisation, whatever loading drew
-    apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
-               lora_dropout=config.lora_dropout, targets=config.target_modules,
-               use_rslora=config.use_rslora, use_dora=config.use_dora)
+    add_lora(model, config)
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.train()
     step_loss = dist.wrap(StepLoss(model), device, config.strategy)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
-    warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+    optimizer, scheduler = optimizer_and_schedule(params, config, total_steps)
 
     fingerprint = run_fingerprint(config, train_batches.global_batch)
     start_step = 0
@@ -316,19 +371,11 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     interrupt, interrupted = StopOnInterrupt(), None
     try:
         while step < total_steps:
-            # Dropout masks are a function of (seed, step, rank): resume is exact with no RNG state.
-            torch.manual_seed(config.seed * 1_000_003 + step * 1_009 + dist.rank)
-            micro = [{k: v.to(device) for k, v in train_batches[step * config.grad_accum + j].items()}
-                     for j in range(config.grad_accum)]
-            loss = accumulate_gradients(step_loss, micro, dist)
-            # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged either way.
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, config.max_grad_norm if config.max_grad_norm > 0 else float("inf")).item()
-            check_finite(step + 1, loss, grad_norm, output)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            seed_step(config.seed, step, dist.rank)
+            micro = step_micro_batches(train_batches, step, config.grad_accum, device)
+            loss, grad_norm, lr = training_step(
+                step_loss, params, optimizer, scheduler, micro, config.max_grad_norm, dist,
+                before_update=partial(check_finite, step + 1, output=output))
             step += 1
             tokens_seen += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
             tokens_per_s = tokens_seen / (time.perf_counter() - started)
