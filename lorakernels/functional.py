@@ -156,8 +156,8 @@ def dora_linear(
     Shapes as ``lora_linear``; magnitude m: [N]; weight_sq_norms: ‖W_j‖² [N] (fp32).
     n is a constant in backward, so the gradients are LoRA's with dy scaled by m/n per
     column, plus dm = Σ dy⊙z / n. Without dropout the oneDNN and Triton paths are
-    ``lora_linear``'s with m/n applied inside them (the output scaled in place or in F2's
-    epilogue; dy scaled in B1 and B2). With dropout in training, PEFT's formula adds
+    ``lora_linear``'s with m/n applied inside them (oneDNN's GEMM post-op or F2's epilogue;
+    dy scaled in B1 and B2). With dropout in training, PEFT's formula adds
     (m/n − 1)⊙(dropout(x)·Wᵀ): a second base GEMM, run by the reference.
     """
     dropout_p = dropout_p if training else 0.0
