@@ -78,7 +78,11 @@ Configurations (--config; the default follows the device), on --data (examples/c
              tokens (packed rows padded to 2048 on CUDA, as train.py's bucketed_length), with
              and without gradient checkpointing, 2 check + 1 warm-up + 4 timed steps: few, so
              that with the setup (a 7.6 GB base written once, loaded by each provider, Triton
-             autotuning) the default run is meant to fit gpu_check.py's 240 s.
+             autotuning, FlexAttention's compile) the run has a chance in gpu_check.py's share.
+             Its data joins 40 consecutive chats into each multi-turn conversation
+             (--chats-per-conversation; ~1,600-1,800 tokens each), so that both sides train
+             on about 4 × 2048 tokens a step: with the short chats as they are, the HF
+             script's 4 conversations would be ~180 tokens, too few to load a GPU.
   --smoke    phi3-tiny with 2 layers, batch 2 × up to 128, 2 check + 1 warm-up + 2 timed steps
              (times mean nothing); its files get a _smoke suffix.
 
@@ -110,7 +114,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from common import (  # first: it sets TRITON_INTERPRET and puts this checkout on sys.path
     DATA, DEVICE, ON_CUDA, ROOT, SEED, add_output_args, command_line, data_tokens, device_label,
     device_name, hf_batches, hf_peft_model, hf_training_step, unpacked, utc_now, versions,
-    write_random_base, write_results)
+    write_long_chats, write_random_base, write_results)
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -136,13 +140,13 @@ REFERENCE = "hf_peft"
 CONFIGS = {
     "cpu-small": dict(preset="phi3-tiny", layers=None, dtype="float32", batch_size=4,
                       max_seq_len=256, steps=20, warmup_steps=3, check_steps=3,
-                      grad_checkpointing="off"),
+                      grad_checkpointing="off", chats_per_conversation=1),
     "gpu-mini": dict(preset="phi3-mini-4k", layers=None, dtype="bfloat16", batch_size=4,
                      max_seq_len=2048, steps=4, warmup_steps=1, check_steps=2,
-                     grad_checkpointing="both"),
+                     grad_checkpointing="both", chats_per_conversation=40),
 }
 SMOKE = dict(preset="phi3-tiny", layers=2, batch_size=2, max_seq_len=128, steps=2, warmup_steps=1,
-             check_steps=2)
+             check_steps=2, chats_per_conversation=1)
 CHECKPOINTING = {"off": [False], "on": [True], "both": [False, True]}
 
 
@@ -586,7 +590,10 @@ def markdown_report(result: dict, command: str) -> str:
         f"{c['hidden_size']}, vocab {c['vocab_size']}), random weights (seed {SEED}), {s['dtype']} "
         f"base, fp32 LoRA r {s['lora']['r']} / alpha {s['lora']['lora_alpha']:g} / dropout "
         f"{s['lora']['lora_dropout']} on {', '.join(s['targets'])}; AdamW lr {LR:g}, "
-        f"clip_grad_norm_({s['max_grad_norm']:g}); {s['data']}, batch {s['batch_size']} × up to "
+        f"clip_grad_norm_({s['max_grad_norm']:g}); {s['data']}"
+        + ("" if s["chats_per_conversation"] == 1 else
+           f" ({s['chats_per_conversation']} consecutive chats joined into each conversation)")
+        + f", batch {s['batch_size']} × up to "
         f"{s['max_seq_len']} tokens; {s['check_steps']} check + {s['warmup_steps']} warm-up + "
         f"{s['steps']} timed steps"
         + ("" if s["repeats"] == 1 else
@@ -641,6 +648,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(default: per config)")
     parser.add_argument("--data", type=Path, default=DATA,
                         help=f"chat data in train.py's format (default: {DATA.relative_to(ROOT)})")
+    parser.add_argument("--chats-per-conversation", type=int,
+                        help="join this many consecutive chats of --data into one multi-turn "
+                             "conversation (default: 40 for gpu-mini, so that a batch of "
+                             "conversations is about a batch of 2048-token rows; 1 for cpu-small)")
     parser.add_argument("--model", choices=sorted(PRESETS),
                         help="preset whose architecture is trained (default: per config)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
@@ -660,7 +671,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(top ops to <stem>_profile.txt)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "max_seq_len", "layers", "repeats"):
+    for name in ("steps", "batch_size", "max_seq_len", "layers", "repeats",
+                 "chats_per_conversation"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("warmup_steps", "check_steps"):
@@ -684,7 +696,7 @@ def settings_from(args: argparse.Namespace) -> dict:
         settings.update(SMOKE, config="smoke", dtype="bfloat16" if ON_CUDA else "float32",
                         grad_checkpointing="off")
     for name in ("steps", "warmup_steps", "check_steps", "batch_size", "max_seq_len", "layers",
-                 "grad_checkpointing", "repeats"):
+                 "grad_checkpointing", "repeats", "chats_per_conversation"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
     if args.model is not None:
@@ -705,7 +717,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         workdir = Path(tmp)
-        spec = dict(settings, device=DEVICE, checkpoint=str(workdir / "base"),
+        data = settings["data"]
+        if settings["chats_per_conversation"] > 1:
+            data = str(write_long_chats(data, workdir / "conversations.jsonl",
+                                        settings["chats_per_conversation"]))
+        spec = dict(settings, data=data, device=DEVICE, checkpoint=str(workdir / "base"),
                     lora_init=str(workdir / "lora_init.safetensors"), profile=args.profile)
         config = train_config(spec)  # for the report: train.py's settings
         print(f"== base: {settings['preset']}, {settings['dtype']}, on {DEVICE}", flush=True)

@@ -183,6 +183,22 @@ def hf_peft_model(checkpoint: str, dtype: torch.dtype, device: str, r: int, lora
     return model
 
 
+def write_long_chats(source, path: Path, chats_per_conversation: int) -> Path:
+    """Multi-turn conversations of ``chats_per_conversation`` consecutive chats of ``source``
+    each (their user and assistant turns; system prompts dropped), as many as whole groups
+    fit, in train.py's format at ``path``. With the example chats (~44 tokens each) 40 make a
+    conversation of ~1,600-1,800 tokens: a batch of conversations is then about as many tokens
+    as a batch of packed rows, on both sides of a comparison."""
+    chats = read_chats(source)
+    groups = [chats[i:i + chats_per_conversation]
+              for i in range(0, len(chats) - chats_per_conversation + 1, chats_per_conversation)]
+    with path.open("w") as out:
+        for group in groups:
+            turns = [m for chat in group for m in chat if m["role"] != "system"]
+            out.write(json.dumps({"messages": turns}) + "\n")
+    return path
+
+
 def padded_conversations(conversations: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> dict:
     """(ids, labels) pairs as a transformers batch: one conversation a row, right-padded to the
     longest; attention_mask 0 and labels -100 on the padding."""

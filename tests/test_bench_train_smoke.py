@@ -165,3 +165,19 @@ def test_loss_check_names_the_provider_that_disagrees():
     rows[1]["check_data_tokens"] = 899  # other conversations: not a comparison
     [failure] = bench.loss_check(rows[:2], "float32")["failures"]
     assert "ours_eager" in failure and "899" in failure
+
+
+def test_long_chats_join_consecutive_chats_into_conversations_train_py_reads(tmp_path):
+    load_script()  # puts benchmarks/ on sys.path
+    from common import DATA, write_long_chats
+    from model.tokenizer import load_tokenizer
+    from training.data import read_chats, tokenize_chats
+
+    chats = read_chats(DATA)
+    path = write_long_chats(DATA, tmp_path / "long.jsonl", 40)
+    joined = read_chats(path)  # train.py's reader accepts it
+    assert len(joined) == len(chats) // 40
+    assert joined[1] == [m for chat in chats[40:80] for m in chat if m["role"] != "system"]
+    examples, truncated = tokenize_chats(joined, load_tokenizer(), 2048, train_on_prompt=False)
+    lengths = [len(e.input_ids) for e in examples]
+    assert truncated == 0 and 1200 < min(lengths) and max(lengths) <= 2048
