@@ -161,7 +161,8 @@ def train_config(spec: dict) -> TrainConfig:
     """What train.py runs with for this benchmark's flags (see the module docstring)."""
     return TrainConfig(model=spec["checkpoint"], data=spec["data"], batch_size=spec["batch_size"],
                        max_seq_len=spec["max_seq_len"], max_steps=total_steps(spec), lr=LR,
-                       dtype=spec["dtype"], device=spec["device"])
+                       dtype=spec["dtype"], device=spec["device"],
+                       packing=spec.get("packing", True))
 
 
 def lora_init(model, config: TrainConfig) -> Dict[str, torch.Tensor]:
@@ -600,8 +601,9 @@ def markdown_report(result: dict, command: str) -> str:
            f"; each provider run {s['repeats']} times in turn, the repeat with the most data "
            f"tokens/s counts") + ".",
         "",
-        "ours_*: train.py's step (training.loop.training_step) on train.py's batches, packed "
-        "(MicroBatches over prepare_rows); hf_peft: a transformers + PEFT script's step on "
+        "ours_*: train.py's step (training.loop.training_step) on train.py's batches, "
+        + ("packed " if s["packing"] else "one conversation a row (--no-packing) ")
+        + "(MicroBatches over prepare_rows); hf_peft: a transformers + PEFT script's step on "
         f"{s['batch_size']} conversations a batch, right-padded. Data tokens/s = the timed steps' "
         "non-padding tokens / their time; ms/step their mean.",
         "",
@@ -652,6 +654,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="join this many consecutive chats of --data into one multi-turn "
                              "conversation (default: 40 for gpu-mini, so that a batch of "
                              "conversations is about a batch of 2048-token rows; 1 for cpu-small)")
+    parser.add_argument("--no-packing", dest="packing", action="store_false",
+                        help="train.py's --no-packing for ours: one conversation a row, causal "
+                             "attention without segments (e.g. to compare peak memory with the "
+                             "packed run's FlexAttention)")
     parser.add_argument("--model", choices=sorted(PRESETS),
                         help="preset whose architecture is trained (default: per config)")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the preset's)")
@@ -702,6 +708,7 @@ def settings_from(args: argparse.Namespace) -> dict:
     if args.model is not None:
         settings["preset"] = args.model
     settings["data"] = str(args.data.resolve())
+    settings["packing"] = args.packing
     return settings
 
 
