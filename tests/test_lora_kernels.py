@@ -8,6 +8,7 @@ Tolerances, as max |kernel - reference| over max |reference|:
   product bf16 operands (S and B each rounded by 2^-9), plus TF32 on a GPU.
 A wrong mask, part layout or missing term gives errors of order one.
 """
+import contextlib
 import dataclasses
 import os
 import subprocess
@@ -210,15 +211,23 @@ def test_clear_errors(change, error, message):
 @pytest.mark.parametrize("variant", ["plain", "qkv_q_and_v", "gqa_unequal_k_off"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_large_shapes_on_gpu(M, variant, dtype):
-    scale = 64  # parts ×64: qkv 3072 → (1024·3), GQA (2560, 768, 768)
+    with large_variant(variant) as name:
+        run_case(M, 3072, name, 16, dtype, 0.05)
+
+
+@contextlib.contextmanager
+def large_variant(variant: str, scale: int = 64):
+    """``variant`` with every part ×``scale`` (qkv 3072 → (1024·3), GQA (2560, 768, 768)),
+    registered in VARIANTS under the name this yields while the block runs."""
     N, parts = VARIANTS[variant]
     big_parts = None if parts is None else lora.LoRAParts(
         tuple(s * scale for s in parts.split_sizes), parts.enabled)
-    VARIANTS[f"{variant}_large"] = (N * scale, big_parts)
+    name = f"{variant}_large"
+    VARIANTS[name] = (N * scale, big_parts)
     try:
-        run_case(M, 3072, f"{variant}_large", 16, dtype, 0.05)
+        yield name
     finally:
-        del VARIANTS[f"{variant}_large"]
+        del VARIANTS[name]
 
 
 def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
