@@ -6,8 +6,9 @@ One Triton kernel, three uses: the LoRA forward's F2 (x·Wᵀ plus s·S·B̂ᵀ)
 backward's B2 (dy·W plus D⊙(dS·A)), and, without the low-rank term, a frozen 4-bit
 layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). DoRA adds two per-column scales: c [N] on the
 output (F2's m/n) and one on x's columns, the reduction index (B2's dy⊙(m/n)), so
-neither a scaled weight nor a scaled copy of dy is ever written. ``w`` is a strided view of a dense weight or an
-``NF4Operand``, whose 4-bit tiles are dequantised in registers inside the K-loop.
+neither a scaled weight nor a scaled copy of dy is ever written. ``w`` is a strided view
+of a dense weight or an ``NF4Operand``, whose 4-bit tiles are dequantised in registers
+inside the K-loop.
 The dropout mask D is drawn once, by the LoRA forward's F1 (``dropout_scale``), and kept
 as one bit per element (``dropout_kept`` reads it back in B2 and B3).
 """
