@@ -1,10 +1,11 @@
 """Benchmark one DoRA layer: ours against our LoRA layer and PEFT's DoRA, forward + backward.
 
     python benchmarks/bench_dora.py                      # fp32, M 512, 1536 → 4608 (qkv-like), r 16
+    python benchmarks/bench_dora.py --dropout 0.05       # train.py's default dropout
     python benchmarks/bench_dora.py --smoke              # a tiny case: a test of the script
 
-Providers, all at lora_dropout 0 (PEFT's default, where DoRA needs no second base GEMM),
-with the same base weight, A, B and magnitude:
+Providers, all at --dropout (default 0, PEFT's default, where DoRA needs no second base
+GEMM; dropout is active in the timed steps), with the same base weight, A, B and magnitude:
   lora       lorakernels.Linear (r, alpha): what DoRA is measured against
   dora       lorakernels.Linear(use_dora=True): the column norm by algebra (lorakernels/dora.py)
   peft_dora  PEFT's DoRA layer (peft.tuners.lora.Linear, use_dora=True), which materialises
@@ -34,7 +35,7 @@ PROVIDERS = ("lora", "dora", "peft_dora")
 SMOKE = dict(tokens=32, in_features=64, out_features=96, rank=4)
 
 
-def build_layers(K: int, N: int, r: int, alpha: float, dtype: torch.dtype) -> dict:
+def build_layers(K: int, N: int, r: int, alpha: float, dtype: torch.dtype, dropout: float) -> dict:
     """The three providers over one random base weight [N, K], with equal A, B and magnitude."""
     gen = torch.Generator().manual_seed(SEED)
     weight = (torch.randn(N, K, generator=gen) * K ** -0.5).to(DEVICE, dtype)
@@ -42,8 +43,8 @@ def build_layers(K: int, N: int, r: int, alpha: float, dtype: torch.dtype) -> di
     lora_B = torch.randn(N, r, generator=gen) * r ** -0.5  # random, not zeros: the update counts
     layers = {}
     for name, use_dora in (("lora", False), ("dora", True)):
-        layer = lora.Linear(K, N, r=r, lora_alpha=alpha, bias=False, merge_weights=False,
-                            use_dora=use_dora, device=DEVICE, dtype=dtype)
+        layer = lora.Linear(K, N, r=r, lora_alpha=alpha, lora_dropout=dropout, bias=False,
+                            merge_weights=False, use_dora=use_dora, device=DEVICE, dtype=dtype)
         with torch.no_grad():
             layer.weight.copy_(weight)
             layer.lora_A.copy_(lora_A)
@@ -54,9 +55,10 @@ def build_layers(K: int, N: int, r: int, alpha: float, dtype: torch.dtype) -> di
     base = torch.nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         base.weight.copy_(weight)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=True, target_modules=["proj"])
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=True,
+                             target_modules=["proj"])
     theirs = PeftLinear(base, "default", config=config, r=r, lora_alpha=alpha, use_dora=True,
-                        lora_dropout=0.0)
+                        lora_dropout=dropout)
     with torch.no_grad():
         theirs.lora_A["default"].weight.copy_(lora_A)
         theirs.lora_B["default"].weight.copy_(lora_B)
@@ -104,9 +106,12 @@ def largest_new_tensor(fn) -> int:
 
 
 def check_equal(layers: dict, x: torch.Tensor) -> float:
-    """Max |ours - PEFT's| / max |PEFT's| of the DoRA outputs: the providers compute the same layer."""
+    """Max |ours - PEFT's| / max |PEFT's| of the DoRA outputs (dropout off): the providers
+    compute the same layer."""
     with torch.no_grad():
+        layers["dora"].eval(), layers["peft_dora"].eval()
         ours, theirs = layers["dora"](x).float(), layers["peft_dora"](x).float()
+        layers["dora"].train(), layers["peft_dora"].train()
     return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
@@ -116,7 +121,7 @@ def markdown_report(result: dict, command: str) -> str:
         f"# DoRA layer: ours vs our LoRA vs PEFT's DoRA ({result['device_name']})", "",
         f"torch {result['torch']}, peft {result['peft']}, python {result['python']}; {result['date']}", "",
         f"M {c['tokens']}, {c['in_features']} → {c['out_features']}, r {c['rank']}, "
-        f"{c['dtype']}, forward + backward, lora_dropout 0; {c['timer']}; providers in turn, "
+        f"{c['dtype']}, forward + backward, lora_dropout {c['dropout']:g}; {c['timer']}; providers in turn, "
         f"{c['repeats']} runs each, the fastest run's numbers", "",
         "| provider | median ms | p20 ms | p80 ms | vs our LoRA | run medians ms | largest tensor MiB |",
         "|---|---:|---:|---:|---:|---|---:|",
@@ -141,6 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--in-features", type=int, default=1536, help="K (default: 1536)")
     parser.add_argument("--out-features", type=int, default=4608, help="N (default: 4608, qkv-like)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="lora_dropout of every provider, active in the timed steps (default: "
+                             "0, PEFT's default; with p > 0 DoRA runs a second base GEMM)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timing runs per provider, taken in turn; the fastest counts (default: 3)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -157,7 +165,7 @@ def main(argv=None) -> None:
         args.repeats = 1
     M, K, N, r = args.tokens, args.in_features, args.out_features, args.rank
     dtype = getattr(torch, args.dtype)
-    layers = build_layers(K, N, r, 2.0 * r, dtype)
+    layers = build_layers(K, N, r, 2.0 * r, dtype, args.dropout)
     gen = torch.Generator().manual_seed(SEED + M)
     x = torch.randn(M, K, generator=gen).to(DEVICE, dtype).requires_grad_()
     dy = torch.randn(M, N, generator=gen).to(DEVICE, dtype)
@@ -192,7 +200,7 @@ def main(argv=None) -> None:
     result = {"device": device_label(cpu="cpu"), "device_name": device_name(), "date": utc_now(),
               **versions("peft"), "smoke": args.smoke,
               "config": dict(tokens=M, in_features=K, out_features=N, rank=r, dtype=args.dtype,
-                             repeats=args.repeats, **timing_config()),
+                             dropout=args.dropout, repeats=args.repeats, **timing_config()),
               "rows": rows, "summary": summary}
     command = command_line()
     stem = f"dora_{result['device']}" + ("_smoke" if args.smoke else "")

@@ -158,18 +158,19 @@ def dora_linear(
     column, plus dm = Σ dy⊙z / n. Without dropout the oneDNN and Triton paths are
     ``lora_linear``'s with m/n applied inside them (oneDNN's GEMM post-op or F2's epilogue;
     dy scaled in B1 and B2). With dropout in training, PEFT's formula adds
-    (m/n − 1)⊙(dropout(x)·Wᵀ): a second base GEMM, run by the reference.
+    (m/n − 1)⊙(h·Wᵀ), h = dropout(x): a second base GEMM. It is computed as
+    (x − h)·Wᵀ + b plus DoRA of h without dropout (the same fast paths): equal in exact
+    arithmetic, and two base GEMMs each way, as PEFT's.
     """
     dropout_p = dropout_p if training else 0.0
     norm = dora_weight_norm(weight, weight_sq_norms, lora_A, lora_B, scaling, parts)
-    if dropout_p == 0:
-        fast = _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, parts,
-                                 magnitude, norm)
-        if fast is not None:
-            return fast
-    lora_input = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
-                                 lora_input, norm)
+    h = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    fast = _fast_lora_linear(h, weight, None if dropout_p > 0 else bias, lora_A, lora_B, scaling,
+                             0.0, parts, magnitude, norm)
+    if fast is None:
+        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
+                                     h if dropout_p > 0 else None, norm)
+    return fast if dropout_p == 0 else base_linear(x - h, weight, bias) + fast
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
