@@ -410,8 +410,8 @@ class LoRALinearFunction(torch.autograd.Function):
         col_scale = None
         if magnitude is not None:
             if dropout_p > 0:
-                raise ValueError("the fused DoRA path is for lora_dropout 0 (dropout needs a "
-                                 "second base GEMM: dora_linear_reference)")
+                raise ValueError("the fused DoRA path is for lora_dropout 0 (functional."
+                                 "dora_linear runs dropout as (x − h)·Wᵀ plus DoRA of h)")
             col_scale = column_scale(magnitude, norm)
         s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
         y = lowrank_gemm("F2", x2, gemm_operand(weight, x2.shape[0], True), s, lora_B,

@@ -103,7 +103,8 @@ def add_lowrank(out: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
         M, N, p.shape[1], q_rank, scaling, m_bucket(M), out.stride(0), out.stride(1),
         q.stride(0), q.stride(1), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
         GATHER_Q=q_index is not None, HAS_COL_SCALE=col_scale is not None,
-        HAS_BIAS=bias is not None, CAST_FP32=INTERPRETING, PRECISION=dot_precision(out.dtype), BLOCK_R=block_r,
+        HAS_BIAS=bias is not None, CAST_FP32=INTERPRETING, PRECISION=dot_precision(out.dtype),
+        BLOCK_R=block_r,
     )
     return out
 

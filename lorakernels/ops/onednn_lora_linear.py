@@ -47,11 +47,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         raise ValueError("linear fuses one post-op: add or col_scale, not both")
     if not (uses_onednn(x, weight) and x.shape[0] > 0):
         out = F.linear(x, weight, bias)
-        return out.add_(add) if add is not None else out.mul_(col_scale) if col_scale is not None else out
+        if add is not None:
+            return out.add_(add)
+        return out if col_scale is None else out.mul_(col_scale)
     if add is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
     if col_scale is not None:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, col_scale.view(1, -1), weight, bias, "mul")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, col_scale.view(1, -1), weight, bias,
+                                                         "mul")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -68,8 +71,8 @@ def dropped_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
 class OneDNNLoRALinearFunction(torch.autograd.Function):
     """x [M, K], W [N, K] frozen or not, b [N] or None, A [r·G, K], B [N_lora, r] → y [M, N].
 
-    With DoRA's ``magnitude`` m and ``norm`` n [N] (p = 0): y = (m/n)⊙z + b, scaled in
-    place; backward takes m's gradient from the saved y (``dora.magnitude_grad``) and runs
+    With DoRA's ``magnitude`` m and ``norm`` n [N] (p = 0): y = (m/n)⊙z + b, the scale a
+    post-op of the base GEMM and applied to B's rows; backward takes m's gradient from the saved y (``dora.magnitude_grad``) and runs
     the LoRA backward on dy⊙(m/n)."""
 
     @staticmethod
@@ -87,8 +90,8 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
                 y[:, cols].addmm_(S[:, a_rows], lora_B[b_rows].t())
         else:
             if dropout_p > 0:
-                raise ValueError("the oneDNN DoRA path is for lora_dropout 0 (dropout needs a "
-                                 "second base GEMM: dora_linear_reference)")
+                raise ValueError("the oneDNN DoRA path is for lora_dropout 0 (functional."
+                                 "dora_linear runs dropout as (x − h)·Wᵀ plus DoRA of h)")
             # c⊙(x·Wᵀ) in the GEMM's post-op, c⊙(S·Bᵀ) as S·(c⊙B)ᵀ: no pass over y for c.
             col_scale = column_scale(magnitude, norm)
             y = linear(x, weight, col_scale=col_scale)
@@ -110,7 +113,7 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
         if need_bias:
             dbias = dy.sum(0)
         if magnitude is not None:
-            # One fresh [M, N] buffer, not two: fresh pages cost more here than the products.
+            # One [M, N] buffer serves m's product, then dz: a fresh one costs page faults.
             dz = torch.mul(dy, y)
             if ctx.needs_input_grad[8]:
                 dot = dz.sum(0)
