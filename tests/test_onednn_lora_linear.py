@@ -84,6 +84,10 @@ def test_linear_fuses_bias_and_addend():
     torch.testing.assert_close(linear(x, weight, bias, add), x @ weight.t() + bias + add)
     torch.testing.assert_close(linear(x, weight.t().contiguous().t()), x @ weight.t())
     torch.testing.assert_close(linear(x[:0], weight), torch.zeros(0, 5))
+    scale = torch.rand(5)  # DoRA's m/n as the post-op, after the bias
+    torch.testing.assert_close(linear(x, weight, bias, col_scale=scale), (x @ weight.t() + bias) * scale)
+    with pytest.raises(ValueError, match="one post-op"):
+        linear(x, weight, add=add, col_scale=scale)
 
 
 def test_layer_in_bf16_falls_back_to_the_reference(monkeypatch):
