@@ -29,13 +29,14 @@ def train_py_batches(bench, spec: dict):
     (with the tiny tokenizer, which the benchmark's base carries)."""
     from model.tokenizer import load_tokenizer
     from training.data import MicroBatches
-    from training.loop import prepare_rows
+    from training.loop import batch_length_rule, prepare_rows
 
     config = bench.train_config(spec)
     assert config.packing and config.grad_accum == 1  # train.py's defaults
     tokenizer = load_tokenizer()
     rows, _ = prepare_rows(spec["data"], tokenizer, config)
-    return MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id)
+    return MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
+                        pad_to=batch_length_rule(config, torch.device(config.device)))
 
 
 def data_tokens(batch: dict) -> int:
