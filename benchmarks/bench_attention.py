@@ -7,10 +7,10 @@ Rows per batch: 8192 // T on a GPU, 2048 // T on a CPU (at least 1), so every ca
 the same number of tokens. q, k, v are random [B, H, T, D] (the attention does not depend on
 their values for timing) in bf16 on a GPU, fp32 on a CPU.
 
-Providers (lorakernels.functional's plans; each computes the same attention but ``causal``):
+Providers (lorakernels.attention's plans; each computes the same attention but ``causal``):
   masked         SDPA under reference.attention_mask's dense [B, 1, T, T] mask (the old path)
   conversations  each row re-batched into its conversations, causal SDPA, no mask
-                 (ops/conversation_attention.py): the SDPA path of lorakernels.functional
+                 (ops/conversation_attention.py): the SDPA path of lorakernels.attention
   flex           FlexAttention under the block mask of causal ∧ segment ∧ window, compiled
                  (ops/flex_attention.py); on a CPU forward only and only when asked
                  (--providers ... flex): torch has no CPU backward, and compiling takes ~20 s
@@ -39,7 +39,6 @@ Run:
 Results: a markdown table on stdout, and ``<out-dir>/attention_<device>.json`` and ``.md``.
 """
 import argparse
-import os
 import time
 from typing import Callable, List
 
@@ -49,7 +48,8 @@ from common import (  # first: it puts this checkout on sys.path
 
 import torch  # noqa: E402
 
-from lorakernels import functional  # noqa: E402
+from lorakernels import settings  # noqa: E402
+from lorakernels.attention import AttentionPlan, attention, attention_plan  # noqa: E402
 from lorakernels.ops.flex_attention import computed_fraction, packed_block_mask  # noqa: E402
 from model import Phi3Config  # noqa: E402
 from model.build import load_model  # noqa: E402
@@ -79,25 +79,17 @@ def packed_segments(length: int, rows: int) -> torch.Tensor:
     return segments
 
 
-def plan_for(provider: str, segments: torch.Tensor, window, length: int) -> functional.AttentionPlan:
-    """The provider's plan, through lorakernels.functional's front door."""
-    forced = {"masked": None, "conversations": "sdpa", "flex": "flex", "causal": None}[provider]
+def plan_for(provider: str, segments: torch.Tensor, window, length: int) -> AttentionPlan:
+    """The provider's plan, through lorakernels.attention's own planner where it has one."""
     if provider == "causal":
-        return functional.AttentionPlan("causal")
+        return AttentionPlan("causal")
     if provider == "masked":
         from lorakernels.reference import attention_mask
 
-        return functional.AttentionPlan("masked", mask=attention_mask(length, length, segments,
-                                                                      window, segments.device))
-    previous = os.environ.get(functional.ATTENTION_ENV)
-    os.environ[functional.ATTENTION_ENV] = forced
-    try:
-        plan = functional.attention_plan(segments, length, length, window, segments.device)
-    finally:
-        if previous is None:
-            os.environ.pop(functional.ATTENTION_ENV)
-        else:
-            os.environ[functional.ATTENTION_ENV] = previous
+        return AttentionPlan("masked", mask=attention_mask(length, length, segments, window,
+                                                           segments.device))
+    with settings.override(attention={"conversations": "sdpa", "flex": "flex"}[provider]):
+        plan = attention_plan(segments, length, length, window, segments.device)
     assert plan.kind == provider, plan.kind
     return plan
 
@@ -129,14 +121,14 @@ def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: i
     conversations = int(sum(len(set(r.tolist()) - {-1}) for r in segments.cpu()))
     plans = {p: plan_for(p, segments, window, length) for p in providers}
     with torch.no_grad():
-        reference = functional.attention(q, k, v, plans.get("masked") or plan_for(
+        reference = attention(q, k, v, plans.get("masked") or plan_for(
             "masked", segments, window, length)).float()
     out = []
     for provider in providers:
         plan = plans[provider]
         if provider != "causal":
             with torch.no_grad():
-                got = functional.attention(q, k, v, plan).float()
+                got = attention(q, k, v, plan).float()
             error = ((got - reference).abs().max() / reference.abs().max()).item()
             if not error < REL_TOL[dtype]:
                 raise SystemExit(f"{provider} is wrong for {layout} T {length}: relative max error "
@@ -148,11 +140,11 @@ def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: i
                 continue  # no FlexAttention backward on CPU
             if mode == "both":
                 def step():
-                    functional.attention(q, k, v, plan).backward(dy)
+                    attention(q, k, v, plan).backward(dy)
             else:
                 def step():
                     with torch.no_grad():
-                        functional.attention(q, k, v, plan)
+                        attention(q, k, v, plan)
             if ON_CUDA:
                 torch.cuda.reset_peak_memory_stats()
             medians = [time_ms(step, [q, k, v]) for _ in range(repeats)]

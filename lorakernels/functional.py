@@ -1,11 +1,12 @@
 """The one front door to every op: each call reads the backend once, then runs it.
 
-``LORAKERNELS_BACKEND`` selects the backend, read at every call so tests can switch it:
-``auto`` (default) uses the Triton kernels for CUDA tensors, the oneDNN path for fp32 CPU
-tensors (``ops/onednn_lora_linear.py``; LoRA linears only) and the eager reference
-(``reference.py``) otherwise; ``triton`` forces the kernels (on CPU tensors too, under
-``TRITON_INTERPRET=1``); ``onednn`` the oneDNN path wherever it applies (fp32 CPU tensors;
-the reference elsewhere); ``eager`` forces the reference.
+The backend is ``settings.current().backend`` (``LORAKERNELS_BACKEND`` by default; change it
+for a block with ``settings.override(backend=...)``): ``auto`` uses the Triton kernels on the
+CUDA path, the oneDNN path for fp32 CPU tensors (``ops/onednn_lora_linear.py``; LoRA
+linears only) and the eager reference (``reference.py``) otherwise; ``triton`` forces the
+kernels (on CPU tensors too, under ``TRITON_INTERPRET=1``); ``onednn`` the oneDNN path
+wherever it applies (fp32 CPU tensors; the reference elsewhere); ``eager`` the reference.
+Attention has a module of its own, ``attention.py``.
 
 The model (``model/phi3.py``) calls only these functions. Triton is imported only when a
 kernel runs, so the eager and oneDNN backends work where Triton is not installed.
@@ -13,14 +14,13 @@ kernel runs, so the eager and oneDNN backends work where Triton is not installed
 The frozen weight of a linear is a dense tensor or an NF4Weight (QLoRA's 4-bit base): the
 Triton and eager backends take either; the oneDNN path is for dense weights only.
 """
-import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import settings
 from .dora import column_norm
 from .lora_layer import LoRALayer
 from .nf4 import NF4Weight
@@ -33,21 +33,17 @@ from .reference import (BaseWeight, base_linear_reference, dora_linear_reference
                         lora_linear_reference, merged_lora_linear_reference, rms_norm_reference,
                         rope_reference, swiglu_reference)
 
-BACKEND_ENV = "LORAKERNELS_BACKEND"
-BACKENDS = ("auto", "triton", "onednn", "eager")
 IGNORE_INDEX = -100  # labels that carry no loss (prompts, padding), as in PyTorch and transformers
 
 
 def selected_backend(x: torch.Tensor) -> str:
-    """'triton', 'onednn' or 'eager' for this input, from ``LORAKERNELS_BACKEND``."""
-    choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
-    if choice not in BACKENDS:
-        raise ValueError(
-            f"{BACKEND_ENV}={os.environ[BACKEND_ENV]!r} is not one of {', '.join(BACKENDS)}"
-        )
-    if choice == "auto":
-        return "triton" if x.is_cuda else "onednn" if uses_onednn(x) else "eager"
-    return choice
+    """'triton', 'onednn' or 'eager' for this input, as the current settings say."""
+    current = settings.current()
+    if current.backend == "auto":
+        if current.on_cuda_path(x.device):
+            return "triton"
+        return "onednn" if uses_onednn(x) else "eager"
+    return current.backend
 
 
 def _on_triton(x: torch.Tensor) -> bool:
@@ -218,85 +214,3 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
                                    reduction="sum")
         lora = (head.lora_A, head.lora_B, head.scaling)
     return linear_cross_entropy(hidden, head.weight, labels, ignore_index=ignore_index, lora=lora)
-
-
-# ----------------------------------------------------------------------------- attention
-
-from .reference import attention_mask, attention_reference  # noqa: E402
-
-if TYPE_CHECKING:
-    from .ops.conversation_attention import ConversationBatch
-
-ATTENTION_ENV = "LORAKERNELS_ATTENTION"
-ATTENTION_CHOICES = ("auto", "flex", "sdpa")
-
-
-def selected_attention() -> str:
-    """'auto', 'flex' or 'sdpa', from ``LORAKERNELS_ATTENTION`` (read at every call)."""
-    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"{ATTENTION_ENV}={os.environ[ATTENTION_ENV]!r} is not one of "
-                         f"{', '.join(ATTENTION_CHOICES)}")
-    return choice
-
-
-@dataclass
-class AttentionPlan:
-    """How one forward's attention runs, decided once per batch and shared by every layer.
-
-    kind: ``causal`` (SDPA, is_causal, or one query seeing every key), ``masked`` (SDPA
-    under ``mask`` [B or 1, 1, Tq, Tk]), ``conversations`` (each packed row re-batched
-    into its conversations, causal SDPA, no mask: ``ops/conversation_attention.py``) or
-    ``flex`` (FlexAttention under ``block_mask``: ``ops/flex_attention.py``).
-    """
-
-    kind: str
-    mask: Optional[torch.Tensor] = None
-    conversations: Optional["ConversationBatch"] = None
-    block_mask: Optional[object] = None
-
-
-def attention_plan(segment_ids: Optional[torch.Tensor], query_len: int, key_len: int,
-                   sliding_window: Optional[int], device: torch.device,
-                   cached: bool = False) -> AttentionPlan:
-    """The plan for queries that are the last ``query_len`` of ``key_len`` positions.
-
-    ``segment_ids`` [B, T]: packed conversations (attention never crosses them), or None.
-    ``cached``: keys come from a KV cache (generation), which always runs SDPA.
-    ``LORAKERNELS_ATTENTION``: ``auto`` takes FlexAttention on CUDA when the batch needs a
-    mask (packing, or a window shorter than the keys) and SDPA otherwise; ``flex`` takes it
-    for every uncached forward (on CPU forward only, compiled: for tests); ``sdpa`` never.
-    On SDPA a packed batch is re-batched into its conversations (measured faster than the
-    masked call on CPU: README, "Attention"), anything else gets ``attention_mask``'s mask.
-    """
-    choice = selected_attention()
-    window_matters = sliding_window is not None and sliding_window < key_len
-    needs_mask = segment_ids is not None or window_matters
-    uncached = not cached and query_len == key_len
-    if uncached and (choice == "flex" or (choice == "auto" and device.type == "cuda" and needs_mask)):
-        from .ops.flex_attention import packed_block_mask
-
-        return AttentionPlan("flex", block_mask=packed_block_mask(segment_ids, key_len,
-                                                                  sliding_window, device))
-    if uncached and segment_ids is not None:
-        from .ops.conversation_attention import conversation_batch
-
-        return AttentionPlan("conversations", conversations=conversation_batch(segment_ids,
-                                                                              sliding_window))
-    mask = attention_mask(query_len, key_len, segment_ids, sliding_window, device)
-    return AttentionPlan("causal" if mask is None else "masked", mask=mask)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              plan: Optional[AttentionPlan] = None) -> torch.Tensor:
-    """Scaled dot-product attention as ``plan`` says: q [B, Hq, Tq, D], k, v [B, Hk, Tk, D]
-    (Hk divides Hq: grouped-query heads) → [B, Hq, Tq, D]. No plan: causal attention."""
-    if plan is None or plan.kind in ("causal", "masked"):
-        return attention_reference(q, k, v, None if plan is None else plan.mask)
-    if plan.kind == "conversations":
-        from .ops.conversation_attention import conversation_attention
-
-        return conversation_attention(q, k, v, plan.conversations)
-    from .ops.flex_attention import flex_packed_attention
-
-    return flex_packed_attention(q, k, v, plan.block_mask)

@@ -1,12 +1,12 @@
 """Phi-3 as a plain PyTorch module tree whose parameter names equal Hugging Face's.
 
-Data flows RMSNorm → attention (fused qkv, RoPE, ``functional.attention``) → residual → RMSNorm →
-MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
+Data flows RMSNorm → attention (fused qkv, RoPE, ``lorakernels.attention``) → residual →
+RMSNorm → MLP (fused gate_up, SwiGLU) → residual, N times, then the final norm and lm_head.
 Numerics follow transformers' Phi3 (RMSNorm in fp32, cos/sin in the activation
 dtype, LongRoPE's long factors when positions pass the original context, RoPE on the
-first ``rotary_dim`` dims of each head when ``partial_rotary_factor`` < 1, as Phi-4-mini). RMSNorm,
-RoPE and SwiGLU are ``lorakernels.functional``'s, which runs them as fused Triton
-kernels or as the eager reference (``LORAKERNELS_BACKEND``), like the LoRA layers.
+first ``rotary_dim`` dims of each head when ``partial_rotary_factor`` < 1, as Phi-4-mini).
+RMSNorm, RoPE and SwiGLU are ``lorakernels.functional``'s, which runs them as fused Triton
+kernels or as the eager reference (``lorakernels.settings``), like the LoRA layers.
 """
 from pathlib import Path
 from typing import Optional, Union
@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from lorakernels.functional import AttentionPlan, attention, attention_plan, rms_norm, rope, swiglu
+from lorakernels.attention import AttentionPlan, attention, attention_plan
+from lorakernels.functional import rms_norm, rope, swiglu
 
 from .config import Phi3Config
 from .kv_cache import KVCache

@@ -33,3 +33,14 @@ def run_bench_smoke(script: str, tmp_path: Path) -> Path:
     [json_path] = tmp_path.glob("*.json")
     assert json.loads(json_path.read_text())["smoke"] is True
     return json_path
+
+
+def use_settings(monkeypatch, **changes):
+    """For the rest of the test, ``lorakernels.settings`` changed as ``override(**changes)``
+    would change it; monkeypatch restores them at teardown."""
+    import dataclasses
+
+    from lorakernels import settings
+
+    monkeypatch.setattr(settings, "_overrides",
+                        [*settings._overrides, dataclasses.replace(settings.current(), **changes)])

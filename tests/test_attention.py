@@ -1,14 +1,15 @@
-"""functional.attention: the plan per batch, the re-batched conversations path and FlexAttention,
+"""lorakernels.attention: the plan per batch, the re-batched conversations path and FlexAttention,
 each against SDPA under the dense mask (reference.attention_mask)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lorakernels import functional
-from lorakernels.functional import ATTENTION_ENV, attention, attention_plan
+from lorakernels import settings
+from lorakernels.attention import attention, attention_plan
 from lorakernels.ops.conversation_attention import conversation_attention, conversation_batch
 from lorakernels.ops.flex_attention import computed_fraction, packed_block_mask, packed_mask_mod
 from lorakernels.reference import attention_mask, attention_reference
+from conftest import use_settings
 
 CPU = torch.device("cpu")
 # Two rows: three conversations; two and padding (segment -1, as training.data.collate pads).
@@ -34,7 +35,7 @@ def mask_from_mod(mask_mod, B, T):
 
 @pytest.mark.parametrize("choice", ["auto", "sdpa"])
 def test_plan_on_cpu_takes_sdpa(monkeypatch, choice):
-    monkeypatch.setenv(ATTENTION_ENV, choice)
+    use_settings(monkeypatch, attention=choice)
     assert attention_plan(SEGMENTS, 40, 40, 2047, CPU).kind == "conversations"
     assert attention_plan(None, 40, 40, 2047, CPU).kind == "causal"
     assert attention_plan(None, 40, 40, None, CPU).kind == "causal"
@@ -48,23 +49,17 @@ def test_auto_takes_flex_on_cuda_when_a_mask_is_needed(monkeypatch):
     import lorakernels.ops.flex_attention as flex
 
     monkeypatch.setattr(flex, "packed_block_mask", lambda *args: "block mask")
-    monkeypatch.setenv(ATTENTION_ENV, "auto")
+    use_settings(monkeypatch, attention="auto")
     cuda = torch.device("cuda")
     assert attention_plan(SEGMENTS, 40, 40, 2047, cuda).kind == "flex"  # packing
     assert attention_plan(None, 40, 40, 8, cuda).kind == "flex"  # window < T
     assert attention_plan(None, 40, 40, 2047, cuda).kind == "causal"  # flash SDPA does it
     assert attention_plan(None, 1, 40, 2047, cuda, cached=True).kind == "causal"  # KV cache: SDPA
-    monkeypatch.setenv(ATTENTION_ENV, "sdpa")
+    use_settings(monkeypatch, attention="sdpa")
     assert attention_plan(SEGMENTS, 40, 40, 2047, cuda).kind == "conversations"
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    use_settings(monkeypatch, attention="flex")
     assert attention_plan(None, 40, 40, None, CPU).kind == "flex"  # forced: every uncached forward
     assert attention_plan(None, 1, 40, None, CPU, cached=True).kind == "causal"
-
-
-def test_unknown_choice_is_named(monkeypatch):
-    monkeypatch.setenv(ATTENTION_ENV, "flash")
-    with pytest.raises(ValueError, match="LORAKERNELS_ATTENTION='flash' is not one of auto, flex, sdpa"):
-        attention_plan(None, 4, 4, None, CPU)
 
 
 # ----------------------------------------------------------------------------- conversations
@@ -144,7 +139,7 @@ def test_block_mask_skips_tiles_across_conversations():
 
 
 def test_flex_on_cpu_refuses_backward(monkeypatch):
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    use_settings(monkeypatch, attention="flex")
     q, k, v = qkv(1, 2, 2, 16, 8)
     plan = attention_plan(None, 16, 16, None, CPU)
     with pytest.raises(RuntimeError, match="forward only"):
@@ -156,7 +151,7 @@ def test_flex_on_cpu_refuses_backward(monkeypatch):
 def test_flex_forward_on_cpu_equals_masked_sdpa_and_does_not_recompile(monkeypatch):
     """Compiled on CPU (forward only): GQA, a window shorter than a conversation, padding;
     a second batch of other segments reuses the compiled kernel."""
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    use_settings(monkeypatch, attention="flex")
     T, window = 200, 12
     second = torch.tensor([[0] * 90 + [1] * 100 + [-1] * 10, [0] * 200])
     segments = torch.cat([SEGMENTS, torch.full((2, T - 40), -1)], dim=1)
@@ -177,7 +172,7 @@ def test_flex_forward_on_cpu_equals_masked_sdpa_and_does_not_recompile(monkeypat
 def test_flex_forward_and_backward_on_cuda_at_2048(monkeypatch, heads):
     """bf16, T 2048, example-like conversations of 20-90 tokens and the 2047 window: equal to masked
     SDPA (both against fp32), and no [B, H, T, T] tensor (peak well under B·H·T²·2 bytes)."""
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    use_settings(monkeypatch, attention="flex")
     Hq, Hk, D = heads
     B, T, window, cuda = 2, 2048, 2047, torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -207,7 +202,7 @@ def test_flex_forward_and_backward_on_cuda_at_2048(monkeypatch, heads):
 
 
 def test_packed_flex_forward_equals_transformers_conversation_by_conversation(monkeypatch, tmp_path):
-    """LORAKERNELS_ATTENTION=flex on CPU: the packed forward runs no SDPA, and each conversation's
+    """attention flex on CPU: the packed forward runs no SDPA, and each conversation's
     logits equal transformers' on that conversation alone (GQA, a window of 8 shorter than every
     conversation, LongRoPE's long factors: every conversation is past the original 16 positions)."""
     from test_phi3_model import LONGROPE, hf_model
@@ -224,10 +219,10 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
     positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])[None]
     segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
                          + [torch.full((pad,), -1)])[None]
-    monkeypatch.setenv(ATTENTION_ENV, "flex")
+    use_settings(monkeypatch, attention="flex")
 
     def no_sdpa(*args, **kwargs):
-        raise AssertionError("SDPA ran under LORAKERNELS_ATTENTION=flex")
+        raise AssertionError("SDPA ran under attention flex")
 
     with torch.no_grad(), monkeypatch.context() as patch:
         patch.setattr(F, "scaled_dot_product_attention", no_sdpa)
@@ -244,11 +239,9 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
 # ----------------------------------------------------------------------------- train.py's --attention
 
 
-def test_attention_flag(monkeypatch):
-    import os
-
+def test_attention_flag(monkeypatch, tmp_path):
     from training.config import TrainConfig, parse_config
-    from training.loop import attention_choice
+    from training.loop import train
 
     assert parse_config(["--attention", "sdpa"]).attention == "sdpa"
     assert parse_config([]).attention is None
@@ -256,9 +249,9 @@ def test_attention_flag(monkeypatch):
         TrainConfig(attention="flash")
     with pytest.raises(ValueError, match="--attention flex trains on CUDA only"):
         TrainConfig(attention="flex", device="cpu")
-    monkeypatch.setenv(ATTENTION_ENV, "auto")
-    with attention_choice("sdpa"):
-        assert os.environ[ATTENTION_ENV] == "sdpa"
-    assert os.environ[ATTENTION_ENV] == "auto"
-    with attention_choice(None):
-        assert os.environ[ATTENTION_ENV] == "auto"
+    seen = []
+    monkeypatch.setattr("training.loop._train", lambda *args: seen.append(settings.current()))
+    for flag in ("sdpa", None):
+        train(TrainConfig(attention=flag, output=str(tmp_path / str(flag))))
+    assert [s.attention for s in seen] == ["sdpa", "auto"]
+    assert settings.current().attention == "auto"  # the run's choice ends with it

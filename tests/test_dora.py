@@ -24,6 +24,7 @@ from lorakernels.reference import dora_linear_reference, dora_weight_norm_refere
 from model import Phi3ForCausalLM
 from model.build import load_model
 from model.lora import DEFAULT_TARGETS, apply_lora
+from conftest import use_settings
 
 IN, OUT, R, ALPHA = 48, 40, 4, 8
 
@@ -106,7 +107,7 @@ def forward_backward(layer, x, params, seed):
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["auto", "eager", "triton"])  # triton: the interpreter on CPU
 def test_linear_matches_peft_forward_and_gradients(monkeypatch, dropout, bias, dtype, tol, backend):
-    monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     model, peft_layer = trained_peft_dora(dropout, bias, dtype)
     ours = our_twin(peft_layer, dropout)
     model.train(), ours.train()

@@ -18,6 +18,7 @@ from lorakernels.ops.lora_linear import fused_lora_linear
 from lorakernels.ops.onednn_lora_linear import ONEDNN_AVAILABLE, onednn_lora_linear
 from lorakernels.reference import dora_linear_reference
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, case_inputs, large_variant
+from conftest import use_settings
 
 GRADS = ("dx", "dbias", "dA", "dB", "dm")
 
@@ -75,7 +76,7 @@ def onednn_dora(x, weight, bias, lora_A, lora_B, scaling, parts, magnitude, norm
 @pytest.mark.parametrize("variant", ["plain", "qkv_q_and_v", "gate_up"])
 def test_triton_dora_matches_the_direct_reference(monkeypatch, gemm, bias, dtype, variant):
     # 129 rows: B1's m-gradient is reduced across several row blocks.
-    monkeypatch.setenv(epilogue.GEMM_ENV, gemm)
+    use_settings(monkeypatch, gemm=gemm)
     check_against_reference(triton_dora, 129, 96, variant, 8, dtype, bias)
 
 
@@ -84,7 +85,7 @@ def test_triton_dora_matches_the_direct_reference(monkeypatch, gemm, bias, dtype
 @pytest.mark.parametrize("M", [333, 4096])
 @pytest.mark.parametrize("variant", ["plain", "qkv_q_and_v"])
 def test_triton_dora_large_shapes_on_gpu(monkeypatch, gemm, M, variant):
-    monkeypatch.setenv(epilogue.GEMM_ENV, gemm)
+    use_settings(monkeypatch, gemm=gemm)
     with large_variant(variant) as name:
         check_against_reference(triton_dora, M, 3072, name, 16, torch.bfloat16, False)
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import lorakernels as lora
+from conftest import use_settings
 
 loralib = pytest.importorskip("loralib")  # not on the GPU image: skip, do not fail collection
 
@@ -131,7 +132,7 @@ def test_rank_zero_layers_are_plain_torch_layers():
 
 def test_dropout_draws_like_loralib(monkeypatch):
     """Same RNG state: our eager path drops exactly the elements loralib drops."""
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "eager")  # oneDNN's path draws its mask otherwise
+    use_settings(monkeypatch, backend="eager")  # oneDNN's path draws its mask otherwise
     torch.manual_seed(0)
     theirs = loralib.Linear(10, 7, r=4, lora_alpha=8, lora_dropout=0.3)
     ours = lora.Linear(10, 7, r=4, lora_alpha=8, lora_dropout=0.3)

@@ -25,6 +25,7 @@ import triton
 from lorakernels.ops import lora_linear as lora_linear_ops
 from lorakernels.ops.lora_linear import b3_splits, dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
+from conftest import use_settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -167,7 +168,7 @@ def test_layers_route_through_the_kernels(monkeypatch, layer_kind):
     x = torch.randn(2, 3, 32, device=DEVICE)
     results = {}
     for backend in ("eager", "triton"):
-        monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+        use_settings(monkeypatch, backend=backend)
         xi = x.clone().requires_grad_()
         y = layer(xi)
         y.square().sum().backward()
@@ -178,7 +179,7 @@ def test_layers_route_through_the_kernels(monkeypatch, layer_kind):
 
 
 def test_dispatch_dropout_is_reproducible_from_torch_seed(monkeypatch):
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
+    use_settings(monkeypatch, backend="triton")
     layer = lora.Linear(32, 16, r=4, lora_dropout=0.5).to(DEVICE)
     x = torch.randn(8, 32, device=DEVICE)
     torch.manual_seed(3)

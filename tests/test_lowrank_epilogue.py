@@ -2,7 +2,7 @@
 kernel for F2 and B2, against the reference, and the chooser that times it against the
 fused kernel once per key.
 
-LORAKERNELS_GEMM=cublas forces the path; on CPU its epilogue runs under the interpreter.
+gemm "cublas" forces the path; on CPU its epilogue runs under the interpreter.
 Tolerances are test_lora_kernels.py's: the path rounds out twice (after torch's GEMM and
 after the epilogue), well inside bf16's 2e-2.
 """
@@ -16,12 +16,13 @@ from lorakernels.nf4 import quantize_nf4
 from lorakernels.ops import lowrank_epilogue as epilogue
 from lorakernels.ops.gemm_lowrank import NF4Operand, gemm_lowrank
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, run_case
+from conftest import use_settings
 
 
 @pytest.fixture
 def cublas_path(monkeypatch):
     """Force the cuBLAS path, and check that F2 and B2 both took it."""
-    monkeypatch.setenv(epilogue.GEMM_ENV, "cublas")
+    use_settings(monkeypatch, gemm="cublas")
     calls = []
     real = epilogue.cublas_lowrank
     monkeypatch.setitem(epilogue.PATHS, "cublas",
@@ -59,12 +60,6 @@ def test_epilogue_equals_the_fused_kernel(dtype):
     assert_rel_close(ours, want, REL_TOL[dtype], "out vs torch")
 
 
-def test_gemm_env_is_checked(monkeypatch):
-    monkeypatch.setenv(epilogue.GEMM_ENV, "cuda")
-    with pytest.raises(ValueError, match="LORAKERNELS_GEMM='cuda' is not one of auto, fused, cublas"):
-        epilogue.gemm_mode()
-
-
 class FakeTimer:
     """time_ms's stand-in: fixed times per path, recognised by which function a candidate calls."""
 
@@ -86,7 +81,7 @@ def _pick(role="F2", M=100, dropout_p=0.0, w=None):
 
 
 def test_auto_on_cpu_never_times(monkeypatch):
-    monkeypatch.delenv(epilogue.GEMM_ENV, raising=False)
+    use_settings(monkeypatch, gemm="auto")
     timer = FakeTimer(monkeypatch, {"fused": 1.0, "cublas": 0.5})
     monkeypatch.setattr(epilogue, "time_ms", timer)
     monkeypatch.setattr(epilogue, "_CHOICES", {})
@@ -94,7 +89,7 @@ def test_auto_on_cpu_never_times(monkeypatch):
 
 
 def test_auto_keeps_the_faster_path_timed_once_per_key(monkeypatch, caplog):
-    monkeypatch.delenv(epilogue.GEMM_ENV, raising=False)
+    use_settings(monkeypatch, gemm="auto")
     timer = FakeTimer(monkeypatch, {"fused": 2.0, "cublas": 1.0})
     monkeypatch.setattr(epilogue, "time_ms", timer)
     monkeypatch.setattr(epilogue, "_CHOICES", {})
@@ -112,16 +107,14 @@ def test_auto_keeps_the_faster_path_timed_once_per_key(monkeypatch, caplog):
 
 
 def test_backend_triton_and_cpu_do_not_time(monkeypatch):
-    """auto times only CUDA tensors, not when LORAKERNELS_BACKEND=triton forces the kernels nor
+    """auto times only CUDA tensors, not when backend triton forces the kernels nor
     in torch's deterministic mode."""
     gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
-    monkeypatch.delenv("LORAKERNELS_BACKEND", raising=False)
+    use_settings(monkeypatch, backend="auto")
     assert epilogue._times(gpu) and not epilogue._times(cpu)
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "auto")
-    assert epilogue._times(gpu)
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
+    use_settings(monkeypatch, backend="triton")
     assert not epilogue._times(gpu)
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "auto")
+    use_settings(monkeypatch, backend="auto")
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
@@ -136,6 +129,6 @@ def test_nf4_tiles_stay_fused(monkeypatch):
     monkeypatch.setattr(epilogue, "time_ms", timer)
     monkeypatch.setattr(epilogue, "_times", lambda x: True)
     for mode in ("cublas", "auto"):
-        monkeypatch.setenv(epilogue.GEMM_ENV, mode)
+        use_settings(monkeypatch, gemm=mode)
         assert _pick(w=nf4) == "fused"
     assert timer.asked == []

@@ -7,12 +7,13 @@ import torch.nn as nn
 import lorakernels as lora
 from lorakernels.nf4 import dequantize_nf4_reference, quantize_nf4
 from lorakernels.nf4_layers import NF4MergedLinear
+from conftest import use_settings
 
 
 @pytest.fixture(autouse=True)
 def eager_backend(monkeypatch):
     """One backend for both layers (auto would put the dense one on oneDNN): tight tolerances."""
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "eager")
+    use_settings(monkeypatch, backend="eager")
 
 
 def _dense_twin(nf4_layer, dense_layer):

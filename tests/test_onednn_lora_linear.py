@@ -10,6 +10,7 @@ import torch
 import lorakernels as lora
 from lorakernels.ops.onednn_lora_linear import dropped_mask, linear, onednn_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
+from conftest import use_settings
 
 PARTS = {
     "plain": (40, None),
@@ -91,7 +92,7 @@ def test_linear_fuses_bias_and_addend():
 
 
 def test_layer_in_bf16_falls_back_to_the_reference(monkeypatch):
-    monkeypatch.setenv("LORAKERNELS_BACKEND", "onednn")
+    use_settings(monkeypatch, backend="onednn")
     layer = lora.Linear(16, 8, r=2, lora_alpha=4).to(torch.bfloat16)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 16, dtype=torch.bfloat16)

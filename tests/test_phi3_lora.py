@@ -8,6 +8,7 @@ import lorakernels as lora
 from lorakernels.adapters import lora_key_from_peft
 from model import Phi3ForCausalLM
 from model.lora import apply_lora
+from conftest import use_settings
 
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -103,7 +104,7 @@ def test_whole_model_on_the_triton_kernels_equals_eager(checkpoint, monkeypatch)
     ids = torch.randint(0, 96, (2, 7), device=device)
     results = {}
     for backend in ("eager", "triton"):
-        monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+        use_settings(monkeypatch, backend=backend)
         model.zero_grad()
         logits = model(ids)
         logits.square().mean().backward()

@@ -14,6 +14,7 @@ from lorakernels.functional import base_linear, lora_linear
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
 from lorakernels.ops.nf4_matmul import nf4_matmul
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, run_case
+from conftest import use_settings
 
 PATHS = {"in_k_loop": 1 << 30, "dequantised": 0}  # NF4Weight.fused_max_rows forcing each path
 
@@ -47,7 +48,7 @@ def _nf4_case(rows, n, k, dtype, seed=0, fused_max_rows=NF4_FUSED_MAX_ROWS):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_base_linear_over_nf4(monkeypatch, nf4_path, backend, dtype):
     """No LoRA (a frozen 4-bit layer): y and dx equal the dense dequantised layer's."""
-    monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     q, x = _nf4_case(9, 48, 64, dtype, fused_max_rows=nf4_path)
     bias = torch.randn(48, device=DEVICE).to(dtype).requires_grad_()
     dense = dequantize_nf4_reference(q, dtype).float()
@@ -66,7 +67,7 @@ def test_base_linear_over_nf4(monkeypatch, nf4_path, backend, dtype):
 @pytest.mark.parametrize("backend", ["eager", "triton"])
 def test_no_dense_weight_is_kept_for_backward(monkeypatch, nf4_path, backend):
     """Autograd holds x, S and the like, never a dequantised [N, K] weight: QLoRA's memory."""
-    monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+    use_settings(monkeypatch, backend=backend)
     n, k, r = 64, 128, 4  # N·K = 8192 elements: no activation here has that many
     q, x = _nf4_case(3, n, k, torch.float32, fused_max_rows=nf4_path)
     lora_A = torch.randn(r, k, device=DEVICE, requires_grad=True)

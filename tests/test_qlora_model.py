@@ -19,6 +19,7 @@ from model.lora import apply_lora
 from model.quantization import QUANTIZE_CHOICES, is_quantized, quantize_decoder_linears
 from training.config import TrainConfig
 from training.loop import train
+from conftest import use_settings
 
 # Every decoder linear's numel is a multiple of 64 (the NF4 block): in_features is 64 or 128.
 SMALL = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -372,7 +373,7 @@ def test_quantised_lora_model_on_triton_equals_eager(tmp_path, monkeypatch, fuse
     ids = ids_for(model, (1, 8)).to(device)
     results = {}
     for backend in ("eager", "triton"):
-        monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+        use_settings(monkeypatch, backend=backend)
         model.zero_grad()
         out = model(ids)
         out.square().mean().backward()
@@ -404,5 +405,5 @@ def test_generate_on_quantised_model_equals_dense_dequantised(tmp_path, monkeypa
     assert expected.shape == (2, 11)
     assert torch.equal(quantized.generate(prompt, **options), expected)
     if not torch.cuda.is_available():  # the decode steps' 1-row products on the 4-bit kernels too
-        monkeypatch.setenv("LORAKERNELS_BACKEND", "triton")
+        use_settings(monkeypatch, backend="triton")
         assert torch.equal(quantized.generate(prompt, **options), expected)

@@ -14,6 +14,7 @@ from model.lora import apply_lora
 from training.config import TrainConfig
 from training.data import collate
 from training.loop import train
+from conftest import use_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,7 +225,7 @@ def test_gpu_kernels_match_eager_in_bf16(data, monkeypatch):
                                              tokenizer.pad_id).items()}
     losses = {}
     for backend in ("eager", "triton"):
-        monkeypatch.setenv("LORAKERNELS_BACKEND", backend)
+        use_settings(monkeypatch, backend=backend)
         losses[backend] = loop.token_loss_sum(model, batch).item()
     assert losses["triton"] == pytest.approx(losses["eager"], rel=2e-2)
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 import yaml
 
-from lorakernels.functional import ATTENTION_CHOICES
+from lorakernels.settings import ATTENTIONS
 from model.build import resolve_device
 from model.lora import DEFAULT_TARGETS
 from model.quantization import QUANTIZE_CHOICES
@@ -93,8 +93,8 @@ class TrainConfig:
             raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
         if self.report_to == "tensorboard":
             summary_writer_class()  # a missing package stops here, before any work
-        if self.attention is not None and self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, "
+        if self.attention is not None and self.attention not in ATTENTIONS:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
                              f"got {self.attention!r}")
         if self.attention == "flex" and resolve_device(self.device).type != "cuda":
             raise ValueError("--attention flex trains on CUDA only (torch has no FlexAttention "
@@ -152,8 +152,7 @@ HELP = {
     "log_every": "write metrics every N steps",
     "report_to": "none, or tensorboard: also write the metrics to OUTPUT/tensorboard/",
     "attention": "auto (FlexAttention for packed or windowed batches on CUDA, SDPA otherwise), "
-                 "flex or sdpa; sets LORAKERNELS_ATTENTION for the run (unset: that variable's, "
-                 "else auto)",
+                 "flex or sdpa (unset: LORAKERNELS_ATTENTION's, else auto)",
     "resume": "continue from the newest checkpoint in --output, or from PATH",
     "allow_changed_resume": "let --resume continue a run whose data or training settings "
                             "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",

@@ -3,7 +3,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import resource
 import signal
 import threading
@@ -15,7 +14,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from tqdm import tqdm
 
-from lorakernels.functional import ATTENTION_ENV, lm_head_loss
+from lorakernels import settings
+from lorakernels.functional import lm_head_loss
 from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
@@ -263,28 +263,12 @@ def train(config: TrainConfig, log=print) -> dict:
         if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
             lock = RunLock(Path(config.output), log)
             refuse_to_replace(Path(config.output), config.resume, config.overwrite)
-        with attention_choice(config.attention):
+        with settings.override(attention=config.attention):
             return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
         if lock:
             lock.release()
         dist.close()
-
-
-@contextlib.contextmanager
-def attention_choice(choice: Optional[str]):
-    """--attention as LORAKERNELS_ATTENTION (read by functional.attention at every forward) for
-    the run; the variable is restored afterwards. None leaves it as it is."""
-    previous = os.environ.get(ATTENTION_ENV)
-    if choice is not None:
-        os.environ[ATTENTION_ENV] = choice
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(ATTENTION_ENV, None)
-        else:
-            os.environ[ATTENTION_ENV] = previous
 
 
 def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:

@@ -63,7 +63,7 @@ def flex_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     global _compiled_flex
     if not q.is_cuda:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise RuntimeError("LORAKERNELS_ATTENTION=flex on CPU runs the forward only: torch has "
+            raise RuntimeError("attention flex on CPU runs the forward only: torch has "
                                "no FlexAttention backward on CPU; train on CPU with auto or sdpa")
         q, k, v = q.detach(), k.detach(), v.detach()  # flex refuses leaves that require grad
     if _compiled_flex is None:

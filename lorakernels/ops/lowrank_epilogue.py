@@ -11,29 +11,26 @@ B̂ gather of fused projections, the mask's bits), so the low-rank term is the f
 kernel's exactly; only the rounding differs (out is rounded after the base GEMM and again
 after the epilogue, where the fused kernel rounds once).
 
-Which path F2 and B2 take (``lowrank_gemm``), from ``LORAKERNELS_GEMM``, read per call:
-``auto`` (default): on CUDA, for a dense weight, the first call per (role, M bucket, N, K,
-dtype, dropout) times both paths and keeps the faster for the process (logged once at
-debug level); on CPU (the interpreter), for an NF4 weight's 4-bit tiles, with
-``LORAKERNELS_BACKEND=triton`` or under torch.use_deterministic_algorithms(True), the
-fused kernel. ``fused`` / ``cublas`` force one path
-(an NF4 weight's 4-bit tiles always run fused: torch has no GEMM for them).
+Which path F2 and B2 take (``lowrank_gemm``) is ``settings.current().gemm``
+(``LORAKERNELS_GEMM`` by default). ``auto``: on CUDA, for a dense weight, the first call per
+(role, M bucket, N, K, dtype, dropout) times both paths and keeps the faster for the
+process (logged once at debug level); on CPU (the interpreter), for an NF4 weight's 4-bit
+tiles, with the backend forced to ``triton`` or under
+torch.use_deterministic_algorithms(True), the fused kernel. ``fused`` / ``cublas`` force
+one path (an NF4 weight's 4-bit tiles always run fused: torch has no GEMM for them).
 """
 import logging
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from .gemm_lowrank import NF4Operand, gemm_lowrank, lowrank_tile, m_bucket
 from .triton_utils import INTERPRETING, autotune_configs, dot_precision
 
 log = logging.getLogger(__name__)
-
-GEMM_ENV = "LORAKERNELS_GEMM"
-GEMM_MODES = ("auto", "fused", "cublas")
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -133,18 +130,11 @@ _CHOICES: Dict[tuple, str] = {}
 PATHS = {"fused": gemm_lowrank, "cublas": cublas_lowrank}
 
 
-def gemm_mode() -> str:
-    mode = os.environ.get(GEMM_ENV, "auto").strip().lower() or "auto"
-    if mode not in GEMM_MODES:
-        raise ValueError(f"{GEMM_ENV}={os.environ[GEMM_ENV]!r} is not one of {', '.join(GEMM_MODES)}")
-    return mode
-
-
 def _times(x: torch.Tensor) -> bool:
     """Whether ``auto`` may time the two paths: on a GPU, unless the fused path is forced or
     torch's deterministic mode asks that results not depend on a timing (the paths round
     differently)."""
-    return (x.is_cuda and os.environ.get("LORAKERNELS_BACKEND", "").strip().lower() != "triton"
+    return (x.is_cuda and settings.current().backend != "triton"
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -158,7 +148,7 @@ def pick_gemm(role: str, x: torch.Tensor, w, dropout_p: float, scaled: bool,
     """"fused" or "cublas" for this call; under ``auto`` on a GPU, timed once per key."""
     if isinstance(w, NF4Operand):
         return "fused"
-    mode = gemm_mode()
+    mode = settings.current().gemm
     if mode != "auto":
         return mode
     if not _times(x):

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import autotune_from_environment
+
 # Triton picks interpreter or compiler when a kernel is decorated, so this is fixed at import.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -41,7 +43,7 @@ def max_shared_memory(device: torch.device) -> int:
 # Autotuning tries every config per key: a few per kernel role keep a first step (and a
 # GPU test run) to seconds of compiling. LORAKERNELS_AUTOTUNE=0 pins each role's default.
 MAX_CONFIGS = 4
-AUTOTUNE = os.environ.get("LORAKERNELS_AUTOTUNE", "1") != "0"
+AUTOTUNE = autotune_from_environment()
 
 
 def autotune_configs(full, default, interpreted):
@@ -68,7 +70,6 @@ def num_warps_for(block: int) -> int:
     if block >= 2048:
         return 8
     return 4
-
 
 
 @triton.jit
