@@ -9,7 +9,8 @@ file system error), 2 a usage or data error, 130 interrupted by Ctrl-C.
 import sys
 
 from training.config import build_parser, parse_config
-from training.loop import TrainingDiverged, train
+from training.divergence import TrainingDiverged
+from training.loop import train
 
 
 def fail(status: int, message: str):
@@ -20,13 +21,13 @@ def main(argv=None) -> int:
     try:
         config = parse_config(argv)
         summary = train(config)
-    except (ValueError, FileNotFoundError) as error:  # bad flags, config, data or paths: no traceback
+    except (ValueError, FileNotFoundError) as error:  # bad flags, config, data, paths: one line
         fail(2, str(error))
     except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
         fail(1, str(error))
     except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one: stop at once
-        build_parser().exit(130, "\ntrain.py: interrupted: stopped at once; checkpoints saved before "
-                                 "are intact\n")
+        build_parser().exit(130, "\ntrain.py: interrupted: stopped at once; checkpoints saved "
+                                 "before are intact\n")
     return 130 if summary.get("interrupted") else 0
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from training.config import TrainConfig
-from training.loop import TrainingDiverged, train
+from training.divergence import TrainingDiverged
+from training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 

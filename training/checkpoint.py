@@ -6,10 +6,11 @@ safetensors; the rest is JSON.
 """
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -217,3 +218,41 @@ def prune_checkpoints(output: Path, keep: Optional[int]) -> None:
     if keep:
         for old in step_checkpoints(output)[:-keep]:
             shutil.rmtree(old)
+
+
+def resume(config, output: Path, total_steps: int, fingerprint: dict, state: tuple,
+           log: Callable[[str], None] = print) -> Tuple[int, bool]:
+    """Where a ``--resume`` run starts: (step, False) after restoring ``state`` (model,
+    optimizer, scheduler) from the checkpoint it names, (0, False) with none to resume from,
+    or (step, True) when ``output`` holds a run that finished at or past ``total_steps``."""
+    finished = finished_step(output, log) if config.resume == "latest" else None
+    if finished is not None and finished >= total_steps:
+        log(f"{output} holds a finished run (final/ at step {finished}); nothing to do: pass "
+            f"--max-steps above {finished} to train it further")
+        return finished, True
+    if finished is not None:
+        checkpoint = output / "final"
+    else:
+        checkpoint = resolve_resume(config.resume, output, log)
+    if checkpoint is None:
+        log(f"--resume: no checkpoint in {output}, starting fresh")
+        return 0, False
+    check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
+    model, optimizer, scheduler = state
+    step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    log(f"resumed from {checkpoint} at step {step}")
+    report_overrides(config, scheduler, optimizer, log)
+    return step, False
+
+
+def report_overrides(config, scheduler, optimizer, log) -> None:
+    """A checkpoint's schedule and optimizer settings win over the flags; say so when they
+    differ."""
+    peak_lr = scheduler.base_lrs[0]
+    if not math.isclose(peak_lr, config.lr):
+        log(f"note: the checkpoint's peak learning rate {peak_lr:g} is used, not --lr "
+            f"{config.lr:g}")
+    weight_decay = optimizer.param_groups[0]["weight_decay"]
+    if not math.isclose(weight_decay, config.weight_decay):
+        log(f"note: the checkpoint's weight decay {weight_decay:g} is used, "
+            f"not --weight-decay {config.weight_decay:g}")

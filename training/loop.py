@@ -1,34 +1,32 @@
 """The training job: data, model, LoRA, AdamW with cosine warmup, eval, metrics, checkpoints."""
 import contextlib
 import dataclasses
-import json
 import math
 import resource
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from lorakernels import settings
 from lorakernels.functional import lm_head_loss
-from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
-                         resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
+from .checkpoint import prune_checkpoints, resume, run_fingerprint, save_checkpoint
 from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
                    require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
+from .divergence import check_finite, check_finite_weights
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
-from .tensorboard_log import TensorBoardLog
+from .run_log import METRICS_FILE, RunLog, drop_metrics_after
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -93,7 +91,8 @@ def training_step(step_loss, params, optimizer, scheduler, micro_batches, max_gr
     loss, the gradient norm before clipping, the learning rate the step used).
     """
     loss = accumulate_gradients(step_loss, micro_batches, dist)
-    # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged either way.
+    # max_norm inf measures without clipping (the factor is clamped to 1): the norm is logged
+    # either way.
     grad_norm = torch.nn.utils.clip_grad_norm_(
         params, max_grad_norm if max_grad_norm > 0 else float("inf")).item()
     if before_update is not None:
@@ -119,7 +118,8 @@ def optimizer_and_schedule(params, config: TrainConfig, total_steps: int):
     --lr, then cosine decay to 0 at ``total_steps``."""
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     warmup_steps = math.ceil(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  cosine_with_warmup(total_steps, warmup_steps))
     return optimizer, scheduler
 
 
@@ -151,37 +151,6 @@ def evaluate(step_loss, rows, batch_size: int, pad_id: int, device, pad_to=None)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def drop_metrics_after(path: Path, step: int, log=print) -> None:
-    """Forget metrics of steps after ``step``: a resumed run logs them again. A torn last line
-    (the run was killed mid-write) is dropped with a note; a bad line before it is an error."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number < len(lines):
-                raise ValueError(f"{path}:{number}: not JSON; fix or remove that line to resume") from None
-            log(f"note: {path}:{number}: dropped a torn last line (the run stopped mid-write)")
-            continue
-        if row.get("step", 0) <= step:
-            rows.append(line)
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
-
-
-def report_overrides(config: TrainConfig, scheduler, optimizer, log) -> None:
-    """A checkpoint's schedule and optimizer settings win over the flags; say so when they differ."""
-    peak_lr = scheduler.base_lrs[0]
-    if not math.isclose(peak_lr, config.lr):
-        log(f"note: the checkpoint's peak learning rate {peak_lr:g} is used, not --lr {config.lr:g}")
-    weight_decay = optimizer.param_groups[0]["weight_decay"]
-    if not math.isclose(weight_decay, config.weight_decay):
-        log(f"note: the checkpoint's weight decay {weight_decay:g} is used, "
-            f"not --weight-decay {config.weight_decay:g}")
-
-
 def prepare_rows(path: str, tokenizer, config: TrainConfig):
     """Packed rows of a data file, and how many conversations were truncated."""
     examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
@@ -189,39 +158,6 @@ def prepare_rows(path: str, tokenizer, config: TrainConfig):
     rows = pack(examples, config.max_seq_len, config.packing)
     require_targets(rows, path, config.max_seq_len, truncated)
     return rows, truncated
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss, gradient or weights stopped being finite: the run stops instead of saving them."""
-
-
-def metrics_line(row: dict) -> str:
-    """One strict-JSON line: a value that is not finite is written as null (JSON has no NaN)."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
-    return json.dumps(clean, allow_nan=False) + "\n"
-
-
-def check_finite(step: int, loss: float, grad_norm: float, output: Path) -> None:
-    """Stop before the optimizer applies a step whose loss or gradient is not finite."""
-    if math.isfinite(loss) and math.isfinite(grad_norm):
-        return
-    raise TrainingDiverged(f"step {step}: loss {loss}, gradient norm {grad_norm}: training "
-                           f"diverged (try a lower --lr); {last_good(output)}")
-
-
-def check_finite_weights(params, step: int, output: Path) -> None:
-    """Never save LoRA weights that are not finite (e.g. one update with an infinite --lr)."""
-    if all(bool(torch.isfinite(p).all()) for p in params):
-        return
-    raise TrainingDiverged(f"step {step}: the LoRA weights are no longer finite: training diverged "
-                           f"(try a lower --lr); {last_good(output)}")
-
-
-def last_good(output: Path) -> str:
-    found = step_checkpoints(output)
-    if found:
-        return f"the last good checkpoint is {found[-1]} (nothing after it was saved)"
-    return f"no checkpoint was saved in {output}"
 
 
 class StopOnInterrupt:
@@ -255,6 +191,17 @@ class StepLoss(torch.nn.Module):
         return token_loss_sum(self.model, batch)
 
 
+def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
+    """``--global-batch-size`` split over processes and accumulation steps, evenly or not at all."""
+    if config.global_batch_size is None:
+        return config
+    shares = dist.world_size * config.grad_accum
+    if config.global_batch_size % shares:
+        raise ValueError(f"--global-batch-size {config.global_batch_size} does not divide over "
+                         f"{dist.world_size} processes × --grad-accum {config.grad_accum}")
+    return dataclasses.replace(config, batch_size=config.global_batch_size // shares)
+
+
 def train(config: TrainConfig, log=print) -> dict:
     """Run the job described by ``config`` (one process, or one rank under torchrun)."""
     dist = Distributed.from_env(config.device)
@@ -271,143 +218,166 @@ def train(config: TrainConfig, log=print) -> dict:
         dist.close()
 
 
-def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
-    """``--global-batch-size`` split over processes and accumulation steps, evenly or not at all."""
-    if config.global_batch_size is None:
-        return config
-    shares = dist.world_size * config.grad_accum
-    if config.global_batch_size % shares:
-        raise ValueError(f"--global-batch-size {config.global_batch_size} does not divide over "
-                         f"{dist.world_size} processes × --grad-accum {config.grad_accum}")
-    return dataclasses.replace(config, batch_size=config.global_batch_size // shares)
+@dataclass
+class Run:
+    """What one training run works on: built once by ``start_run`` before the first step."""
+
+    config: TrainConfig
+    dist: Distributed
+    output: Path
+    device: torch.device
+    model: torch.nn.Module
+    tokenizer: object
+    step_loss: torch.nn.Module
+    params: List[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    batches: MicroBatches
+    eval_rows: Optional[list]
+    pad_to: Optional[Callable[[int], int]]
+    total_steps: int
+
+
+def start_run(config: TrainConfig, dist: Distributed, log) -> Run:
+    """Data, model, LoRA, optimizer and schedule for ``config``; every data file is read and
+    checked before the model is built, so a bad line stops the run before anything slow."""
+    device = dist.device(config.device)
+    read_chats(config.data)
+    if config.eval_data:
+        read_chats(config.eval_data)
+    model, tokenizer = load_model(config.model, resolve_dtype(config.dtype, device), device,
+                                  config.seed, config.quantize, config.tokenizer)
+    rows, truncated = prepare_rows(config.data, tokenizer, config)
+    pad_to = batch_length_rule(config, device)
+    batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
+                           dist.rank, dist.world_size, pad_to)
+    eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
+    log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
+        f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
+        f"{batches.global_batch} × {config.grad_accum} accumulation")
+    add_lora(model, config)
+    model.set_gradient_checkpointing(config.grad_checkpointing)
+    model.train()
+    step_loss = dist.wrap(StepLoss(model), device, config.strategy)
+    params = [p for p in model.parameters() if p.requires_grad]
+    total_steps = config.max_steps or math.ceil(
+        config.epochs * batches.per_epoch / config.grad_accum)
+    optimizer, scheduler = optimizer_and_schedule(params, config, total_steps)
+    return Run(config, dist, Path(config.output), device, model, tokenizer, step_loss, params,
+               optimizer, scheduler, batches, eval_rows, pad_to, total_steps)
 
 
 def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     config = per_process_batch(config, dist)
     if config.strategy == "fsdp" and not dist.enabled:
         log("--strategy fsdp shards over processes started by torchrun; this is one process")
-    output = Path(config.output)
-    device = dist.device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    # Validate all data before anything expensive: a bad line stops here.
-    read_chats(config.data)
-    if config.eval_data:
-        read_chats(config.eval_data)
-    model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
-                                  config.tokenizer)
-    rows, truncated = prepare_rows(config.data, tokenizer, config)
-    pad_to = batch_length_rule(config, device)
-    train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
-                                 dist.rank, dist.world_size, pad_to)
-    eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
-    log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
-        f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
-        f"{train_batches.global_batch} × {config.grad_accum} accumulation")
-
-    add_lora(model, config)
-    model.set_gradient_checkpointing(config.grad_checkpointing)
-    model.train()
-    step_loss = dist.wrap(StepLoss(model), device, config.strategy)
-    params = [p for p in model.parameters() if p.requires_grad]
-    total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
-    optimizer, scheduler = optimizer_and_schedule(params, config, total_steps)
-
-    fingerprint = run_fingerprint(config, train_batches.global_batch)
+    run = start_run(config, dist, log)
+    fingerprint = run_fingerprint(config, run.batches.global_batch)
     start_step = 0
     if config.resume:
-        finished = finished_step(output, log) if config.resume == "latest" else None
-        if finished is not None and finished >= total_steps:
-            log(f"{output} holds a finished run (final/ at step {finished}); nothing to do: pass "
-                f"--max-steps above {finished} to train it further")
-            return {"step": finished, "finished": True, "adapter": str(output / "final")}
-        checkpoint = output / "final" if finished is not None else resolve_resume(config.resume, output, log)
-        if checkpoint is not None:
-            check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
-            start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
-            log(f"resumed from {checkpoint} at step {start_step}")
-            report_overrides(config, scheduler, optimizer, log)
-        else:
-            log(f"--resume: no checkpoint in {output}, starting fresh")
-
-    settings = dataclasses.asdict(config)
+        start_step, finished = resume(config, run.output, run.total_steps, fingerprint,
+                                      (run.model, run.optimizer, run.scheduler), log)
+        if finished:
+            return {"step": start_step, "finished": True, "adapter": str(run.output / "final")}
+    options = dataclasses.asdict(config)
 
     def save(name: str, step: int) -> Path:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
-        check_finite_weights(params, step, output)
-        save_checkpoint(output / name, model, optimizer, scheduler, step, settings,
-                        config.target_modules, dist.is_main, fingerprint)
+        check_finite_weights(run.params, step, run.output)
+        save_checkpoint(run.output / name, run.model, run.optimizer, run.scheduler, step,
+                        options, config.target_modules, dist.is_main, fingerprint)
         dist.barrier()
-        return output / name
+        return run.output / name
 
     if dist.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output, log)
-        if config.overwrite:  # only now that data and model are ready: a failed start loses nothing
-            remove_previous_run(output, log)
-        drop_metrics_after(output / "metrics.jsonl", start_step, log)
-    metrics = (output / "metrics.jsonl").open("a") if dist.is_main else None
-    board = (TensorBoardLog(output, start_step, settings)
-             if config.report_to == "tensorboard" and dist.is_main else None)
-    step, started, tokens_seen, loss = start_step, time.perf_counter(), 0, float("nan")
-    evaluation: Optional[dict] = None
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-               disable=not dist.is_main)
-    interrupt, interrupted = StopOnInterrupt(), None
-    try:
-        while step < total_steps:
-            seed_step(config.seed, step, dist.rank)
-            micro = step_micro_batches(train_batches, step, config.grad_accum, device)
-            loss, grad_norm, lr = training_step(
-                step_loss, params, optimizer, scheduler, micro, config.max_grad_norm, dist,
-                before_update=partial(check_finite, step + 1, output=output))
-            step += 1
-            tokens_seen += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
-            tokens_per_s = tokens_seen / (time.perf_counter() - started)
-            memory = peak_memory_mb(device)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}",
-                            mem=f"{memory:.0f}MB")
-            row = {}
-            if step % config.log_every == 0 or step == total_steps:
-                row.update(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
-                           tokens_per_s=tokens_per_s, peak_memory_mb=memory,
-                           epoch=step * config.grad_accum / train_batches.per_epoch)
-            if eval_rows and ((config.eval_every and step % config.eval_every == 0)
-                              or step == total_steps):
-                # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
-                evaluation = evaluate(step_loss, eval_rows, config.batch_size, tokenizer.pad_id, device,
-                                      pad_to)
-                row.update(step=step, **evaluation)
-            if row and metrics:
-                metrics.write(metrics_line(row))
-                metrics.flush()
-                if board:
-                    board.log(row)
-            saved = config.save_every and step % config.save_every == 0 and step < total_steps
-            if saved:
-                save(f"checkpoint-{step}", step)
-                if dist.is_main:
-                    prune_checkpoints(output, config.save_total_limit)
-            # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
-            if dist.sum(interrupt.requested) > 0 and step < total_steps:
-                interrupted = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
-                break
-    finally:
-        interrupt.restore()
-        bar.close()
-        if metrics:
-            metrics.close()
-        if board:
-            board.close()
-    if interrupted:  # after the bar is closed: the message gets a line of its own
-        log(f"interrupted: saved {interrupted} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True, "checkpoint": str(interrupted)}
-    final = save("final", step)
-    summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
-               "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
-               "peak_memory_mb": round(peak_memory_mb(device)), "adapter": str(final)}
-    if evaluation:
-        summary.update(eval_loss=evaluation["eval_loss"], eval_ppl=evaluation["eval_ppl"])
+        prepare_output(run.output, start_step, config.overwrite, log)
+    with RunLog(run.output, start_step, run.total_steps, options, dist.is_main,
+                config.report_to == "tensorboard") as run_log:
+        result = run_steps(run, start_step, save, run_log)
+    if result.interrupted:  # after the bar is closed: the message gets a line of its own
+        log(f"interrupted: saved {result.interrupted} at step {result.step}; continue with "
+            "--resume")
+        return {"step": result.step, "interrupted": True, "checkpoint": str(result.interrupted)}
+    final = save("final", result.step)
+    seconds = time.perf_counter() - result.started
+    summary = {"step": result.step, "loss": result.loss, "seconds": round(seconds, 1),
+               "tokens_per_s": round(result.tokens / max(seconds, 1e-9)),
+               "peak_memory_mb": round(peak_memory_mb(run.device)), "adapter": str(final)}
+    if result.evaluation:
+        summary.update(eval_loss=result.evaluation["eval_loss"],
+                       eval_ppl=result.evaluation["eval_ppl"])
     log("done: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                              for k, v in summary.items()))
     return summary
+
+
+def prepare_output(output: Path, start_step: int, overwrite: bool, log) -> None:
+    """The run directory as the first step needs it: left-over temporaries gone, the replaced
+    run removed (--overwrite, only now that data and model are ready: a failed start loses
+    nothing), metrics after the resumed step forgotten."""
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(output, log)
+    if overwrite:
+        remove_previous_run(output, log)
+    drop_metrics_after(output / METRICS_FILE, start_step, log)
+
+
+@dataclass
+class StepsDone:
+    """Where ``run_steps`` stopped: the step, its loss, the last evaluation, the tokens
+    trained on since ``started`` (perf_counter), and the checkpoint an interrupt saved."""
+
+    step: int
+    loss: float
+    evaluation: Optional[dict]
+    tokens: int
+    started: float
+    interrupted: Optional[Path]
+
+
+def run_steps(run: Run, start_step: int, save: Callable[[str, int], Path],
+              run_log: RunLog) -> StepsDone:
+    """Optimizer steps from ``start_step`` to the end, each logged, evaluated and saved as the
+    flags ask; a Ctrl-C finishes the step in progress, saves it and stops."""
+    config, dist = run.config, run.dist
+    done = StepsDone(start_step, float("nan"), None, 0, time.perf_counter(), None)
+    interrupt = StopOnInterrupt()
+    try:
+        while done.step < run.total_steps:
+            seed_step(config.seed, done.step, dist.rank)
+            micro = step_micro_batches(run.batches, done.step, config.grad_accum, run.device)
+            done.loss, grad_norm, lr = training_step(
+                run.step_loss, run.params, run.optimizer, run.scheduler, micro,
+                config.max_grad_norm, dist,
+                before_update=partial(check_finite, done.step + 1, output=run.output))
+            done.step += 1
+            step = done.step
+            done.tokens += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
+            tokens_per_s = done.tokens / (time.perf_counter() - done.started)
+            memory = peak_memory_mb(run.device)
+            run_log.progress(done.loss, lr, tokens_per_s, memory)
+            row = {}
+            if step % config.log_every == 0 or step == run.total_steps:
+                row.update(step=step, loss=done.loss, lr=lr, grad_norm=grad_norm,
+                           tokens_per_s=tokens_per_s, peak_memory_mb=memory,
+                           epoch=step * config.grad_accum / run.batches.per_epoch)
+            if run.eval_rows and ((config.eval_every and step % config.eval_every == 0)
+                                  or step == run.total_steps):
+                # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
+                done.evaluation = evaluate(run.step_loss, run.eval_rows, config.batch_size,
+                                           run.tokenizer.pad_id, run.device, run.pad_to)
+                row.update(step=step, **done.evaluation)
+            run_log.record(row)
+            saved = config.save_every and step % config.save_every == 0 and step < run.total_steps
+            if saved:
+                save(f"checkpoint-{step}", step)
+                if dist.is_main:
+                    prune_checkpoints(run.output, config.save_total_limit)
+            # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
+            if dist.sum(interrupt.requested) > 0 and step < run.total_steps:
+                done.interrupted = (run.output / f"checkpoint-{step}" if saved
+                                    else save(f"checkpoint-{step}", step))
+                break
+    finally:
+        interrupt.restore()
+    return done
