@@ -9,8 +9,6 @@ file system error), 2 a usage or data error, 130 interrupted by Ctrl-C.
 import sys
 
 from training.config import build_parser, parse_config
-from training.divergence import TrainingDiverged
-from training.loop import train
 
 
 def fail(status: int, message: str):
@@ -20,8 +18,15 @@ def fail(status: int, message: str):
 def main(argv=None) -> int:
     try:
         config = parse_config(argv)
+    except (ValueError, FileNotFoundError) as error:  # bad flags or config: one line
+        fail(2, str(error))
+    # Imported once the flags are read: torch takes seconds to load, --help needs none of it.
+    from training.divergence import TrainingDiverged
+    from training.loop import train
+
+    try:
         summary = train(config)
-    except (ValueError, FileNotFoundError) as error:  # bad flags, config, data, paths: one line
+    except (ValueError, FileNotFoundError) as error:  # bad data, paths or settings: one line
         fail(2, str(error))
     except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
         fail(1, str(error))

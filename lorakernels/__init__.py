@@ -2,19 +2,30 @@
 
     import lorakernels as lora
     layer = lora.Linear(3072, 3072, r=16, lora_alpha=32)
-"""
-from . import settings
-from .functional import lora_linear
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
-from .lora_layer import LoRALayer
-from .nf4 import NF4Weight, quantize_nf4
-from .nf4_layers import NF4Linear, NF4MergedLinear
-from .params import lora_state_dict, mark_only_lora_as_trainable
-from .parts import LoRAParts
 
-__all__ = [
-    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoRAParts",
-    "MergedLinear", "NF4Linear", "NF4MergedLinear", "NF4Weight", "lora_linear", "quantize_nf4",
-    "lora_state_dict", "mark_only_lora_as_trainable", "settings",
-]
+The names below are imported on first use, so ``lorakernels.settings`` loads without torch.
+"""
+import importlib
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "lora_linear": "functional",
+    **dict.fromkeys(["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "MergedLinear"],
+                    "layers"),
+    "LoRALayer": "lora_layer",
+    "NF4Weight": "nf4", "quantize_nf4": "nf4",
+    "NF4Linear": "nf4_layers", "NF4MergedLinear": "nf4_layers",
+    "lora_state_dict": "params", "mark_only_lora_as_trainable": "params",
+    "LoRAParts": "parts",
+}
+
+__all__ = sorted([*_EXPORTS, "settings"])
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    if name == "settings":
+        return importlib.import_module(".settings", __name__)
+    raise AttributeError(f"module 'lorakernels' has no attribute {name!r}")

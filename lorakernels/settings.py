@@ -14,15 +14,17 @@ The environment supplies the defaults, read once by ``from_environment``:
 ``LORAKERNELS_AUTOTUNE`` (the last picks the kernels' autotune config lists when they are
 decorated, so it is read at import only). Overrides are process-wide, not per thread:
 autograd runs a CUDA backward on its own thread, and it must see the forward's choices.
+This module imports no torch, so a CLI's ``--help`` can list the choices at once.
 """
 import contextlib
 import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Iterator, Mapping, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "triton", "onednn", "eager")
 ATTENTIONS = ("auto", "flex", "sdpa")
@@ -63,7 +65,7 @@ class Settings:
             raise ValueError(f"device_path {self.device_path!r} is not one of "
                              f"{', '.join(DEVICE_PATHS)} or None")
 
-    def on_cuda_path(self, device: torch.device) -> bool:
+    def on_cuda_path(self, device: "torch.device") -> bool:
         """Whether work on ``device`` takes the CUDA code path."""
         return (self.device_path or device.type) == "cuda"
 

@@ -7,6 +7,10 @@ from typing import Optional
 
 # config.json keys that carry no meaning for this implementation (all zero or bookkeeping in
 # every published Phi-3 checkpoint); anything else unknown is an error, not silently dropped.
+# Phi-3's four decoder projections: the LoRA targets by default (PEFT's module names).
+DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# How the decoder's linear weights may be held: dense, or in 4 bits (QLoRA's NF4).
+QUANTIZE_CHOICES = ("none", "nf4")
 IGNORED_HF_KEYS = {
     "architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
     "use_cache", "attention_dropout", "embd_pdrop", "resid_pdrop", "attention_bias",

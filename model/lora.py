@@ -20,9 +20,9 @@ import lorakernels as lora
 from lorakernels.adapters import ADAPTER_CONFIG_FILE, load_peft_adapter
 from lorakernels.nf4_layers import NF4Layer, NF4Linear, NF4MergedLinear
 
+from .config import DEFAULT_TARGETS
 from .phi3 import Phi3ForCausalLM
 
-DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 SUPPORTED_TARGETS = DEFAULT_TARGETS + ("lm_head", "embed_tokens")
 
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 from lorakernels import LoRALayer
 from lorakernels.nf4_layers import NF4Layer, NF4Linear
 
-QUANTIZE_CHOICES = ("none", "nf4")
+from .config import QUANTIZE_CHOICES
+
 
 
 def uses_nf4(quantize: Optional[str]) -> bool:

@@ -240,7 +240,7 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
 
 
 def test_attention_flag(monkeypatch, tmp_path):
-    from training.config import TrainConfig, parse_config
+    from training.config import TrainConfig, check_environment, parse_config
     from training.loop import train
 
     assert parse_config(["--attention", "sdpa"]).attention == "sdpa"
@@ -248,7 +248,7 @@ def test_attention_flag(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="--attention must be one of auto, flex, sdpa, got 'flash'"):
         TrainConfig(attention="flash")
     with pytest.raises(ValueError, match="--attention flex trains on CUDA only"):
-        TrainConfig(attention="flex", device="cpu")
+        check_environment(TrainConfig(attention="flex", device="cpu"))
     seen = []
     monkeypatch.setattr("training.loop._train", lambda *args: seen.append(settings.current()))
     for flag in ("sdpa", None):

@@ -9,11 +9,7 @@ from typing import List, Optional, Sequence
 import yaml
 
 from lorakernels.settings import ATTENTIONS
-from model.build import resolve_device
-from model.lora import DEFAULT_TARGETS
-from model.quantization import QUANTIZE_CHOICES
-
-from .tensorboard_log import summary_writer_class
+from model.config import DEFAULT_TARGETS, QUANTIZE_CHOICES
 
 # Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
@@ -86,19 +82,13 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        resolve_device(self.device)  # cuda without a GPU, or an unknown device, stops here
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):
             raise ValueError(f"--report-to must be none or tensorboard, got {self.report_to!r}")
-        if self.report_to == "tensorboard":
-            summary_writer_class()  # a missing package stops here, before any work
         if self.attention is not None and self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
                              f"got {self.attention!r}")
-        if self.attention == "flex" and resolve_device(self.device).type != "cuda":
-            raise ValueError("--attention flex trains on CUDA only (torch has no FlexAttention "
-                             "backward on CPU); use auto or sdpa on a CPU")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantize not in QUANTIZE_CHOICES:
@@ -117,11 +107,27 @@ class TrainConfig:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
 
+def check_environment(config: TrainConfig) -> None:
+    """What ``config`` asks of this machine, checked as the run starts, before any work: the
+    device exists, FlexAttention has a GPU to train on, the TensorBoard package is there."""
+    from model.build import resolve_device
+
+    from .tensorboard_log import summary_writer_class
+
+    device = resolve_device(config.device)  # cuda without a GPU, or an unknown device
+    if config.attention == "flex" and device.type != "cuda":
+        raise ValueError("--attention flex trains on CUDA only (torch has no FlexAttention "
+                         "backward on CPU); use auto or sdpa on a CPU")
+    if config.report_to == "tensorboard":
+        summary_writer_class()
+
+
 HELP = {
     "data": "training chats, JSON Lines of {\"messages\": [{\"role\", \"content\"}, ...]}",
     "eval_data": "held-out chats for loss and perplexity",
     "model": "a preset (phi3-tiny, phi3-mini-4k, ...), a checkpoint directory or a hub id",
-    "tokenizer": "tokenizer.json or its directory (default: the model's, or phi3-tiny's)",
+    "tokenizer": "tokenizer.json or its directory (default: a checkpoint's own; for a preset, "
+                 "the shipped phi3-tiny tokenizer, model/assets/phi3-tiny/)",
     "output": "run directory: metrics.jsonl, checkpoint-STEP/, final/",
     "max_steps": "optimizer steps (default: --epochs over the data)",
     "epochs": "passes over the data when --max-steps is not given",
@@ -173,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below")
     for f in dataclasses.fields(TrainConfig):
         name, kind = f"--{flag(f.name)}", f.type
-        help_text = f"{HELP[f.name]} (default: {describe_default(f)})"
+        help_text = HELP[f.name]
+        if "(default:" not in help_text:  # a help text may say its default in its own words
+            help_text += f" (default: {describe_default(f)})"
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name == "resume":

@@ -19,7 +19,7 @@ from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
 from .checkpoint import prune_checkpoints, resume, run_fingerprint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, check_environment
 from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
                    require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
@@ -204,6 +204,7 @@ def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
 
 def train(config: TrainConfig, log=print) -> dict:
     """Run the job described by ``config`` (one process, or one rank under torchrun)."""
+    check_environment(config)
     dist = Distributed.from_env(config.device)
     lock = None
     try:
