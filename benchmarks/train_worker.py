@@ -315,4 +315,6 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if len(sys.argv) != 2:
+        sys.exit("usage: python benchmarks/train_worker.py SPEC.json (bench_train.py writes it)")
+    main(sys.argv[1])
