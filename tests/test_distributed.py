@@ -24,7 +24,8 @@ def torchrun(data, output, batch_size, **extra):
             str(ROOT / "train.py"), "--data", data, "--output", str(output)]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=subprocess_timeout(600))
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(600))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -81,7 +82,8 @@ def test_global_batch_must_divide_over_processes(data, tmp_path):
             str(ROOT / "train.py"), "--data", data, "--output", str(tmp_path)]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=subprocess_timeout(300))
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(300))
     assert result.returncode != 0
     assert "--global-batch-size 3 does not divide over 2 processes × --grad-accum 1" in result.stderr
 
