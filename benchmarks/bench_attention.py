@@ -1,37 +1,9 @@
 """Benchmark packed attention: FlexAttention, conversations re-batched, masked SDPA, causal SDPA.
 
-The batch is what training runs: examples/chat.jsonl tokenized with the phi3-tiny tokenizer
-and packed greedily into rows of T tokens (training.data), its segment ids as the model
-sees them, plus the preset's sliding window (2047 for Phi-3 mini/medium-4k and phi3-tiny).
-Rows per batch: 8192 // T on a GPU, 2048 // T on a CPU (at least 1), so every case holds
-the same number of tokens. q, k, v are random [B, H, T, D] (the attention does not depend on
-their values for timing) in bf16 on a GPU, fp32 on a CPU.
+One layer's attention over the example chats packed into rows of T tokens, forward and
+forward + backward, each provider checked against masked SDPA first. Methodology:
+docs/benchmarks.md.
 
-Providers (lorakernels.attention's plans; each computes the same attention but ``causal``):
-  masked         SDPA under reference.attention_mask's dense [B, 1, T, T] mask (the old path)
-  conversations  each row re-batched into its conversations, causal SDPA, no mask
-                 (ops/conversation_attention.py): the SDPA path of lorakernels.attention
-  flex           FlexAttention under the block mask of causal ∧ segment ∧ window, compiled
-                 (ops/flex_attention.py); on a CPU forward only and only when asked
-                 (--providers ... flex): torch has no CPU backward, and compiling takes ~20 s
-  causal         unmasked causal SDPA over whole rows: the floor packing cannot beat
-                 (it attends across conversations, so it is not checked for equality)
-
-Modes: ``both`` = forward + backward (dy random), ``forward``. Each provider's output is
-first checked against ``masked`` (max |error| / max |reference| under 1e-4 in fp32, 2e-2 in
-bf16), and the script exits 1 if one is wrong. The plan (mask, layout or block mask) is
-built once per batch and shared by every layer in the model; its build time is reported
-apart ("plan ms"), not inside the per-layer times. ``blocks computed`` is the fraction of
-128 × 128 tiles of the T × T square that FlexAttention's block mask computes for this data.
-With --repeats N each case is timed N times and the lowest median counts (load from other
-processes only adds time). Peak memory (GPU): torch.cuda.max_memory_allocated over the step.
-
-Layouts (--layouts; heads / KV heads, head dim): phi3-tiny 4/4 × 64, phi3-mini-4k 32/32 × 96,
-phi3-medium-4k 40/10 × 128. Defaults: GPU phi3-mini-4k and phi3-medium-4k at T 2048 and
-4096; CPU phi3-tiny and phi3-mini-4k at T 512 and 2048. --smoke: phi3-tiny, T 128, one
-row, masked/conversations/causal (flex too on a GPU); its files get a _smoke suffix on a GPU.
-
-Run:
     python benchmarks/bench_attention.py                      # the device's defaults
     python benchmarks/bench_attention.py --repeats 3          # on a shared machine
     python benchmarks/bench_attention.py --smoke --out-dir /tmp/bench
@@ -42,20 +14,20 @@ import argparse
 import time
 from typing import Callable, List
 
-from common import (  # first: it puts this checkout on sys.path
+from common import (
     DEVICE, ON_CUDA, ROOT, SEED, add_output_args, command_line, device_label, device_name,
-    result_header, time_ms, timing_config, versions_line, write_results)
+    prepare_script, result_header, time_ms, timing_config, versions_line, write_results)
 
-import torch  # noqa: E402
+import torch
 
-from lorakernels import settings  # noqa: E402
-from lorakernels.attention import AttentionPlan, attention, attention_plan  # noqa: E402
-from lorakernels.ops.flex_attention import computed_fraction, packed_block_mask  # noqa: E402
-from model import Phi3Config  # noqa: E402
-from model.build import load_model  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import collate  # noqa: E402
-from training.loop import prepare_rows  # noqa: E402
+from lorakernels import settings
+from lorakernels.attention import AttentionPlan, attention, attention_plan
+from lorakernels.ops.flex_attention import computed_fraction, packed_block_mask
+from model import Phi3Config
+from model.build import load_model
+from training.config import TrainConfig
+from training.data import collate
+from training.loop import prepare_rows
 
 DATA = ROOT / "examples" / "chat.jsonl"
 PROVIDERS = ("masked", "conversations", "flex", "causal")
@@ -68,7 +40,8 @@ SMOKE = dict(layouts=["phi3-tiny"], lengths=[128], tokens=128)
 
 
 def packed_segments(length: int, rows: int) -> torch.Tensor:
-    """Segment ids [rows, length] of the example data packed to ``length`` (padding -1): the first rows."""
+    """Segment ids [rows, length] of the example data packed to ``length`` (padding -1): the
+    first rows."""
     _, tokenizer = load_model("phi3-tiny", torch.float32, torch.device("cpu"))
     packed, _ = prepare_rows(str(DATA), tokenizer, TrainConfig(max_seq_len=length, data=str(DATA)))
     packed = [packed[i % len(packed)] for i in range(rows)]
@@ -105,7 +78,39 @@ def timed_plan_ms(build: Callable[[], object]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def attention_step(q, k, v, plan: AttentionPlan, dy: torch.Tensor, mode: str) -> Callable:
+    """One layer's attention under ``plan``: forward + backward (``both``) or forward only."""
+    if mode == "both":
+        return lambda: attention(q, k, v, plan).backward(dy)
+
+    def forward():
+        with torch.no_grad():
+            attention(q, k, v, plan)
+    return forward
+
+
+def best_of(step: Callable, leaves, repeats: int) -> dict:
+    """The lowest of ``repeats`` timings' medians, every median, and the GPU's peak memory."""
+    if ON_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    medians = [time_ms(step, leaves) for _ in range(repeats)]
+    best = min(medians, key=lambda t: t[0])
+    peak = torch.cuda.max_memory_allocated() / 2**20 if ON_CUDA else None
+    return dict(median_ms=best[0], p20_ms=best[1], p80_ms=best[2],
+                all_medians_ms=[m[0] for m in medians], peak_memory_mb=peak)
+
+
+def check_against(reference: torch.Tensor, got: torch.Tensor, tol: float, provider: str,
+                  case: str) -> None:
+    """Exits, naming the provider and case, when ``got`` is not the masked SDPA's output."""
+    error = ((got.float() - reference.float()).abs().max() / reference.abs().max()).item()
+    if not error < tol:
+        raise SystemExit(f"{provider} is wrong for {case}: relative max error {error:.3g} "
+                         "against masked SDPA; not timing it")
+
+
 def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: int) -> List[dict]:
+    """Every provider in every mode on one layout at T = ``length``, checked first."""
     config = Phi3Config.from_name(layout)
     H, Hk, D, window = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
                         config.sliding_window)
@@ -117,44 +122,29 @@ def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: i
 
     q, k, v = randn(rows, H, length, D), randn(rows, Hk, length, D), randn(rows, Hk, length, D)
     dy = randn(rows, H, length, D, grad=False)
+    case = dict(layout=layout, heads=H, kv_heads=Hk, head_dim=D, T=length, rows=rows,
+                conversations=int(sum(len(set(r.tolist()) - {-1}) for r in segments.cpu())),
+                window=window)
     fraction = computed_fraction(packed_block_mask(segments, length, window, torch.device(DEVICE)))
-    conversations = int(sum(len(set(r.tolist()) - {-1}) for r in segments.cpu()))
     plans = {p: plan_for(p, segments, window, length) for p in providers}
     with torch.no_grad():
         reference = attention(q, k, v, plans.get("masked") or plan_for(
-            "masked", segments, window, length)).float()
+            "masked", segments, window, length))
     out = []
-    for provider in providers:
-        plan = plans[provider]
+    for provider, plan in plans.items():
         if provider != "causal":
             with torch.no_grad():
-                got = attention(q, k, v, plan).float()
-            error = ((got - reference).abs().max() / reference.abs().max()).item()
-            if not error < REL_TOL[dtype]:
-                raise SystemExit(f"{provider} is wrong for {layout} T {length}: relative max error "
-                                 f"{error:.3g} against masked SDPA; not timing it")
+                check_against(reference, attention(q, k, v, plan), REL_TOL[dtype], provider,
+                              f"{layout} T {length}")
         plan_ms = 0.0 if provider == "causal" else timed_plan_ms(
             lambda: plan_for(provider, segments, window, length))
         for mode in MODES:
             if mode == "both" and provider == "flex" and not ON_CUDA:
                 continue  # no FlexAttention backward on CPU
-            if mode == "both":
-                def step():
-                    attention(q, k, v, plan).backward(dy)
-            else:
-                def step():
-                    with torch.no_grad():
-                        attention(q, k, v, plan)
-            if ON_CUDA:
-                torch.cuda.reset_peak_memory_stats()
-            medians = [time_ms(step, [q, k, v]) for _ in range(repeats)]
-            best = min(medians, key=lambda t: t[0])
-            peak = torch.cuda.max_memory_allocated() / 2**20 if ON_CUDA else None
-            out.append(dict(layout=layout, heads=H, kv_heads=Hk, head_dim=D, T=length, rows=rows,
-                            conversations=conversations, window=window, provider=provider,
-                            mode=mode, median_ms=best[0], p20_ms=best[1], p80_ms=best[2],
-                            all_medians_ms=[m[0] for m in medians], plan_ms=plan_ms,
-                            peak_memory_mb=peak, blocks_computed=fraction))
+            out.append(dict(case, provider=provider, mode=mode, plan_ms=plan_ms,
+                            blocks_computed=fraction,
+                            **best_of(attention_step(q, k, v, plan, dy, mode), [q, k, v],
+                                      repeats)))
     return out
 
 
@@ -184,8 +174,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--layouts", nargs="+", help="presets whose head layouts are run")
     parser.add_argument("--lengths", nargs="+", type=int, metavar="T", help="packed row lengths")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
-                        help=f"default: {' '.join(PROVIDERS)} on a GPU, {' '.join(CPU_PROVIDERS)} on a CPU")
-    parser.add_argument("--repeats", type=int, default=1, help="time each case N times, keep the best")
+                        help=f"default: {' '.join(PROVIDERS)} on a GPU, "
+                             f"{' '.join(CPU_PROVIDERS)} on a CPU")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time each case N times, keep the best")
     add_output_args(parser, "attention", "phi3-tiny at T 128, one row: a quick end-to-end check")
     return parser.parse_args(argv)
 
@@ -213,4 +205,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    prepare_script()
     main()

@@ -1,48 +1,10 @@
 """Benchmark whole training processes: ``train.py`` against a transformers + PEFT training script.
 
-Both sides fine-tune the same checkpoint on the same data with the same batch, rank and
-optimizer, each as its own ``python`` process, --repeats times alternating (ours, HF, ours,
-HF, ...):
+Both sides fine-tune one random phi3-tiny checkpoint on examples/chat.jsonl with the same
+batch, rank and optimizer, each as its own process, --repeats times alternating; counted:
+data (non-padding) tokens per second after the warm-up steps. Methodology:
+docs/benchmarks.md.
 
-  ours     python train.py --model BASE --data examples/chat.jsonl --max-steps S --batch-size 4
-           --max-seq-len 256 --lora-r 16 --lora-alpha 32 --lora-dropout 0.05 --lr 2e-4
-           --dtype float32 --device cpu --output TMP/...   (packing on: train.py's default)
-  hf_peft  python benchmarks/bench_cli.py --hf-worker ...: hf_worker() below, a plain
-           Hugging Face training loop (its parts in common.py, shared with bench_train.py):
-           hf_peft_model, transformers.Phi3ForCausalLM.from_pretrained(BASE, dtype=fp32,
-           attn_implementation="sdpa") + peft.get_peft_model(LoraConfig(r 16, alpha 32,
-           dropout 0.05, qkv_proj o_proj gate_up_proj down_proj)); hf_batches, the chats in
-           order shuffled once (seed 42), 4 conversations a batch padded to the longest of
-           the 4 (right padding, attention_mask, labels -100 on padding; no packing, as HF
-           users train), each conversation cut to 256 tokens; per step hf_training_step,
-           ``model(input_ids, attention_mask=..., labels=..., use_cache=False).loss.backward()``,
-           clip_grad_norm_(1.0) (train.py's and HF Trainer's default, so both do that work),
-           AdamW(lr 2e-4, weight decay 0).step(), zero_grad. No LR schedule (train.py's cosine
-           schedule costs nothing measurable).
-
-Same checkpoint: one random base (model.build.random_model, seed 1234; the phi3-tiny preset
-unless --model) written with our save_pretrained, and the tiny tokenizer beside it with
-tokenizer.save_pretrained, in a temp dir; both sides load it. Same tokens: both tokenize each
-conversation with training.data.tokenize_chats and the checkpoint's tokenizer, so the token
-ids and the loss mask (the assistant replies and their end-of-turn token) are identical; HF's
-labels are the ids on the mask and -100 elsewhere.
-
-What is counted, the same on both sides: **data tokens consumed per second**, i.e. the
-non-padding tokens of the conversations in the step's batch (HF: attention_mask.sum(); ours:
-the packed rows' tokens, segment_ids >= 0, padding excluded), summed over the timed steps
-3..S and divided by the time from the end of step 2 to the end of step S (2 warm-up steps
-untimed). Note that train.py's own ``tokens_per_s`` counts ``input_ids.numel()``, padding
-included, from the start of the loop; this script does not use that figure as is. It
-recovers train.py's clock from metrics.jsonl instead: with --log-every 1 every step logs
-its cumulative ``tokens_per_s`` = padded tokens so far / seconds since the loop started, and
-the padded token counts are known exactly (this script rebuilds train.py's batches with
-training.data: the same rows, seed and MicroBatches order), so the end time of step k is
-padded_k / tokens_per_s_k. The same rebuild gives each step's data tokens.
-
-Also reported per run: ms/step over the timed steps, data tokens per step, and the process's
-wall time (start to exit: imports, loading, data, all S steps, saving).
-
-Run:
     python benchmarks/bench_cli.py                 # phi3-tiny, 30 steps, 3 repeats (cli_cpu.md)
     python benchmarks/bench_cli.py --smoke --out-dir /tmp/bench
 
@@ -60,9 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (  # first: it sets TRITON_INTERPRET and puts this checkout on sys.path
+from common import (
     DATA, DATA_SEED, ROOT, add_output_args, command_line, data_tokens, device_name, hf_batches,
-    hf_peft_model, hf_training_step, utc_now, versions, write_random_base, write_results)
+    hf_peft_model, hf_training_step, prepare_script, utc_now, versions, write_random_base,
+    write_results)
 
 import torch
 
@@ -83,7 +46,8 @@ def build_base(preset: str, directory: Path, layers=None) -> dict:
     if layers:
         config = dataclasses.replace(config, num_hidden_layers=layers)
     write_random_base(config, torch.float32, "cpu", directory)
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in ("extra", "rope_scaling")}
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if k not in ("extra", "rope_scaling")}
 
 
 # ----------------------------------------------------------------------------- HF + PEFT worker
@@ -94,8 +58,8 @@ def hf_worker(args) -> None:
     from model.tokenizer import load_tokenizer
 
     torch.manual_seed(DATA_SEED)
-    model = hf_peft_model(args.base, torch.float32, "cpu", LORA["r"], LORA["alpha"], LORA["dropout"],
-                          TARGETS)
+    model = hf_peft_model(args.base, torch.float32, "cpu", LORA["r"], LORA["alpha"],
+                          LORA["dropout"], TARGETS)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -135,7 +99,8 @@ def our_batches(base: str, data: str, batch_size: int, max_seq_len: int, steps: 
 
 
 def summarise(ends, data_tokens, steps: int) -> dict:
-    """Data tokens/s and ms/step over steps WARMUP_STEPS+1..steps (``ends``: each step's end time)."""
+    """Data tokens/s and ms/step over steps WARMUP_STEPS+1..steps (``ends``: each step's end
+    time)."""
     seconds = ends[steps - 1] - ends[WARMUP_STEPS - 1]
     timed = steps - WARMUP_STEPS
     tokens = sum(data_tokens[WARMUP_STEPS:steps])
@@ -144,8 +109,9 @@ def summarise(ends, data_tokens, steps: int) -> dict:
 
 
 def run_ours(args, base: Path, out: Path, counts) -> dict:
-    command = [sys.executable, str(ROOT / "train.py"), "--model", str(base), "--data", str(args.data),
-               "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+    command = [sys.executable, str(ROOT / "train.py"), "--model", str(base),
+               "--data", str(args.data), "--max-steps", str(args.steps),
+               "--batch-size", str(args.batch_size),
                "--max-seq-len", str(args.max_seq_len), "--lora-r", str(LORA["r"]),
                "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]),
                "--lr", str(LR), "--dtype", "float32", "--device", "cpu", "--log-every", "1",
@@ -154,7 +120,8 @@ def run_ours(args, base: Path, out: Path, counts) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise SystemExit(f"train.py failed ({result.returncode}):\n{result.stdout}\n"
+                         f"{result.stderr}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "tokens_per_s" in r]
     assert [r["step"] for r in rows] == list(range(1, args.steps + 1)), rows
@@ -164,8 +131,8 @@ def run_ours(args, base: Path, out: Path, counts) -> dict:
     assert all(a < b for a, b in zip(ends, ends[1:])), ends  # the rebuilt batches fit its clock
     summary = [line for line in result.stdout.splitlines() if line.startswith("done:")]
     return {**summarise(ends, [c[1] for c in counts], args.steps), "process_s": wall,
-            "losses": [r["loss"] for r in rows], "train_py_summary": summary[-1] if summary else None,
-            "command": " ".join(command)}
+            "losses": [r["loss"] for r in rows],
+            "train_py_summary": summary[-1] if summary else None, "command": " ".join(command)}
 
 
 def run_hf(args, base: Path) -> dict:
@@ -176,7 +143,8 @@ def run_hf(args, base: Path) -> dict:
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        raise SystemExit(f"HF worker failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise SystemExit(f"HF worker failed ({result.returncode}):\n{result.stdout}\n"
+                         f"{result.stderr}")
     worker = json.loads(result.stdout.strip().splitlines()[-1])
     return {**summarise(worker["ends"], worker["data_tokens"], args.steps), "process_s": wall,
             "losses": worker["losses"], "command": " ".join(command)}
@@ -220,14 +188,21 @@ def report(result: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="phi3-tiny", help="preset of the random base (default: phi3-tiny)")
-    parser.add_argument("--steps", type=int, default=30, help="steps per run, 2 of them warm-up (default: 30)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each side, alternating (default: 3)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-seq-len", type=int, default=256)
-    parser.add_argument("--data", default=str(DATA))
-    add_output_args(parser, "cli", "phi3-tiny with 2 layers, 4 steps, 1 repeat: a test of the script "
-                                   "(times mean nothing); files get a _smoke suffix")
+    parser.add_argument("--model", default="phi3-tiny",
+                        help="preset of the random base (default: phi3-tiny)")
+    parser.add_argument("--steps", type=int, default=30,
+                        help=f"steps per run, {WARMUP_STEPS} of them warm-up (default: 30)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each side, alternating (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="train.py's --batch-size, the HF script's conversations a step "
+                             "(default: 4)")
+    parser.add_argument("--max-seq-len", type=int, default=256,
+                        help="tokens per row; longer chats are cut (default: 256)")
+    parser.add_argument("--data", default=str(DATA),
+                        help=f"chat data (default: {DATA.relative_to(ROOT)})")
+    add_output_args(parser, "cli", "phi3-tiny with 2 layers, 4 steps, 1 repeat: a test of the "
+                                   "script (times mean nothing); files get a _smoke suffix")
     parser.add_argument("--hf-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -238,46 +213,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_sides(args, base: Path, workdir: Path, counts) -> list:
+    """Both sides --repeats times, alternating (ours, HF, ours, HF, ...)."""
+    runs = []
+    for repeat in range(1, args.repeats + 1):
+        for side in ("ours", "hf_peft"):
+            run = (run_ours(args, base, workdir / f"run{repeat}", counts) if side == "ours"
+                   else run_hf(args, base))
+            runs.append({"repeat": repeat, "side": side, **run})
+            print(f"repeat {repeat} {side}: {run['tokens_per_s']:,.0f} data tokens/s, "
+                  f"{run['ms_per_step']:.1f} ms/step, process {run['process_s']:.1f} s",
+                  flush=True)
+    return runs
+
+
+def summary_of(runs: list) -> dict:
+    """Each side's median data tokens/s, their ratio, and each repeat's ratio."""
+    ours = [r["tokens_per_s"] for r in runs if r["side"] == "ours"]
+    hf = [r["tokens_per_s"] for r in runs if r["side"] == "hf_peft"]
+    return {"ours_tokens_per_s": statistics.median(ours),
+            "hf_tokens_per_s": statistics.median(hf),
+            "ratio": statistics.median(ours) / statistics.median(hf),
+            "ratios": [o / h for o, h in zip(ours, hf)]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.hf_worker:
         hf_worker(args)
         return 0
-    runs = []
     with tempfile.TemporaryDirectory(prefix="bench_cli_") as tmp:
-        tmp = Path(tmp)
-        base = tmp / "base"
+        base = Path(tmp) / "base"
         config = build_base(args.model, base, layers=2 if args.smoke else None)
         counts = our_batches(str(base), args.data, args.batch_size, args.max_seq_len, args.steps)
-        for repeat in range(1, args.repeats + 1):
-            for side in ("ours", "hf_peft"):
-                run = (run_ours(args, base, tmp / f"run{repeat}", counts) if side == "ours"
-                       else run_hf(args, base))
-                runs.append({"repeat": repeat, "side": side, **run})
-                print(f"repeat {repeat} {side}: {run['tokens_per_s']:,.0f} data tokens/s, "
-                      f"{run['ms_per_step']:.1f} ms/step, process {run['process_s']:.1f} s", flush=True)
-    ours = [r["tokens_per_s"] for r in runs if r["side"] == "ours"]
-    hf = [r["tokens_per_s"] for r in runs if r["side"] == "hf_peft"]
-    summary = {"ours_tokens_per_s": statistics.median(ours), "hf_tokens_per_s": statistics.median(hf),
-               "ratio": statistics.median(ours) / statistics.median(hf),
-               "ratios": [o / h for o, h in zip(ours, hf)]}
+        runs = run_sides(args, base, Path(tmp), counts)
+    settings = {"model": args.model + (" (2 layers)" if args.smoke else ""),
+                "steps": args.steps, "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
+                "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+                "data": os.path.relpath(args.data, ROOT), "smoke": args.smoke, "lora": LORA,
+                "lr": LR, "targets": TARGETS}
     result = {
-        "benchmark": "bench_cli", "device": "cpu", "device_name": device_name(), "date": utc_now(),
-        "versions": versions("transformers", "peft"), "command": command_line(),
-        "num_threads": torch.get_num_threads(),
-        "settings": {"model": args.model + (" (2 layers)" if args.smoke else ""), "steps": args.steps,
-                     "warmup_steps": WARMUP_STEPS, "repeats": args.repeats,
-                     "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
-                     "data": os.path.relpath(args.data, ROOT), "smoke": args.smoke, "lora": LORA,
-                     "lr": LR, "targets": TARGETS},
-        "model_config": config,
-        "tokens_counted": "non-padding data tokens of the step's batch, steps 3..S, per second of "
-                          "the wall clock from the end of step 2 to the end of step S",
-        "runs": runs, "summary": summary,
+        "benchmark": "bench_cli", "device": "cpu", "device_name": device_name(),
+        "date": utc_now(), "versions": versions("transformers", "peft"),
+        "command": command_line(), "num_threads": torch.get_num_threads(),
+        "settings": settings, "model_config": config,
+        "tokens_counted": "non-padding data tokens of the step's batch, steps 3..S, per second "
+                          "of the wall clock from the end of step 2 to the end of step S",
+        "runs": runs, "summary": summary_of(runs),
     }
-    write_results(result, report(result), args.out_dir, "cli_cpu" + ("_smoke" if args.smoke else ""))
+    stem = "cli_cpu" + ("_smoke" if args.smoke else "")
+    write_results(result, report(result), args.out_dir, stem)
     return 0
 
 
 if __name__ == "__main__":
+    prepare_script()
     sys.exit(main())

@@ -1,35 +1,28 @@
 """Benchmark one DoRA layer: ours against our LoRA layer and PEFT's DoRA, forward + backward.
 
+Also records the largest tensor each provider creates: ours must never build W + s·B·A.
+Methodology: docs/benchmarks.md.
+
     python benchmarks/bench_dora.py                      # fp32, M 512, 1536 → 4608 (qkv-like), r 16
     python benchmarks/bench_dora.py --dropout 0.05       # train.py's default dropout
     python benchmarks/bench_dora.py --smoke              # a tiny case: a test of the script
 
-Providers, all at --dropout (default 0, PEFT's default, where DoRA needs no second base
-GEMM; dropout is active in the timed steps), with the same base weight, A, B and magnitude:
-  lora       lorakernels.Linear (r, alpha): what DoRA is measured against
-  dora       lorakernels.Linear(use_dora=True): the column norm by algebra (lorakernels/dora.py)
-  peft_dora  PEFT's DoRA layer (peft.tuners.lora.Linear, use_dora=True), which materialises
-             W + s·B·A to take its norms
-Each is timed with common's timer (CPU: the median of 5 calls after a warm-up), the
-providers taking turns --repeats times and each keeping its fastest run, on the
-default backend (oneDNN for fp32 CPU tensors, the Triton kernels on a GPU). The largest
-tensor any op creates during one forward + backward is recorded (a TorchDispatchMode sees
-every ATen op, backward included): ours must stay below one [N, K] weight in the compute
-dtype, i.e. no W + s·B·A.
+Results: a markdown table on stdout, and ``<out-dir>/dora_<device>.json`` and ``.md``.
 """
 import argparse
 
-from common import (  # first: it sets TRITON_INTERPRET and puts this checkout on sys.path
-    DEVICE, ON_CUDA, SEED, add_output_args, command_line, device_label, device_name, time_ms,
+from common import (
+    DEVICE, ON_CUDA, SEED, add_output_args, command_line, device_label, device_name, prepare_script,
+    time_ms,
     timing_config, utc_now, versions, write_results)
 
-import peft  # noqa: E402
-import torch  # noqa: E402
-from peft.tuners.lora.layer import Linear as PeftLinear  # noqa: E402
-from torch.utils._pytree import tree_flatten  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import peft
+import torch
+from peft.tuners.lora.layer import Linear as PeftLinear
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
 
-import lorakernels as lora  # noqa: E402
+import lorakernels as lora
 
 PROVIDERS = ("lora", "dora", "peft_dora")
 SMOKE = dict(tokens=32, in_features=64, out_features=96, rank=4)
@@ -77,7 +70,8 @@ def step(layer: torch.nn.Module, x: torch.Tensor, dy: torch.Tensor):
 
 
 def storages(tree) -> set:
-    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)}
+    return {t.untyped_storage().data_ptr() for t in tree_flatten(tree)[0]
+            if isinstance(t, torch.Tensor)}
 
 
 class LargestNewTensor(TorchDispatchMode):
@@ -93,7 +87,9 @@ class LargestNewTensor(TorchDispatchMode):
         out = func(*args, **kwargs)
         inputs = storages((args, kwargs))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+            new = isinstance(tensor, torch.Tensor) and (
+                tensor.untyped_storage().data_ptr() not in inputs)
+            if new:
                 self.bytes = max(self.bytes, tensor.numel() * tensor.element_size())
         return out
 
@@ -116,14 +112,16 @@ def check_equal(layers: dict, x: torch.Tensor) -> float:
 
 
 def markdown_report(result: dict, command: str) -> str:
-    c = result["config"]
+    c, s = result["config"], result["summary"]
     lines = [
         f"# DoRA layer: ours vs our LoRA vs PEFT's DoRA ({result['device_name']})", "",
-        f"torch {result['torch']}, peft {result['peft']}, python {result['python']}; {result['date']}", "",
+        f"torch {result['torch']}, peft {result['peft']}, python {result['python']}; "
+        f"{result['date']}", "",
         f"M {c['tokens']}, {c['in_features']} → {c['out_features']}, r {c['rank']}, "
-        f"{c['dtype']}, forward + backward, lora_dropout {c['dropout']:g}; {c['timer']}; providers in turn, "
-        f"{c['repeats']} runs each, the fastest run's numbers", "",
-        "| provider | median ms | p20 ms | p80 ms | vs our LoRA | run medians ms | largest tensor MiB |",
+        f"{c['dtype']}, forward + backward, lora_dropout {c['dropout']:g}; {c['timer']}; "
+        f"providers in turn, {c['repeats']} runs each, the fastest run's numbers", "",
+        "| provider | median ms | p20 ms | p80 ms | vs our LoRA | run medians ms "
+        "| largest tensor MiB |",
         "|---|---:|---:|---:|---:|---|---:|",
     ]
     for row in result["rows"]:
@@ -131,31 +129,70 @@ def markdown_report(result: dict, command: str) -> str:
         lines.append(f"| {row['provider']} | {row['median_ms']:.2f} | {row['p20_ms']:.2f} | "
                      f"{row['p80_ms']:.2f} | {row['ratio_to_lora']:.2f}× | {runs} | "
                      f"{row['largest_tensor_bytes'] / 2**20:.1f} |")
-    s = result["summary"]
+    below = "stays below" if s["no_weight_sized_temporary"] else "reaches"
     lines += ["", f"Ours vs PEFT's DoRA: {s['speedup_vs_peft']:.2f}× faster; ours vs our LoRA: "
-                  f"{s['dora_vs_lora']:.2f}×. One [N, K] weight is {s['weight_bytes'] / 2**20:.1f} MiB; "
-                  f"the largest tensor our DoRA creates {'stays below' if s['no_weight_sized_temporary'] else 'reaches'} it. "
-                  f"Outputs agree with PEFT's to {s['max_rel_error_vs_peft']:.1e}.",
+                  f"{s['dora_vs_lora']:.2f}×. One [N, K] weight is "
+                  f"{s['weight_bytes'] / 2**20:.1f} MiB; the largest tensor our DoRA creates "
+                  f"{below} it. Outputs agree with PEFT's to {s['max_rel_error_vs_peft']:.1e}.",
               "", f"Reproduce: `{command}`", ""]
     return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Benchmark one DoRA layer against LoRA and PEFT's DoRA.")
+    parser = argparse.ArgumentParser(
+        description="Benchmark one DoRA layer against LoRA and PEFT's DoRA.")
     parser.add_argument("--tokens", type=int, default=512, help="rows M of x (default: 512)")
     parser.add_argument("--in-features", type=int, default=1536, help="K (default: 1536)")
-    parser.add_argument("--out-features", type=int, default=4608, help="N (default: 4608, qkv-like)")
+    parser.add_argument("--out-features", type=int, default=4608,
+                        help="N (default: 4608, qkv-like)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="lora_dropout of every provider, active in the timed steps (default: "
                              "0, PEFT's default; with p > 0 DoRA runs a second base GEMM)")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timing runs per provider, taken in turn; the fastest counts (default: 3)")
+                        help="timing runs per provider, taken in turn; the fastest counts "
+                             "(default: 3)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         default="bfloat16" if ON_CUDA else "float32",
                         help="dtype of x and W (default: float32 on CPU, bfloat16 on a GPU)")
     add_output_args(parser, "dora", "tiny case (M 32, 64 → 96, r 4): a test of the script")
     return parser.parse_args(argv)
+
+
+def time_providers(layers: dict, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> dict:
+    """Provider -> its runs' [median, p20, p80] ms. Providers take turns, ``repeats`` times,
+    so that drift spreads over all of them."""
+    timings = {name: [] for name in PROVIDERS}
+    for _ in range(repeats):
+        for name in PROVIDERS:
+            layer = layers[name]
+            timings[name].append(time_ms(step(layer, x, dy), [x, *trainable(layer)]))
+    return timings
+
+
+def provider_rows(layers: dict, timings: dict, x: torch.Tensor, dy: torch.Tensor) -> list:
+    """Each provider's fastest run (load from elsewhere only adds time), its largest new
+    tensor, and its time relative to our LoRA's."""
+    rows = []
+    for name in PROVIDERS:
+        median, p20, p80 = min(timings[name])
+        rows.append(dict(provider=name, median_ms=median, p20_ms=p20, p80_ms=p80,
+                         run_medians_ms=[t[0] for t in timings[name]],
+                         largest_tensor_bytes=largest_new_tensor(step(layers[name], x, dy))))
+    for row in rows:
+        row["ratio_to_lora"] = row["median_ms"] / rows[0]["median_ms"]
+    return rows
+
+
+def summary_of(rows: list, weight_bytes: int, error: float) -> dict:
+    by_name = {row["provider"]: row for row in rows}
+    return dict(
+        dora_vs_lora=by_name["dora"]["ratio_to_lora"],
+        speedup_vs_peft=by_name["peft_dora"]["median_ms"] / by_name["dora"]["median_ms"],
+        weight_bytes=weight_bytes,
+        no_weight_sized_temporary=by_name["dora"]["largest_tensor_bytes"] < weight_bytes,
+        max_rel_error_vs_peft=error,
+    )
 
 
 def main(argv=None) -> None:
@@ -171,41 +208,18 @@ def main(argv=None) -> None:
     dy = torch.randn(M, N, generator=gen).to(DEVICE, dtype)
     error = check_equal(layers, x)
     if not error < (1e-4 if dtype == torch.float32 else 2e-2):
-        raise SystemExit(f"our DoRA layer differs from PEFT's by {error:.3g} (relative): not timing it")
-    # Providers take turns, --repeats times; each keeps its fastest run's [median, p20, p80]
-    # (load from elsewhere only adds time, and turns spread any drift over all of them).
-    timings = {name: [] for name in PROVIDERS}
-    for _ in range(args.repeats):
-        for name in PROVIDERS:
-            layer = layers[name]
-            timings[name].append(time_ms(step(layer, x, dy), [x, *trainable(layer)]))
-    rows = []
-    for name in PROVIDERS:
-        median, p20, p80 = min(timings[name])
-        rows.append(dict(provider=name, median_ms=median, p20_ms=p20, p80_ms=p80,
-                         run_medians_ms=[t[0] for t in timings[name]],
-                         largest_tensor_bytes=largest_new_tensor(step(layers[name], x, dy))))
-    lora_ms = rows[0]["median_ms"]
-    for row in rows:
-        row["ratio_to_lora"] = row["median_ms"] / lora_ms
-    by_name = {row["provider"]: row for row in rows}
-    weight_bytes = N * K * dtype.itemsize
-    summary = dict(
-        dora_vs_lora=by_name["dora"]["median_ms"] / lora_ms,
-        speedup_vs_peft=by_name["peft_dora"]["median_ms"] / by_name["dora"]["median_ms"],
-        weight_bytes=weight_bytes,
-        no_weight_sized_temporary=by_name["dora"]["largest_tensor_bytes"] < weight_bytes,
-        max_rel_error_vs_peft=error,
-    )
+        raise SystemExit(f"our DoRA layer differs from PEFT's by {error:.3g} (relative): "
+                         "not timing it")
+    rows = provider_rows(layers, time_providers(layers, x, dy, args.repeats), x, dy)
     result = {"device": device_label(cpu="cpu"), "device_name": device_name(), "date": utc_now(),
               **versions("peft"), "smoke": args.smoke,
               "config": dict(tokens=M, in_features=K, out_features=N, rank=r, dtype=args.dtype,
                              dropout=args.dropout, repeats=args.repeats, **timing_config()),
-              "rows": rows, "summary": summary}
-    command = command_line()
+              "rows": rows, "summary": summary_of(rows, N * K * dtype.itemsize, error)}
     stem = f"dora_{result['device']}" + ("_smoke" if args.smoke else "")
-    write_results(result, markdown_report(result, command), args.out_dir, stem)
+    write_results(result, markdown_report(result, command_line()), args.out_dir, stem)
 
 
 if __name__ == "__main__":
+    prepare_script()
     main()

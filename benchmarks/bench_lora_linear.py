@@ -1,39 +1,26 @@
 """Benchmark one LoRA linear layer, y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ, against its frozen base GEMM.
 
-Providers, side by side in one process, all in one dtype (x, W, A, B; bf16 by default):
-  base   the base GEMM alone: forward x·Wᵀ, backward dx = dy·W only (W is frozen)
-  eager  PEFT-style: F.linear(x, W) + (dropout(x) @ Aᵀ @ Bᵀ)·s, torch autograd
-  addmm  S = dropout(x)·Aᵀ folded into the base output by one torch.addmm, torch autograd
-  fused  ours: lorakernels.ops.lora_linear.fused_lora_linear (Triton)
-Modes, timed separately: forward (as in training, autograd recording); backward
-(``y.backward(dy)`` on a graph built once outside the timed region); both (forward + backward).
-x, A and B require grad, W does not; their grads are set to None before every timed call.
+Providers base, eager, addmm and our fused Triton kernels at Phi-3-mini's projections,
+forward, backward and both, each beside its ratio to the base GEMM and that ratio's floor.
+Methodology: docs/benchmarks.md.
 
-Per (shape, M, provider, mode) it reports the median time (p20/p80 in the JSON), the
-effective base-GEMM throughput (2·M·N·K FLOPs per base GEMM: forward 1, backward 1 (dx
-only), both 2; LoRA FLOPs are not counted), the ratio to base in the same mode, and the
-floor of that ratio, (base_ms + extra_bytes / bandwidth) / base_ms. extra_bytes are what
-the fused kernels read beyond the base GEMMs (lorakernels/ops/lora_linear.py): forward x
-once more (F1); backward x and dy once more (B3, B1); both, the two added. The bandwidth
-is a device-to-device copy timed in the same run.
-
-Run:
-    python benchmarks/bench_lora_linear.py                  # Phi-3-mini, M = 1024, 4096, 16384, bf16
+    python benchmarks/bench_lora_linear.py          # Phi-3-mini, M = 1024, 4096, 16384, bf16
     python benchmarks/bench_lora_linear.py --tokens 4096 --shapes qkv down
-    python benchmarks/bench_lora_linear.py --smoke                  # one tiny fp32 case
+    python benchmarks/bench_lora_linear.py --smoke          # one tiny fp32 case
 
-Without CUDA it runs the tiny case under TRITON_INTERPRET=1 as a smoke test of the
-script itself (its times mean nothing). Results: a markdown table on stdout, and
-``<out-dir>/lora_linear_<device>.json`` and ``.md``.
+Without CUDA it runs the tiny case in Triton's interpreter (re-running itself with
+TRITON_INTERPRET=1): a test of the script, its times mean nothing. Results: a markdown table
+on stdout, and ``<out-dir>/lora_linear_<device>.json`` and ``.md``.
 """
 import argparse
 from typing import Callable, Dict, List
 
-from common import (  # first: it sets TRITON_INTERPRET before anything imports Triton
-    COPY_BYTES, DEVICE, PHI3_MINI_SHAPES, SEED, linear_shapes, Inputs, add_layer_args, add_output_args,
+from common import (
+    COPY_BYTES, DEVICE, PHI3_MINI_SHAPES, SEED, Inputs, add_layer_args, add_output_args,
     backward_step, check_fused, command_line, copy_bandwidth_gbps, extra_elements,
-    forward_backward_step, forward_step, fused, make_inputs, random_weight, result_header,
-    result_stem, smoke_mode, time_ms, timed_row, timing_config, versions_line, write_results)
+    forward_backward_step, forward_step, fused, linear_shapes, make_inputs, prepare_script,
+    random_weight, result_header, result_stem, smoke_mode, time_ms, timed_row, timing_config,
+    versions_line, write_results)
 
 import torch
 import torch.nn.functional as F
@@ -140,7 +127,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     smoke = smoke_mode(args)
-    shapes = SMOKE_SHAPES if smoke else {name: linear_shapes(args.model)[name] for name in args.shapes}
+    model_shapes = linear_shapes(args.model)
+    shapes = SMOKE_SHAPES if smoke else {name: model_shapes[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else args.tokens
     if smoke:
         args.dtype = SMOKE_DTYPE
@@ -170,4 +158,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    prepare_script(triton_interpreter=True)
     main()

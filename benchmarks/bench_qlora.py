@@ -1,60 +1,18 @@
 """Benchmark QLoRA: the Phi-3 base's memory in NF4 against bf16, and one LoRA layer over an NF4
 weight against the same layer over a dense bf16 weight.
 
-Memory (``--sections memory``)
-  computed  exact bytes from the shapes, for --model (Phi-3-mini-4k by default): nf4_nbytes
-            (lorakernels/nf4.py) for every decoder linear weight, bf16 for the rest (embedding,
-            norms, LM head, which stay dense as in QLoRA). Arithmetic: valid on any machine.
-  measured  on a GPU, torch.cuda.memory_allocated held by a random base of --model built for
-            real, once in bf16 and then (the bf16 one freed) once in NF4, by
-            model.build.random_model: built on the meta device, materialised on the GPU, each
-            weight N(0, 0.02²) drawn on the CPU and copied over, the NF4 decoder linears
-            quantised as drawn, so the NF4 build's peak (also reported) is the 4-bit model
-            plus one dense weight and its quantisation's temporaries. Without CUDA
-            the smoke run builds phi3-tiny on the CPU and counts its tensors' bytes instead
-            (labelled "counted on cpu", not a GPU measurement).
-  Also listed: the dequantisation scratch buffer the dequant path holds (the largest decoder
-  weight, dense), which is not part of the base.
+Memory: computed from the shapes for --model, and on a GPU measured. Layers: the fused
+kernels over a bf16 weight, over NF4 read in the K-loop, over NF4 dequantised first, and as
+dispatched; then the crossover M between the NF4 paths, a recommended NF4_FUSED_MAX_ROWS and
+the targets. Methodology: docs/benchmarks.md.
 
-Layers (``--sections layers``): y = x·Wᵀ + s·(dropout(x)·Aᵀ)·Bᵀ on the fused Triton kernels
-(lorakernels.ops.lora_linear.fused_lora_linear), Phi-3-mini shapes, x and dy bf16, A and B fp32
-(as apply_lora makes them), r 16, alpha 32, dropout 0.05. Providers, in one process:
-  bf16         W dense bf16 [N, K]: our bf16 LoRA layer, the baseline
-  nf4_fused    W an NF4Weight (quantize_nf4 of that W) with fused_max_rows = 1 << 30: read as
-               4-bit tiles inside the GEMM's K-loop at every M
-  nf4_dequant  the same NF4 weight with fused_max_rows = 0: dequantised whole into the shared
-               scratch buffer, then the dense kernels
-  nf4_default  fused_max_rows at the library's NF4_FUSED_MAX_ROWS (lorakernels/nf4.py; 64 when
-               written): the dispatch as it ships (the path it took is in the ``path`` column)
-Each provider's weight carries its crossover, as an NF4 layer's nf4_fused_max_rows sets it on
-the weight it passes down; forward and backward (which dispatches on dy's rows) both follow it.
-Modes: forward (autograd recording) and both (forward + backward, x, A and B requiring grad;
-grads set to None outside the timing), benchmarks/common.py's step builders and timers:
-triton.testing.do_bench medians (p20/p80 in the JSON) on a GPU.
-
-Per row: median ms, base-GEMM TFLOP/s (2·M·N·K per base GEMM: forward 1, both 2), × bf16 (median
-/ bf16's median, same shape, M and mode), and the floor: the larger of bytes / copy bandwidth
-and FLOPs / matmul throughput, both measured in the same run (a device-to-device copy and a
-square torch.matmul in x's dtype). Bytes: the base GEMMs' activations (x read, y written;
-backward dy read, dx written), the fused kernels' extra reads (common.extra_elements)
-and the weight once per base GEMM in the form that path reads it: dense 2·N·K; fused
-nf4_nbytes(N·K); dequant nf4_nbytes(N·K) read plus 2·N·K written and 2·N·K read again. LoRA
-parameters, S and dS (≤ r/K of the traffic) are not counted.
-
-Summary: the crossover M per shape and mode (the smallest M at which nf4_dequant beats
-nf4_fused), a recommendation for NF4_FUSED_MAX_ROWS from the forward + backward crossovers,
-and the targets: NF4 base ≤ 0.3× bf16 bytes; nf4_default forward + backward ≤ 1.10× bf16 at
-M = 4096; nf4_default forward faster than bf16 at M ≤ 16.
-
-Run:
-    python benchmarks/bench_qlora.py                          # memory + qkv, gate_up at M = 16 .. 4096
+    python benchmarks/bench_qlora.py                  # memory + qkv, gate_up at M = 16 .. 4096
     python benchmarks/bench_qlora.py --sections layers --shapes qkv o gate_up down
     python benchmarks/bench_qlora.py --tokens 32 64 128 --sections layers   # refine the crossover
     python benchmarks/bench_qlora.py --smoke --out-dir /tmp/bench           # tiny, any machine
 
-Without CUDA it runs the smoke case (K=64, N=64, M = 16 and 72; the memory of phi3-tiny
-counted on the CPU) under TRITON_INTERPRET=1 as a test of the script itself: its times mean
-nothing and say so. Results: markdown on stdout, and
+Without CUDA it runs the smoke case in Triton's interpreter (re-running itself with
+TRITON_INTERPRET=1): its times mean nothing and say so. Results: markdown on stdout, and
 ``<out-dir>/qlora_<device>.json`` and ``.md`` (``_smoke`` suffix for a smoke run on a GPU).
 """
 import argparse
@@ -64,12 +22,12 @@ import itertools
 import math
 from typing import Dict, List, Optional
 
-from common import (  # first: it sets TRITON_INTERPRET before anything imports Triton
+from common import (
     BASE_GEMMS, DEVICE, ON_CUDA, PHI3_MINI, SEED, BaseWeight, Inputs,
     add_layer_args, add_output_args, base_flops, check_fused, command_line, copy_bandwidth_gbps,
     device_name, extra_elements, forward_backward_step, forward_step, fused, make_inputs,
-    linear_shapes, random_base, random_weight, result_header, result_stem, smoke_mode, time_ms, timed_row,
-    timing_config, versions_line, write_results)
+    linear_shapes, prepare_script, random_base, random_weight, result_header, result_stem,
+    smoke_mode, time_ms, timed_row, timing_config, versions_line, write_results)
 
 import torch
 
@@ -189,7 +147,8 @@ def path_taken(provider: str, M: int) -> str:
 
 
 def provider_weights(dense: torch.Tensor) -> Dict[str, BaseWeight]:
-    """Each provider's W: ``dense`` itself, or one quantize_nf4 of it with the provider's crossover."""
+    """Each provider's W: ``dense`` itself, or one quantize_nf4 of it with the provider's
+    crossover."""
     nf4 = quantize_nf4(dense)
     return {provider: dense if provider == "bf16" else
             dataclasses.replace(nf4, fused_max_rows=fused_max_rows(provider))
@@ -281,7 +240,8 @@ def crossovers(rows: List[dict]) -> List[dict]:
 
 
 def recommendation(cross: List[dict]) -> dict:
-    """NF4_FUSED_MAX_ROWS (lorakernels/nf4.py) from the forward + backward crossovers of every shape."""
+    """NF4_FUSED_MAX_ROWS (lorakernels/nf4.py) from the forward + backward crossovers of every
+    shape."""
     both = [c for c in cross if c["mode"] == "both"]
     if not both:
         return dict(value=None, text="no forward + backward rows: no recommendation")
@@ -315,7 +275,8 @@ def targets(memory: Optional[dict], rows: List[dict], model_name: str) -> List[d
                         values={"computed": computed}, met=computed <= TARGET_MEMORY_RATIO))
         measured = memory["measured"]
         label = "measured" if ON_CUDA else "counted on cpu"
-        if measured["model"] == model_name:  # the smoke run builds phi3-tiny: not the target's model
+        # The smoke run builds phi3-tiny: not the target's model.
+        if measured["model"] == model_name:
             out.append(dict(target=f"{model_name} base NF4 ≤ {TARGET_MEMORY_RATIO}× bf16 ({label})",
                             values={label: measured["ratio"]},
                             met=measured["ratio"] <= TARGET_MEMORY_RATIO))
@@ -331,7 +292,8 @@ def targets(memory: Optional[dict], rows: List[dict], model_name: str) -> List[d
                     else None))
     forward = ratios("forward", lambda M: M <= TARGET_FORWARD_MAX_M)
     out.append(dict(target=f"nf4_default forward faster than bf16 at M ≤ {TARGET_FORWARD_MAX_M}",
-                    values=forward, met=all(v < 1.0 for v in forward.values()) if forward else None))
+                    values=forward,
+                    met=all(v < 1.0 for v in forward.values()) if forward else None))
     return out
 
 
@@ -345,14 +307,16 @@ def gb(nbytes: Optional[int]) -> str:
 
 def memory_markdown(memory: dict) -> List[str]:
     lines = ["## Base weights in memory", "",
-             "| model | how | bf16 | NF4 | NF4 / bf16 | NF4 build peak |", "|---|---|---:|---:|---:|---:|"]
+             "| model | how | bf16 | NF4 | NF4 / bf16 | NF4 build peak |",
+             "|---|---|---:|---:|---:|---:|"]
     for name, c in memory["computed"].items():
-        lines.append(f"| {name} | computed from shapes | {gb(c['bf16_bytes'])} | {gb(c['nf4_bytes'])} "
-                     f"| {c['ratio']:.4f} | — |")
+        lines.append(f"| {name} | computed from shapes | {gb(c['bf16_bytes'])} "
+                     f"| {gb(c['nf4_bytes'])} | {c['ratio']:.4f} | — |")
     m = memory["measured"]
     how = "measured (memory_allocated)" if ON_CUDA else "counted on cpu (not a GPU measurement)"
     lines.append(f"| {m['model']} | {how} | {gb(m['bf16']['held_bytes'])} | "
-                 f"{gb(m['nf4']['held_bytes'])} | {m['ratio']:.4f} | {gb(m['nf4']['peak_bytes'])} |")
+                 f"{gb(m['nf4']['held_bytes'])} | {m['ratio']:.4f} "
+                 f"| {gb(m['nf4']['peak_bytes'])} |")
     computed = memory["computed"].items()
     weights = ", ".join(f"{n}: {c['quantized_weights'] / 1e9:.3f} G weights" for n, c in computed)
     scratch = ", ".join(f"{n}: {gb(c['scratch_bytes'])}" for n, c in computed)
@@ -416,8 +380,9 @@ def markdown_report(result: dict, command: str) -> str:
             f"(an NF4 layer's nf4_fused_max_rows): nf4_fused = 1 << 30, nf4_dequant = 0; "
             f"nf4_default keeps NF4_FUSED_MAX_ROWS (lorakernels/nf4.py) = "
             f"{config['shipped_nf4_fused_max_rows']}.", "",
-            "TFLOP/s: base-GEMM FLOPs only. × bf16: median / bf16's median, same shape, M and mode. "
-            "floor: max(least bytes / bandwidth, FLOPs / matmul throughput); × floor: median / floor.",
+            "TFLOP/s: base-GEMM FLOPs only. × bf16: median / bf16's median, same shape, M and "
+            "mode. floor: max(least bytes / bandwidth, FLOPs / matmul throughput); × floor: "
+            "median / floor.",
             "",
         ]
         lines += layer_markdown(result["rows"]) + [""]
@@ -436,8 +401,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default: 32)")
     add_output_args(parser, "qlora",
                     f"tiny case (K=64, N=64, M={' '.join(map(str, SMOKE_TOKENS))}; memory of "
-                    f"{SMOKE_MODEL} built, {PHI3_MINI} computed) in place of --shapes and --tokens; "
-                    "forced without CUDA. On a GPU its files get a _smoke suffix.")
+                    f"{SMOKE_MODEL} built, {PHI3_MINI} computed) in place of --shapes and "
+                    "--tokens; forced without CUDA. On a GPU its files get a _smoke suffix.")
     args = parser.parse_args(argv)
     args.scaling = args.alpha / args.rank
     return args
@@ -446,7 +411,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     smoke = smoke_mode(args)
-    shapes = SMOKE_SHAPES if smoke else {name: linear_shapes(args.model)[name] for name in args.shapes}
+    model_shapes = linear_shapes(args.model)
+    shapes = SMOKE_SHAPES if smoke else {name: model_shapes[name] for name in args.shapes}
     tokens = SMOKE_TOKENS if smoke else sorted(set(args.tokens))
     measure_model = SMOKE_MODEL if smoke else args.model
 
@@ -485,4 +451,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    prepare_script(triton_interpreter=True)
     main()

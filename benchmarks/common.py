@@ -2,10 +2,9 @@
 the one-LoRA-layer timing harness of bench_lora_linear.py and bench_qlora.py, and the
 transformers + PEFT training side (model, padded batches, step) of bench_train.py and bench_cli.py.
 
-Import it before anything that imports Triton: without CUDA it sets TRITON_INTERPRET=1,
-which Triton reads when kernels are decorated. It also puts this checkout first on
-sys.path, so that the benchmarks measure its code. Scripts import it as ``common``: Python
-puts a script's own folder on sys.path.
+Scripts import it as ``common`` (Python puts a script's own folder on sys.path); importing it
+changes nothing. They measure the lorakernels, model and training packages as installed
+(``pip install -e .``); each script calls prepare_script() before its main().
 """
 import argparse
 import json
@@ -22,29 +21,44 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import triton.testing
+
+import lorakernels
+from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
+from lorakernels.ops.triton_utils import INTERPRETING
+from lorakernels.reference import BaseWeight, lora_linear_reference
+from model import PRESETS, Phi3Config, Phi3ForCausalLM
+from model.build import random_model
+from model.tokenizer import Phi3Tokenizer, load_tokenizer
+from training.data import IGNORE, read_chats, tokenize_chats
 
 ON_CUDA = torch.cuda.is_available()
-if not ON_CUDA:
-    # Triton picks interpreter or compiler when kernels are decorated: set it before importing them.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmark this checkout's kernels and model
-
-import triton.testing  # noqa: E402
-
-from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear  # noqa: E402
-from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
-from lorakernels.reference import BaseWeight, lora_linear_reference  # noqa: E402
-from model import PRESETS, Phi3Config, Phi3ForCausalLM  # noqa: E402
-from model.build import random_model  # noqa: E402
-from model.tokenizer import Phi3Tokenizer, load_tokenizer  # noqa: E402
-from training.data import IGNORE, read_chats, tokenize_chats  # noqa: E402
-
 DEVICE = "cuda" if ON_CUDA else "cpu"
 SEED = 1234
 RESULTS_DIR = Path("benchmarks/results")
 DATA = ROOT / "examples" / "chat.jsonl"
 DATA_SEED = 42  # train.py's default --seed; also the transformers + PEFT side's shuffle
+
+
+# ----------------------------------------------------------------------------- before main
+
+
+def prepare_script(triton_interpreter: bool = False) -> None:
+    """What a script does before its main(): say when the lorakernels it imports is not this
+    checkout's, so that nobody times other code unawares; and for a script that launches
+    Triton kernels (``triton_interpreter``), without CUDA, re-run it with TRITON_INTERPRET=1
+    in its environment, as Triton reads that only when kernels are decorated (at import). A
+    TRITON_INTERPRET already set is kept (0 ends in smoke_mode's one-line message)."""
+    package = Path(lorakernels.__file__).resolve().parents[1]
+    if package != ROOT:
+        print(f"note: this measures lorakernels in {package}, not this checkout ({ROOT}); "
+              "run `pip install -e .` here to measure this one", file=sys.stderr)
+    if triton_interpreter and not ON_CUDA and "TRITON_INTERPRET" not in os.environ:
+        print("no CUDA device: running again under Triton's interpreter (TRITON_INTERPRET=1)",
+              file=sys.stderr, flush=True)
+        argv = [sys.executable, *sys.orig_argv[1:]]
+        os.execve(sys.executable, argv, {**os.environ, "TRITON_INTERPRET": "1"})
 
 
 # ----------------------------------------------------------------------------- device, versions
@@ -58,12 +72,13 @@ def device_label(cpu: str = "cpu-interpreter") -> str:
 
 
 def device_name() -> str:
-    """The GPU's name, or the CPU's model name and core count (from /proc/cpuinfo where there is one)."""
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one) and
+    core count."""
     if ON_CUDA:
         return torch.cuda.get_device_name()
     try:
-        models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")]
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
     except OSError:
         models = []
     return f"{models[0] if models else platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
@@ -85,7 +100,8 @@ def utc_now() -> str:
 
 
 def result_header(smoke: bool) -> dict:
-    """What every kernel result file starts with: device, date, versions, and whether it was a smoke run."""
+    """What every kernel result file starts with: device, date, versions, and whether it was a
+    smoke run."""
     return {"device": device_label(), "date": utc_now(), **versions(), "smoke": smoke}
 
 
@@ -101,7 +117,8 @@ def versions_line(result: dict) -> str:
 def add_output_args(parser: argparse.ArgumentParser, stem: str, smoke_help: str) -> None:
     """--out-dir (where ``<stem>_<device>.json`` and ``.md`` go) and --smoke."""
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
-                        help=f"where to write {stem}_<device>.json and .md (default: {RESULTS_DIR})")
+                        help=f"where to write {stem}_<device>.json and .md "
+                             f"(default: {RESULTS_DIR})")
     parser.add_argument("--smoke", action="store_true", help=smoke_help)
 
 
@@ -113,7 +130,8 @@ def smoke_mode(args) -> bool:
 
 
 def result_stem(name: str, smoke: bool) -> str:
-    """``<name>_<device>``, ``_smoke`` added on a GPU smoke run (without one every run is a smoke run)."""
+    """``<name>_<device>``, ``_smoke`` added on a GPU smoke run (without one every run is a
+    smoke run)."""
     return f"{name}_{device_label()}" + ("_smoke" if smoke and ON_CUDA else "")
 
 
@@ -148,7 +166,8 @@ PHI3_MINI_SHAPES = linear_shapes(PHI3_MINI)
 
 def random_base(config: Phi3Config, dtype: torch.dtype, device: str,
                 quantize: Optional[str] = None) -> Phi3ForCausalLM:
-    """The benchmarks' random base (model.build.random_model from SEED): the same weights every run."""
+    """The benchmarks' random base (model.build.random_model from SEED): the same weights
+    every run."""
     return random_model(config, dtype, device, SEED, quantize)
 
 
@@ -181,6 +200,21 @@ def hf_peft_model(checkpoint: str, dtype: torch.dtype, device: str, r: int, lora
         if param.requires_grad:
             param.data = param.data.float()
     return model
+
+
+def set_hf_checkpointing(model, enabled: bool) -> None:
+    """Gradient checkpointing on or off in hf_peft_model's base, non-reentrant. Either call
+    also makes the embedding output require grad (PEFT + checkpointing): HF's own default."""
+    base = model.get_base_model()
+    # transformers 5 renamed gradient_checkpointing_enable (now a deprecated alias).
+    if hasattr(base, "activation_checkpointing_enable"):
+        enable = base.activation_checkpointing_enable
+        disable = base.activation_checkpointing_disable
+        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    else:
+        enable, disable = base.gradient_checkpointing_enable, base.gradient_checkpointing_disable
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    enable(**kwargs) if enabled else disable()
 
 
 def write_long_chats(source, path: Path, chats_per_conversation: int) -> Path:
@@ -220,7 +254,8 @@ def hf_batches(tokenizer: Phi3Tokenizer, data, batch_size: int, max_seq_len: int
     examples, _ = tokenize_chats(read_chats(data), tokenizer, max_seq_len, train_on_prompt=False)
     conversations = [(e.input_ids, [i if t else IGNORE for i, t in zip(e.input_ids, e.targets)])
                      for e in examples]
-    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(DATA_SEED)).tolist()
+    shuffle = torch.Generator().manual_seed(DATA_SEED)
+    order = torch.randperm(len(conversations), generator=shuffle).tolist()
     return [padded_conversations([conversations[order[(step * batch_size + i) % len(order)]]
                                   for i in range(batch_size)], tokenizer.pad_id)
             for step in range(steps)]
@@ -239,13 +274,22 @@ def unpacked(batch: dict, pad_id: int) -> dict:
 
 
 def data_tokens(batch: dict) -> int:
-    """The batch's non-padding tokens: attention_mask's ones (transformers), segment ids >= 0 (ours)."""
+    """The batch's non-padding tokens: attention_mask's ones (transformers), segment ids >= 0
+    (ours)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return int((batch["segment_ids"] >= 0).sum())
 
 
-def hf_training_step(model, params, optimizer, batch: dict, max_grad_norm: float) -> Tuple[float, float]:
+def conversations(batch: dict) -> int:
+    """Conversations in a batch: one a row with an attention mask (HF), else each row's segments."""
+    if "attention_mask" in batch:
+        return int((batch["attention_mask"].sum(dim=1) > 0).sum())
+    return int((batch["segment_ids"].max(dim=1).values + 1).sum())
+
+
+def hf_training_step(model, params, optimizer, batch: dict,
+                     max_grad_norm: float) -> Tuple[float, float]:
     """A transformers + PEFT script's step: Hugging Face's own loss (full logits, upcast to fp32,
     mean over the shifted labels), backward, clip_grad_norm_, AdamW, zero_grad. ``batch`` is on
     the model's device. Returns (loss, the gradient norm before clipping)."""
@@ -267,7 +311,8 @@ REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 @dataclass
 class Inputs:
-    """One case: x [M, K], weight [N, K] (frozen; dense or NF4), lora_A [r, K], lora_B [N, r], dy [M, N]."""
+    """One case: x [M, K], weight [N, K] (frozen; dense or NF4), lora_A [r, K], lora_B [N, r],
+    dy [M, N]."""
 
     x: torch.Tensor
     weight: BaseWeight
@@ -310,7 +355,8 @@ def fused(t: Inputs, scaling: float) -> torch.Tensor:
     return fused_lora_linear(t.x, t.weight, None, t.lora_A, t.lora_B, scaling, t.dropout_p, SEED)
 
 
-def check_fused(t: Inputs, dense_weight: torch.Tensor, scaling: float, name: str, case: str) -> None:
+def check_fused(t: Inputs, dense_weight: torch.Tensor, scaling: float, name: str,
+                case: str) -> None:
     """fused(t) against the fp32 reference over ``dense_weight`` (t's weight, or what its NF4
     weight dequantises to), given the kernels' own dropout mask; exits if it is wrong.
 
@@ -341,7 +387,8 @@ def add_layer_args(parser: argparse.ArgumentParser, shapes: Sequence[str],
     parser.add_argument("--shapes", nargs="+", choices=list(PHI3_MINI_SHAPES), default=list(shapes),
                         help=f"the model's layers to run (default: {' '.join(shapes)})")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
-    parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout p (default: 0.05)")
+    parser.add_argument("--dropout", type=float, default=0.05,
+                        help="LoRA dropout p (default: 0.05)")
 
 
 # ----------------------------------------------------------------------------- modes

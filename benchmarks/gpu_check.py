@@ -1,15 +1,11 @@
 """The GPU check that fits one command: every step bounded by the time left.
 
-    python benchmarks/gpu_check.py --budget 480
+    python benchmarks/gpu_check.py --budget 480      # --list names the steps, --only runs some
 
-In order, each step's results written before the next starts: versions and device;
-the fused LoRA layer at Phi-3-mini's qkv shape against an fp32 reference (output and
-every gradient); bench_lora_linear at M = 4096 and 16384, p = 0 and 0.05; bench_train's
-gpu-mini; bench_attention; bench_dora at Phi-3-mini's qkv; the GPU tests (LORAKERNELS_AUTOTUNE=0); bench_qlora. A step gets at most its
-own limit and what is left of the budget; one that cannot get MIN_STEP_S is skipped.
-Logs go to benchmarks/results/gpu_check_<device>/<step>.log, the summary to
-benchmarks/results/gpu_check_<device>.json and .md (rewritten after every step).
-Any issue lent a GPU runs this first.
+Correctness of the fused layer, then bench_lora_linear, bench_train, bench_attention,
+bench_dora, the tests and bench_qlora, each step given at most its own limit and what is left
+of the budget. Logs: benchmarks/results/gpu_check_<device>/<step>.log; summary:
+benchmarks/results/gpu_check_<device>.json and .md, rewritten after every step.
 """
 import argparse
 import dataclasses
@@ -21,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from common import ROOT, device_label, utc_now, versions
+from common import ROOT, device_label, prepare_script, utc_now, versions
 
 import torch
 
@@ -83,8 +79,8 @@ def run_steps(chosen: List[Step], budget_s: float, run: Callable[[Step, float], 
             result = dict(returncode="skipped", last_line=f"{left:.0f} s left of the budget")
         else:
             result = run(step, timeout)
-        results.append(dict(step=step.name, command=" ".join(step.command), timeout_s=round(timeout),
-                            seconds=round(clock() - began, 1), **result))
+        results.append(dict(step=step.name, command=" ".join(step.command),
+                            timeout_s=round(timeout), seconds=round(clock() - began, 1), **result))
         write(results)
     return results
 
@@ -120,15 +116,17 @@ def write_summary(summary: dict, slug: str) -> None:
     (results / f"gpu_check_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = [f"# GPU check on {summary['device']}",
              f"{summary['date']} · torch {summary['torch']} · triton {summary['triton']} · "
-             f"CUDA {summary['cuda']} · Python {summary['python']} · budget {summary['budget_s']} s",
+             f"CUDA {summary['cuda']} · Python {summary['python']} · "
+             f"budget {summary['budget_s']} s",
              "", "| step | result | seconds | timeout | last line |", "|---|---|---|---|---|"]
-    lines += [f"| {s['step']} | {'ok' if s['returncode'] == 0 else s['returncode']} | {s['seconds']} "
-              f"| {s['timeout_s']} | {s['last_line']} |" for s in summary["steps"]]
+    lines += [f"| {s['step']} | {'ok' if s['returncode'] == 0 else s['returncode']} "
+              f"| {s['seconds']} | {s['timeout_s']} | {s['last_line']} |" for s in summary["steps"]]
     (results / f"gpu_check_{slug}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=int, default=480,
                         help="seconds for all steps together (default 480: one 10-minute command "
                              "with room for the machine's start)")
@@ -165,4 +163,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    prepare_script()
     sys.exit(main())

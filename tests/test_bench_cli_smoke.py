@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import checkout_env, subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_cli.py"
@@ -15,7 +16,8 @@ def test_smoke_run_writes_both_sides(tmp_path):
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     result = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+                            capture_output=True, text=True, cwd=ROOT, env=checkout_env(),
+                            timeout=subprocess_timeout(300))
     assert result.returncode == 0, result.stdout + result.stderr
     data = json.loads((tmp_path / "cli_cpu_smoke.json").read_text())
     assert (tmp_path / "cli_cpu_smoke.md").read_text().count("| 1 |") == 2

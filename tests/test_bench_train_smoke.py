@@ -1,7 +1,7 @@
 """benchmarks/bench_train.py: it times train.py's own step (training.loop.training_step) on
 train.py's packed batches, every provider trains, and their step-1 losses agree on the same
 conversations."""
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -10,28 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkout_env, subprocess_timeout
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
 PROVIDERS = {"hf_peft", "ours_eager", "ours_fused"}
 
 
-def load_script():
-    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: it imports benchmarks/common.py
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module, imported as its scripts import their neighbours."""
+    if str(SCRIPT.parent) not in sys.path:  # as when run as a script: Python adds its folder
         sys.path.insert(0, str(SCRIPT.parent))
-    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(name)
 
 
-def train_py_batches(bench, spec: dict):
+def train_py_batches(spec: dict):
     """The batches train.py builds for the benchmark's settings, rebuilt here from training/
     (with the tiny tokenizer, which the benchmark's base carries)."""
     from model.tokenizer import load_tokenizer
     from training.data import MicroBatches
     from training.loop import batch_length_rule, prepare_rows
 
-    config = bench.train_config(spec)
+    config = load_benchmark("train_worker").train_config(spec)
     assert config.packing and config.grad_accum == 1  # train.py's defaults
     tokenizer = load_tokenizer()
     rows, _ = prepare_rows(spec["data"], tokenizer, config)
@@ -48,7 +47,7 @@ def test_smoke_run_writes_rows_with_agreeing_losses(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(tmp_path),
          "--providers", *sorted(PROVIDERS)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=subprocess_timeout(300), env=checkout_env(),
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -83,7 +82,7 @@ def test_smoke_run_writes_rows_with_agreeing_losses(tmp_path):
         assert rows[name]["data_tokens_per_step"] > reference["data_tokens_per_step"]
 
     # Ours trained on train.py's batches of the timed steps, in train.py's order.
-    batches = train_py_batches(load_script(), dict(
+    batches = train_py_batches(dict(
         settings, data=str(SCRIPT.parents[1] / settings["data"]), checkpoint="base", device="cpu"))
     first = settings["check_steps"] + settings["warmup_steps"]
     timed = range(first, first + settings["steps"])
@@ -100,12 +99,12 @@ def test_ours_times_train_py_step_on_train_py_batches(tmp_path, monkeypatch):
     clipping and packed batches, once per step: not a harness of their own."""
     import training.loop
 
-    bench = load_script()
+    bench, worker = load_benchmark("bench_train"), load_benchmark("train_worker")
     spec = dict(bench.CONFIGS["cpu-small"], **bench.SMOKE)
     spec.update(dtype="float32", device="cpu", grad_checkpointing=[False], check_steps=1,
                 warmup_steps=1, steps=2, data=str(bench.DATA), checkpoint=str(tmp_path / "base"),
                 lora_init=str(tmp_path / "lora_init.safetensors"), provider="ours_fused")
-    bench.build_base(spec)
+    worker.build_base(spec)
     calls = []
     real = training.loop.training_step
 
@@ -114,12 +113,12 @@ def test_ours_times_train_py_step_on_train_py_batches(tmp_path, monkeypatch):
         return real(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm, *args, **kwargs)
 
     monkeypatch.setattr(training.loop, "training_step", watched)
-    result = bench.train_provider(spec)
-    assert len(calls) == bench.total_steps(spec) == 4
+    result = worker.train_provider(spec)
+    assert len(calls) == worker.total_steps(spec) == 4
     [run] = result["runs"]
-    batches = train_py_batches(bench, spec)
+    batches = train_py_batches(spec)
     for index, (optimizer, scheduler, micro, max_grad_norm) in enumerate(calls):
-        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == bench.LR
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["lr"] == worker.LR
         assert isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR)
         assert max_grad_norm == 1.0  # train.py's --max-grad-norm
         [batch] = micro
@@ -132,24 +131,23 @@ def test_ours_times_train_py_step_on_train_py_batches(tmp_path, monkeypatch):
 
 
 def test_unpacked_puts_each_packed_conversation_on_its_own_row():
-    bench = load_script()
-    from common import unpacked
+    common = load_benchmark("common")
     from training.data import IGNORE, Example, collate, pack
 
     examples = [Example([5, 6, 7], [False, True, True]), Example([8, 9], [False, True]),
                 Example([10, 11, 12, 13], [False, False, True, True])]
     batch = collate(pack(examples, max_seq_len=6, packing=True), pad_id=0)
     assert batch["input_ids"].shape == (2, 5)  # rows [5 6 7 8 9] and [10 11 12 13 pad]
-    hf = unpacked(batch, pad_id=0)
+    hf = common.unpacked(batch, pad_id=0)
     assert hf["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0], [10, 11, 12, 13]]
     assert hf["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert hf["labels"].tolist() == [[IGNORE, 6, 7, IGNORE], [IGNORE, 9, IGNORE, IGNORE],
                                      [IGNORE, IGNORE, 12, 13]]
-    assert bench.conversations(batch) == bench.conversations(hf) == 3
+    assert common.conversations(batch) == common.conversations(hf) == 3
 
 
 def test_loss_check_names_the_provider_that_disagrees():
-    bench = load_script()
+    bench = load_benchmark("bench_train")
     rows = [
         {"provider": "hf_peft", "grad_checkpointing": False, "check_losses": [7.0, 6.9],
          "step1_grad_norm": 1.0, "check_data_tokens": 900},
@@ -169,13 +167,12 @@ def test_loss_check_names_the_provider_that_disagrees():
 
 
 def test_long_chats_join_consecutive_chats_into_conversations_train_py_reads(tmp_path):
-    load_script()  # puts benchmarks/ on sys.path
-    from common import DATA, write_long_chats
+    common = load_benchmark("common")
     from model.tokenizer import load_tokenizer
     from training.data import read_chats, tokenize_chats
 
-    chats = read_chats(DATA)
-    path = write_long_chats(DATA, tmp_path / "long.jsonl", 40)
+    chats = read_chats(common.DATA)
+    path = common.write_long_chats(common.DATA, tmp_path / "long.jsonl", 40)
     joined = read_chats(path)  # train.py's reader accepts it
     assert len(joined) == len(chats) // 40
     assert joined[1] == [m for chat in chats[40:80] for m in chat if m["role"] != "system"]

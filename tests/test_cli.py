@@ -10,6 +10,7 @@ from generate import load
 from model import Phi3ForCausalLM
 from training.config import TrainConfig
 from training.loop import train
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def adapter(tmp_path_factory):
 
 def run(*args):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          cwd=ROOT, timeout=subprocess_timeout(300))
 
 
 def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from training.config import TrainConfig
 from training.loop import train
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = dict(device="cpu", max_seq_len=128, lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=3e-3, seed=3,
@@ -23,7 +24,8 @@ def torchrun(data, output, batch_size, **extra):
             str(ROOT / "train.py"), "--data", data, "--output", str(output)]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(600))
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -80,7 +82,8 @@ def test_global_batch_must_divide_over_processes(data, tmp_path):
             str(ROOT / "train.py"), "--data", data, "--output", str(tmp_path)]
     for name, value in flags.items():
         argv += [f"--{name.replace('_', '-')}", str(value)]
-    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(300))
     assert result.returncode != 0
     assert "--global-batch-size 3 does not divide over 2 processes × --grad-accum 1" in result.stderr
 

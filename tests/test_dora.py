@@ -24,7 +24,7 @@ from lorakernels.reference import dora_linear_reference, dora_weight_norm_refere
 from model import Phi3ForCausalLM
 from model.build import load_model
 from model.lora import DEFAULT_TARGETS, apply_lora
-from conftest import use_settings
+from conftest import subprocess_timeout, use_settings
 
 IN, OUT, R, ALPHA = 48, 40, 4, 8
 
@@ -282,7 +282,7 @@ def test_train_py_use_dora_adapter_loads_in_peft(tmp_path):
         [sys.executable, str(ROOT / "train.py"), "--data", str(ROOT / "examples" / "chat.jsonl"),
          "--output", str(run), "--use-dora", "--max-steps", "2", "--device", "cpu",
          "--max-seq-len", "64", "--lora-r", "4", "--seed", "3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600)
+        capture_output=True, text=True, cwd=ROOT, timeout=subprocess_timeout(600))
     assert result.returncode == 0, result.stderr
     assert json.loads((run / "final" / ADAPTER_CONFIG_FILE).read_text())["use_dora"] is True
     base, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), 3)

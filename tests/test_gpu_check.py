@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -12,7 +13,8 @@ gpu_check = pytest.importorskip("gpu_check")
 
 def test_gpu_check_lists_its_steps_in_order():
     listing = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--list"],
-                             capture_output=True, text=True, check=True).stdout
+                             capture_output=True, text=True, check=True,
+                             timeout=subprocess_timeout(60)).stdout
     names = [line.split(": ", 1)[0] for line in listing.splitlines()]
     assert names == ["correctness", "bench_lora_linear", "bench_lora_linear_p0", "bench_train",
                      "bench_attention", "bench_dora", "tests", "bench_qlora"]

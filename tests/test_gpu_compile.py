@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_timeout
 
 SCRIPT = Path(__file__).with_name("gpu_compile_check.py")
 RESOURCES = ("registers", "stack_bytes", "shared", "sass", "tensor_core", "atomics", "fences")
@@ -20,7 +21,7 @@ def test_every_kernel_config_compiles_without_spills_for_hopper_and_consumer_gpu
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORAKERNELS_AUTOTUNE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                            env=env, timeout=900)
+                            env=env, timeout=subprocess_timeout(900))
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     failed = [r for r in records if not r["ok"]]
     assert result.returncode == 0 and not failed, failed or result.stderr[-2000:]

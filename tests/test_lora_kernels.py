@@ -25,7 +25,7 @@ import triton
 from lorakernels.ops import lora_linear as lora_linear_ops
 from lorakernels.ops.lora_linear import b3_splits, dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
-from conftest import use_settings
+from conftest import subprocess_timeout, use_settings
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -239,7 +239,8 @@ def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
             "(l._lora_shrink_kernel, l._dropout_mask_kernel)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     counts = [subprocess.run([sys.executable, "-c", code], env={**env, "LORAKERNELS_AUTOTUNE": value},
-                             capture_output=True, text=True, check=True).stdout.split()
+                             capture_output=True, text=True, check=True,
+                             timeout=subprocess_timeout(120)).stdout.split()
               for value in ("0", "1")]
     assert counts[0] == ["1", "1", "1", "True"]
     assert all(1 < int(n) for n in counts[1][:3]) and counts[1][3] == "True"

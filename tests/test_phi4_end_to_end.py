@@ -19,6 +19,7 @@ from model.build import load_model
 from model.chat import render_chat, tokenize_chat
 from training.config import TrainConfig
 from training.loop import train
+from conftest import subprocess_timeout
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -87,7 +88,8 @@ def test_merged_checkpoint_loads_in_transformers_tied(checkpoint, adapter, tmp_p
     merged_dir = tmp_path / "merged"
     result = subprocess.run([sys.executable, "merge.py", "--model", str(checkpoint), "--adapter",
                              str(adapter), "--output", str(merged_dir), "--dtype", "float32"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+                            capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(300))
     assert result.returncode == 0, result.stderr
     with safe_open(str(merged_dir / "model.safetensors"), "pt") as reader:
         assert "lm_head.weight" not in reader.keys()  # tied, as transformers writes it

@@ -10,6 +10,7 @@ import pytest
 from training.checkpoint import STATE_FILE, verify_checkpoint
 from training.config import TrainConfig
 from training.loop import train
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +36,8 @@ def test_a_changed_flag_or_data_stops_the_resume_naming_it(data, stopped_run, tm
     result = subprocess.run([sys.executable, "train.py", "--data", str(changed), "--output", str(stopped_run),
                              "--device", "cpu", "--max-seq-len", "64", "--batch-size", "2", "--lora-r", "4",
                              "--max-steps", "3", "--save-every", "1", "--seed", "3", "--lr", "0.01",
-                             "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                             "--resume"], capture_output=True, text=True, cwd=ROOT,
+                             timeout=subprocess_timeout(120))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--resume {stopped_run / 'checkpoint-2'}: this run differs" in result.stderr
     assert "--lr: 0.003 → 0.01" in result.stderr and "the data (the --data file's contents differ)" in result.stderr

@@ -13,6 +13,7 @@ import pytest
 from training.config import TrainConfig
 from training.loop import train
 from training.run_directory import LOCK_FILE, RunLock
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD_LOCK = ("import sys, time; from training.run_directory import RunLock; "
@@ -29,7 +30,7 @@ def train_cli(data, output, *flags):
     return subprocess.run([sys.executable, "train.py", "--data", data, "--output", str(output),
                            "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4",
                            "--max-steps", "2", *flags], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+                          timeout=subprocess_timeout(120))
 
 
 def steps(output):

@@ -12,6 +12,7 @@ import train as train_cli
 from training.config import TrainConfig
 from training.loop import train
 from training.tensorboard_log import tag
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 PLOT = ROOT / "scripts" / "plot_metrics.py"
@@ -115,7 +116,7 @@ def plot_script(*args, missing=None):
     code = (f"import runpy, sys; {hide}sys.argv = ['plot_metrics.py', *sys.argv[1:]]; "
             f"runpy.run_path({str(PLOT)!r}, run_name='__main__')")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=subprocess_timeout(120))
 
 
 def test_plot_writes_a_png_for_two_runs(tmp_path):

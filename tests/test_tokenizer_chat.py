@@ -10,6 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from model.chat import render_chat, tokenize_chat
 from model.tokenizer import TINY_TOKENIZER_DIR, Phi3Tokenizer, load_tokenizer
+from conftest import subprocess_timeout
 
 BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_tiny_tokenizer.py"
 
@@ -238,7 +239,7 @@ def test_bad_messages_raise_with_their_index(tokenizer, messages, problem):
 def test_build_script_reproduces_the_shipped_files(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BUILD_SCRIPT), "--out-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=subprocess_timeout(60),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

@@ -9,6 +9,7 @@ import pytest
 from training.config import TrainConfig
 from training.divergence import TrainingDiverged
 from training.loop import train
+from conftest import subprocess_timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,8 @@ def test_divergence_stops_keeps_the_last_checkpoint_and_writes_no_final(data, tm
     result = subprocess.run([sys.executable, "train.py", "--data", data, "--output", str(tmp_path),
                              "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4", "--max-steps", "3",
                              "--lr", "1e30", "--save-every", "1", "--warmup-ratio", "0"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+                            capture_output=True, text=True, cwd=ROOT,
+                            timeout=subprocess_timeout(120))
     assert result.returncode == 1, result.stderr
     assert "training diverged" in result.stderr and "Traceback" not in result.stderr
     # Step 1 is finite and saved; its update overflows, so step 2's loss is not.
