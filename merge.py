@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
-from model.build import load_model, preset_seed, resolve_device, resolve_dtype
+from model.build import TRAINER_STATE, load_model, preset_seed, resolve_device, resolve_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output(parser: argparse.ArgumentParser, output: Path, overwrite: bool) -> None:
+def adapter_run(adapter: Path) -> Path:
+    """What merging must never write over: the run directory of a train.py checkpoint (its
+    adapter, optimizer state and other checkpoints), else the adapter directory itself."""
+    adapter = adapter.resolve()
+    return adapter.parent if (adapter / TRAINER_STATE).is_file() else adapter
+
+
+def overlap(a: Path, b: Path) -> bool:
+    """Whether one of two resolved directories is, contains or lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(parser: argparse.ArgumentParser, output: Path, adapter: Path,
+                 overwrite: bool) -> None:
+    """--output is a new or empty directory (or replaced with --overwrite), apart from the
+    adapter's run and from the working directory, which a swap into place would replace."""
+    run, target = adapter_run(adapter), output.resolve()
+    if overlap(target, run):
+        parser.error(f"--output {output} overlaps the adapter's run {run}: the merge would "
+                     f"replace or delete it; choose a directory outside it")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        parser.error(f"--output {output} is or contains the current directory; choose a new "
+                     f"directory")
     if output.exists() and not output.is_dir():
         parser.error(f"--output {output} is a file, not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -45,7 +67,7 @@ def check_output(parser: argparse.ArgumentParser, output: Path, overwrite: bool)
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_output(parser, args.output, args.overwrite)
+    check_output(parser, args.output, args.adapter, args.overwrite)
     try:
         device = resolve_device(args.device)
     except ValueError as error:

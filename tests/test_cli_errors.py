@@ -170,3 +170,19 @@ def test_atomic_write_follows_the_umask(tmp_path):
     finally:
         os.umask(old_umask)
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+
+
+def test_merge_never_writes_over_the_adapters_run_or_the_working_directory(
+        capsys, tmp_path, adapter, monkeypatch):
+    run = adapter.parent
+    before = sorted(p.name for p in run.iterdir())
+    for output in (adapter, run, run / "checkpoint-9" / "merged", run.parent):
+        code, err = exits(capsys, merge.main, "--adapter", adapter, "--output", output,
+                          "--overwrite")
+        assert code == 2 and f"--output {output} overlaps the adapter's run {run}" in err
+    monkeypatch.chdir(tmp_path)
+    for output in (".", ""):
+        code, err = exits(capsys, merge.main, "--adapter", adapter, "--output", output,
+                          "--overwrite")
+        assert code == 2 and "is or contains the current directory" in err
+    assert sorted(p.name for p in run.iterdir()) == before and list(tmp_path.iterdir()) == []
