@@ -12,16 +12,19 @@ from pathlib import Path
 
 import torch
 
-from model.build import load_model, preset_seed, resolve_device, resolve_dtype
+from model.build import (load_model, preset_seed, resolve_base_model, resolve_device,
+                         resolve_dtype)
 from model.chat import tokenize_chat
 from model.quantization import QUANTIZE_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="phi3-tiny",
-                        help="preset, checkpoint directory or hub id (default: phi3-tiny)")
+    parser.add_argument("--model", help="preset, checkpoint directory or hub id (default: the "
+                                         "base the adapter records, else phi3-tiny)")
     parser.add_argument("--adapter", type=Path, help="a PEFT adapter directory (e.g. runs/x/final)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="use --model even where it is not the base the adapter records")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--prompt", help="one user message to answer")
     parser.add_argument("--system", help="an optional system message")
@@ -55,9 +58,14 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(error))
 
 
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load(args):
     """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
     device = resolve_device(args.device)
+    args.model = resolve_base_model(args.model, args.adapter, args.allow_base_mismatch, note)
     args.seed = preset_seed(args.model, args.adapter, args.seed)
     model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device, args.seed,
                                   getattr(args, "quantize", "none"), args.tokenizer, args.adapter)

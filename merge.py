@@ -14,17 +14,21 @@ from pathlib import Path
 
 from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
-from model.build import TRAINER_STATE, load_model, preset_seed, resolve_device, resolve_dtype
+from model.build import (TRAINER_STATE, load_model, preset_seed, resolve_base_model,
+                         resolve_device, resolve_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="phi3-tiny", help="preset, checkpoint directory or hub id")
+    parser.add_argument("--model", help="preset, checkpoint directory or hub id (default: the "
+                                         "base the adapter records)")
     parser.add_argument("--adapter", type=Path, required=True, help="a PEFT adapter directory")
     parser.add_argument("--output", type=Path, required=True,
                         help="directory for the merged model: new or empty (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --output (swapped in whole once the merge is written)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="use --model even where it is not the base the adapter records")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--seed", type=int,
                         help="for a preset: its random base's seed (default: the training --seed "
@@ -74,6 +78,8 @@ def main(argv=None) -> int:
         parser.error(str(error))
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     try:  # the dense base: merging into 4-bit weights is refused
+        args.model = resolve_base_model(args.model, args.adapter, args.allow_base_mismatch,
+                                        lambda line: print(line, file=sys.stderr))
         seed = preset_seed(args.model, args.adapter, args.seed)
         model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device,
                                       seed, None, args.tokenizer, args.adapter)

@@ -260,6 +260,17 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
+def recorded_base_model(directory: PathLike) -> Optional[str]:
+    """The base an adapter directory records (adapter_config.json's ``base_model_name_or_path``),
+    or None when it records none or its config cannot be read (loading the adapter names why)."""
+    try:
+        config = json.loads((Path(directory) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALayer],
                        source: Path, strict: bool) -> None:
     if config.get("peft_type") != "LORA":

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from lorakernels.adapters import (LORA_FILE, load_lora_state_dict, save_lora_state_dict,
                                   save_peft_adapter)
 from lorakernels.weight_files import follow_umask, open_safetensors, replace_directory
+from model.build import recorded_name
 
 from .distributed import full_tensors, shard_like
 
@@ -123,7 +124,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
+        save_peft_adapter(model, tmp, base_model_name_or_path=recorded_name(config["model"]),
                           target_modules=target_modules, state=lora)
         save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
