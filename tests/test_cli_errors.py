@@ -107,28 +107,37 @@ def test_damaged_files_are_named(capsys, tmp_path, data, adapter):
     assert status == 2 and f"{tokenizer}: not a readable tokenizer.json" in err
 
 
-def test_ctrl_c_exits_130_with_its_own_line(capsys, tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("signum, status", [
+    (signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_saves_a_checkpoint_and_exits_128_plus_it(capsys, tmp_path, data, monkeypatch,
+                                                           signum, status):
     real, calls = loop.token_loss_sum, {"n": 0}
+    name, before = signal.Signals(signum).name, signal.getsignal(signum)
+    if before is signal.SIG_IGN:
+        pytest.skip(f"{name} is ignored here (nohup)")
 
-    def interrupt(presses):
+    def interrupt(times):
         def loss(model, batch):
             calls["n"] += 1
             if calls["n"] == 2:
-                for _ in range(presses):
-                    signal.raise_signal(signal.SIGINT)
+                for _ in range(times):
+                    signal.raise_signal(signum)
             return real(model, batch)
         return loss
 
-    flags = ["--data", data, "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4", "--max-steps", "4"]
+    flags = ["--data", data, "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4",
+             "--max-steps", "4"]
     monkeypatch.setattr(loop, "token_loss_sum", interrupt(1))
-    status = train_cli.main([*flags, "--output", str(tmp_path / "once")])
-    out = capsys.readouterr().out
-    assert status == 130 and f"\ninterrupted: saved {tmp_path / 'once' / 'checkpoint-2'} at step 2" in "\n" + out
+    assert train_cli.main([*flags, "--output", str(tmp_path / "once")]) == status
+    saved = tmp_path / "once" / "checkpoint-2"
+    assert f"\ninterrupted by {name}: saved {saved} at step 2" in "\n" + capsys.readouterr().out
+    assert (saved / "trainer_state.json").is_file() and not (tmp_path / "once" / "final").exists()
     calls["n"] = 0
     monkeypatch.setattr(loop, "token_loss_sum", interrupt(2))  # the second stops at once
-    status, err = train_main(capsys, *flags, "--output", tmp_path / "twice")
-    assert status == 130 and err.endswith("\ntrain.py: interrupted: stopped at once; checkpoints saved "
-                                          "before are intact\n")
+    code, err = train_main(capsys, *flags, "--output", tmp_path / "twice")
+    assert code == status and err.endswith(f"\ntrain.py: interrupted by {name}: stopped at once; "
+                                           f"checkpoints saved before are intact\n")
+    assert signal.getsignal(signum) is before
 
 
 def test_ctrl_c_in_chat_exits_130(capsys, adapter, monkeypatch):

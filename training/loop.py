@@ -5,8 +5,6 @@ import json
 import math
 import os
 import resource
-import signal
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -26,6 +24,7 @@ from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
                    require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
+from .interrupts import StopOnInterrupt, stopping_signals
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
 from .tensorboard_log import TensorBoardLog
@@ -224,26 +223,6 @@ def last_good(output: Path) -> str:
     return f"no checkpoint was saved in {output}"
 
 
-class StopOnInterrupt:
-    """Turns Ctrl-C (SIGINT) into a request checked between steps, so a checkpoint is
-    never taken halfway through an optimizer step; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 class StepLoss(torch.nn.Module):
     """The model and its loss as one module, so DistributedDataParallel sees the forward."""
 
@@ -263,7 +242,7 @@ def train(config: TrainConfig, log=print) -> dict:
         if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
             lock = RunLock(Path(config.output), log)
             refuse_to_replace(Path(config.output), config.resume, config.overwrite)
-        with attention_choice(config.attention):
+        with attention_choice(config.attention), stopping_signals():
             return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
         if lock:
@@ -408,17 +387,20 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
             if dist.sum(interrupt.requested) > 0 and step < total_steps:
                 interrupted = output / f"checkpoint-{step}" if saved else save(f"checkpoint-{step}", step)
                 break
-    finally:
-        interrupt.restore()
+    finally:  # the signal handlers stay through the final save; train() restores them
         bar.close()
         if metrics:
             metrics.close()
         if board:
             board.close()
     if interrupted:  # after the bar is closed: the message gets a line of its own
-        log(f"interrupted: saved {interrupted} at step {step}; continue with --resume")
-        return {"step": step, "interrupted": True, "checkpoint": str(interrupted)}
+        log(f"interrupted by {interrupt.name}: saved {interrupted} at step {step}; continue "
+            f"with --resume")
+        return {"step": step, "interrupted": True, "signal": interrupt.signum,
+                "checkpoint": str(interrupted)}
     final = save("final", step)
+    if interrupt.requested:
+        log(f"note: {interrupt.name} arrived at the last step or the final save, which finished")
     summary = {"step": step, "loss": loss, "seconds": round(time.perf_counter() - started, 1),
                "tokens_per_s": round(tokens_seen / max(time.perf_counter() - started, 1e-9)),
                "peak_memory_mb": round(peak_memory_mb(device)), "adapter": str(final)}
