@@ -19,9 +19,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         follow_umask(tmp)  # mkstemp's (and safetensors') 0600 would hide the file from the group
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        raise_naming(error, path)
         raise
+
+
+def raise_naming(error: BaseException, path) -> None:
+    """A write error that names no file (safetensors' SafetensorError on a full disk, an OSError
+    without a file name) again as an OSError naming ``path``; others are left to propagate."""
+    unnamed = isinstance(error, OSError) and error.filename is None
+    if unnamed or type(error).__name__ == "SafetensorError":
+        raise OSError(f"{path}: could not write it ({error})") from None
 
 
 def current_umask() -> int:

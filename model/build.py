@@ -11,11 +11,12 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from lorakernels.adapters import ADAPTER_CONFIG_FILE, recorded_base_model
+from lorakernels.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, recorded_base_model
 from lorakernels.nf4_layers import NF4Layer
+from lorakernels.weight_files import open_safetensors
 
 from .config import PRESETS, Phi3Config
-from .loading import CONFIG_FILE, resolve_checkpoint_dir
+from .loading import CONFIG_FILE, check_weight, resolve_checkpoint_dir
 from .lora import apply_peft_adapter
 from .phi3 import Phi3ForCausalLM
 from .quantization import quantize_decoder_linears, uses_nf4
@@ -237,5 +238,16 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed
         raise ValueError(f"the tokenizer has {loaded_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary only {model.config.vocab_size}")
     if adapter is not None:
+        check_adapter_weights(Path(adapter))
         apply_peft_adapter(model, adapter)
     return model, loaded_tokenizer
+
+
+def check_adapter_weights(directory: Path) -> None:
+    """Every tensor of the adapter floating point and finite, as a base checkpoint's are."""
+    path = directory / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        return  # loading the adapter names what is missing
+    with open_safetensors(path) as reader:
+        for key in reader.keys():
+            check_weight(reader.get_tensor(key), key, path)

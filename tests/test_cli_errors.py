@@ -69,7 +69,9 @@ def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--temperature", "-1"], "--temperature must be >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or from 0.001, got -1.0"),
+    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or from 0.001, got 1e-40"),
+    (["--prompt", "hi \udcff"], "--prompt is not valid UTF-8 text"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive, got 0"),
 ])
 def test_generate_ranges(capsys, flags, message):
@@ -195,3 +197,16 @@ def test_merge_never_writes_over_the_adapters_run_or_the_working_directory(
                           "--overwrite")
         assert code == 2 and "is or contains the current directory" in err
     assert sorted(p.name for p in run.iterdir()) == before and list(tmp_path.iterdir()) == []
+
+
+def test_max_new_tokens_is_checked_against_the_context(capsys, adapter):
+    code, err = exits(capsys, generate.main, "--adapter", adapter, "--prompt", "hi",
+                      "--max-new-tokens", "1000000000", "--device", "cpu")
+    assert code == 2 and err.endswith("generate.py: error: --max-new-tokens 1000000000 is beyond "
+                                      "the model's context of 4096 tokens\n")
+
+
+def test_a_prompt_longer_than_the_context_warns(capsys, adapter):
+    assert generate.main(["--adapter", str(adapter), "--prompt", "hi " * 4000, "--device", "cpu",
+                          "--max-new-tokens", "1"]) == 0
+    assert "warning: the prompt (" in capsys.readouterr().err

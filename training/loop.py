@@ -18,8 +18,9 @@ from lorakernels.weight_files import atomic_write
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
-                         resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
+from .checkpoint import (check_fingerprint, check_resume_step, finished_step, load_checkpoint,
+                         prune_checkpoints, resolve_resume, run_fingerprint, save_checkpoint,
+                         step_checkpoints)
 from .config import TrainConfig
 from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
                    require_targets, target_tokens, tokenize_chats)
@@ -155,7 +156,11 @@ def drop_metrics_after(path: Path, step: int, log=print) -> None:
     (the run was killed mid-write) is dropped with a note; a bad line before it is an error."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); fix or remove it to "
+                         f"resume") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -165,6 +170,9 @@ def drop_metrics_after(path: Path, step: int, log=print) -> None:
                 raise ValueError(f"{path}:{number}: not JSON; fix or remove that line to resume") from None
             log(f"note: {path}:{number}: dropped a torn last line (the run stopped mid-write)")
             continue
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            raise ValueError(f"{path}:{number}: not a metrics row (a JSON object with an integer "
+                             f"step); fix or remove that line to resume")
         if row.get("step", 0) <= step:
             rows.append(line)
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
@@ -319,6 +327,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         if checkpoint is not None:
             check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
             start_step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+            check_resume_step(checkpoint, start_step, total_steps)
             log(f"resumed from {checkpoint} at step {start_step}")
             report_overrides(config, scheduler, optimizer, log)
         else:

@@ -76,7 +76,13 @@ def run_entries(output: Path) -> List[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir()
-                  if p.name in RUN_ENTRIES or (CHECKPOINT.fullmatch(p.name) and p.is_dir()))
+                  if (p.name in RUN_ENTRIES and not is_empty_file(p))
+                  or (CHECKPOINT.fullmatch(p.name) and p.is_dir()))
+
+
+def is_empty_file(path: Path) -> bool:
+    """An empty metrics.jsonl holds no run (one that stopped before its first step left it)."""
+    return path.is_file() and path.stat().st_size == 0
 
 
 def refuse_to_replace(output: Path, resume: Optional[str], overwrite: bool) -> None:
