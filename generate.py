@@ -7,21 +7,29 @@ Exit status: 0 done, 1 a runtime failure (a file system error), 2 a usage or inp
 130 interrupted by Ctrl-C.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
-from model.build import load_model, preset_seed, resolve_device, resolve_dtype
+from model.build import (base_config, load_model, preset_seed, resolve_base_model, resolve_device,
+                         resolve_dtype)
 from model.chat import tokenize_chat
 from model.quantization import QUANTIZE_CHOICES
 
 
+# Below this, logits / temperature overflow: greedy (0) is what such a value means.
+MIN_TEMPERATURE = 1e-3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="phi3-tiny",
-                        help="preset, checkpoint directory or hub id (default: phi3-tiny)")
+    parser.add_argument("--model", help="preset, checkpoint directory or hub id (default: the "
+                                         "base the adapter records, else phi3-tiny)")
     parser.add_argument("--adapter", type=Path, help="a PEFT adapter directory (e.g. runs/x/final)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="use --model even where it is not the base the adapter records")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--prompt", help="one user message to answer")
     parser.add_argument("--system", help="an optional system message")
@@ -45,8 +53,14 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("give --prompt TEXT or --chat")
     if args.max_new_tokens <= 0:
         parser.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if not args.temperature >= 0:
-        parser.error(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        parser.error(f"--temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g}, got "
+                     f"{args.temperature}")
+    for name in ("prompt", "system"):
+        try:
+            (getattr(args, name) or "").encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates
+            parser.error(f"--{name} is not valid UTF-8 text")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     try:
@@ -55,10 +69,19 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(str(error))
 
 
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def load(args):
     """Base model and tokenizer, with the adapter's LoRA layers and weights when given."""
     device = resolve_device(args.device)
+    args.model = resolve_base_model(args.model, args.adapter, args.allow_base_mismatch, note)
     args.seed = preset_seed(args.model, args.adapter, args.seed)
+    config = base_config(args.model)
+    if config is not None and args.max_new_tokens > config.max_position_embeddings:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} is beyond the model's context "
+                         f"of {config.max_position_embeddings} tokens")
     model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device, args.seed,
                                   getattr(args, "quantize", "none"), args.tokenizer, args.adapter)
     return model.eval(), tokenizer, device
@@ -66,6 +89,10 @@ def load(args):
 
 def reply(model, tokenizer, messages, args, device) -> str:
     ids, _ = tokenize_chat(tokenizer, messages, add_generation_prompt=True)
+    context = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > context:
+        note(f"warning: the prompt ({len(ids)} tokens) and --max-new-tokens "
+             f"{args.max_new_tokens} exceed the model's context of {context} tokens")
     prompt = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -14,17 +14,21 @@ from pathlib import Path
 
 from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
-from model.build import load_model, preset_seed, resolve_device, resolve_dtype
+from model.build import (TRAINER_STATE, load_model, preset_seed, resolve_base_model,
+                         resolve_device, resolve_dtype)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="phi3-tiny", help="preset, checkpoint directory or hub id")
+    parser.add_argument("--model", help="preset, checkpoint directory or hub id (default: the "
+                                         "base the adapter records)")
     parser.add_argument("--adapter", type=Path, required=True, help="a PEFT adapter directory")
     parser.add_argument("--output", type=Path, required=True,
                         help="directory for the merged model: new or empty (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --output (swapped in whole once the merge is written)")
+    parser.add_argument("--allow-base-mismatch", action="store_true",
+                        help="use --model even where it is not the base the adapter records")
     parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--seed", type=int,
                         help="for a preset: its random base's seed (default: the training --seed "
@@ -34,7 +38,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output(parser: argparse.ArgumentParser, output: Path, overwrite: bool) -> None:
+def adapter_run(adapter: Path) -> Path:
+    """What merging must never write over: the run directory of a train.py checkpoint (its
+    adapter, optimizer state and other checkpoints), else the adapter directory itself."""
+    adapter = adapter.resolve()
+    return adapter.parent if (adapter / TRAINER_STATE).is_file() else adapter
+
+
+def overlap(a: Path, b: Path) -> bool:
+    """Whether one of two resolved directories is, contains or lies inside the other."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_output(parser: argparse.ArgumentParser, output: Path, adapter: Path,
+                 overwrite: bool) -> None:
+    """--output is a new or empty directory (or replaced with --overwrite), apart from the
+    adapter's run and from the working directory, which a swap into place would replace."""
+    run, target = adapter_run(adapter), output.resolve()
+    if overlap(target, run):
+        parser.error(f"--output {output} overlaps the adapter's run {run}: the merge would "
+                     f"replace or delete it; choose a directory outside it")
+    if target == Path.cwd().resolve() or target in Path.cwd().resolve().parents:
+        parser.error(f"--output {output} is or contains the current directory; choose a new "
+                     f"directory")
     if output.exists() and not output.is_dir():
         parser.error(f"--output {output} is a file, not a directory")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
@@ -45,13 +71,15 @@ def check_output(parser: argparse.ArgumentParser, output: Path, overwrite: bool)
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_output(parser, args.output, args.overwrite)
+    check_output(parser, args.output, args.adapter, args.overwrite)
     try:
         device = resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     try:  # the dense base: merging into 4-bit weights is refused
+        args.model = resolve_base_model(args.model, args.adapter, args.allow_base_mismatch,
+                                        lambda line: print(line, file=sys.stderr))
         seed = preset_seed(args.model, args.adapter, args.seed)
         model, tokenizer = load_model(args.model, resolve_dtype(args.dtype, device), device,
                                       seed, None, args.tokenizer, args.adapter)

@@ -4,11 +4,13 @@
     python train.py --help
 
 Exit status: 0 done (or a finished run left as it was), 1 a runtime failure (divergence, a
-file system error), 2 a usage or data error, 130 interrupted by Ctrl-C.
+file system error), 2 a usage or data error; 130, 143 or 129 (128 + the signal) stopped by
+Ctrl-C, SIGTERM or SIGHUP, with a checkpoint saved once training had begun (docs/outputs.md).
 """
 import sys
 
 from training.config import build_parser, parse_config
+from training.interrupts import Interrupted, exit_status, signal_name
 
 
 def fail(status: int, message: str):
@@ -30,10 +32,12 @@ def main(argv=None) -> int:
         fail(2, str(error))
     except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
         fail(1, str(error))
-    except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one: stop at once
-        build_parser().exit(130, "\ntrain.py: interrupted: stopped at once; checkpoints saved "
-                                 "before are intact\n")
-    return 130 if summary.get("interrupted") else 0
+    except KeyboardInterrupt as error:  # a signal before the first step, or a second one
+        signum = error.signum if isinstance(error, Interrupted) else 2
+        build_parser().exit(exit_status(signum), f"\ntrain.py: interrupted by "
+                                                 f"{signal_name(signum)}: stopped at once; "
+                                                 "checkpoints saved before are intact\n")
+    return exit_status(summary["signal"]) if summary.get("interrupted") else 0
 
 
 if __name__ == "__main__":

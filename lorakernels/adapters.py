@@ -170,6 +170,12 @@ def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
         layer.set_merged(True)
 
 
+def _tensor_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``model.state_dict()`` without its non-tensor entries (an NF4 layer's extra state is a
+    dict: its quantised weight)."""
+    return {key: value for key, value in model.state_dict().items() if torch.is_tensor(value)}
+
+
 def _shapes(state: Dict[str, torch.Tensor]) -> Dict[str, tuple]:
     return {key: tuple(tensor.shape) for key, tensor in state.items()}
 
@@ -254,6 +260,17 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
+def recorded_base_model(directory: PathLike) -> Optional[str]:
+    """The base an adapter directory records (adapter_config.json's ``base_model_name_or_path``),
+    or None when it records none or its config cannot be read (loading the adapter names why)."""
+    try:
+        config = json.loads((Path(directory) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else None
+
+
 def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALayer],
                        source: Path, strict: bool) -> None:
     if config.get("peft_type") != "LORA":
@@ -285,7 +302,7 @@ def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True
     config_file, weights_file = directory / ADAPTER_CONFIG_FILE, directory / ADAPTER_WEIGHTS_FILE
     _check_peft_config(json.loads(config_file.read_text()), model, layers, config_file, strict)
     lora_keys = _peft_key_map(layers)
-    state = model.state_dict()
+    state = _tensor_state(model)
     with open_safetensors(weights_file) as reader:
         sources, seen, unexpected, misshaped = match_keys(
             reader, _shapes(state),
@@ -327,7 +344,7 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
     """Load a file from ``save_lora_state_dict``: every LoRA key of the model must be there with its
     shape; besides them only bias keys of the model are accepted (``bias="all"``/``"lora_only"``)."""
     path = _lora_file(path)
-    state = model.state_dict()
+    state = _tensor_state(model)
     expected = set(lora_state_dict(model))
     with open_safetensors(path) as reader:
         sources, seen, unexpected, misshaped = match_keys(

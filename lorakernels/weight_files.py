@@ -1,8 +1,11 @@
 """Weight files on disk: written so a crash never leaves one half-written, read key by key
 against a model so that every mismatch is named."""
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -16,9 +19,18 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         write(tmp)
         follow_umask(tmp)  # mkstemp's (and safetensors') 0600 would hide the file from the group
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(tmp)
+        raise_naming(error, path)
         raise
+
+
+def raise_naming(error: BaseException, path) -> None:
+    """A write error that names no file (safetensors' SafetensorError on a full disk, an OSError
+    without a file name) again as an OSError naming ``path``; others are left to propagate."""
+    unnamed = isinstance(error, OSError) and error.filename is None
+    if unnamed or type(error).__name__ == "SafetensorError":
+        raise OSError(f"{path}: could not write it ({error})") from None
 
 
 def current_umask() -> int:
@@ -36,13 +48,42 @@ def replace_directory(tmp: Path, final: Path) -> None:
     """Move the finished directory ``tmp`` to ``final``; an existing ``final`` is swapped out
     first and removed after, so ``final`` is at every moment the old whole or the new whole."""
     tmp, final = Path(tmp), Path(final)
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    with signals_held():  # a Ctrl-C between the two renames would leave no ``final`` at all
+        swapped = final.exists()
+        if swapped:
+            final.rename(old)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if swapped:  # the old whole goes back
+                old.rename(final)
+            raise
+    if swapped:
         shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+
+
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Ctrl-C, SIGTERM and SIGHUP wait for the end of the block, then are raised again (to the
+    handlers that were there). Handlers run on the main thread only, so only it holds them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    previous = {signum: signal.signal(signum, lambda number, frame: arrived.append(number))
+                for signum in HELD_SIGNALS
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in arrived:
+            signal.raise_signal(signum)
 
 
 def open_safetensors(path, device="cpu"):

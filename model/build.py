@@ -2,17 +2,21 @@
 benchmarks share. A preset is built with random weights from a seed (the embedded default
 and the benchmarks need no download); anything else is a checkpoint directory or hub id.
 """
+import dataclasses
 import difflib
 import json
+import re
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
+from lorakernels.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, recorded_base_model
 from lorakernels.nf4_layers import NF4Layer
+from lorakernels.weight_files import open_safetensors
 
 from .config import PRESETS, Phi3Config
-from .loading import resolve_checkpoint_dir
+from .loading import CONFIG_FILE, check_weight, resolve_checkpoint_dir
 from .lora import apply_peft_adapter
 from .phi3 import Phi3ForCausalLM
 from .quantization import quantize_decoder_linears, uses_nf4
@@ -50,13 +54,103 @@ def check_model_name(name: str) -> None:
                          f"(did you mean {close[0]}?)")
 
 
-def in_hub_cache(repo_id: str) -> bool:
+def hub_cached_config(repo_id: str) -> Optional[str]:
+    """The path of a hub model's config.json in the local cache, or None."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        path = try_to_load_from_cache(repo_id, CONFIG_FILE)
     except Exception:  # not a valid repo id, no huggingface_hub: not in the cache
-        return False
+        return None
+    return path if isinstance(path, str) else None
+
+
+def in_hub_cache(repo_id: str) -> bool:
+    return hub_cached_config(repo_id) is not None
+
+
+DEFAULT_MODEL = "phi3-tiny"
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def recorded_name(model: str) -> str:
+    """How a run records its base in adapter_config.json: a local directory by its absolute
+    path (found again from any working directory), a preset or hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in PRESETS and path.is_dir() else model
+
+
+def base_config(name: str) -> Optional[Phi3Config]:
+    """A preset's, a checkpoint directory's or a cached hub model's architecture, read without
+    any weights; None when it cannot be known here (a hub id not downloaded)."""
+    if name in PRESETS:
+        return Phi3Config.from_name(name)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return Phi3Config.from_json(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else None
+    cached = hub_cached_config(name)
+    return Phi3Config.from_json(cached) if cached else None
+
+
+def config_differences(a: Phi3Config, b: Phi3Config) -> List[str]:
+    """The architecture numbers in which two configs differ, as ``name a vs b``."""
+    return [f"{f.name} {getattr(a, f.name)} vs {getattr(b, f.name)}"
+            for f in dataclasses.fields(Phi3Config)
+            if f.name != "extra" and getattr(a, f.name) != getattr(b, f.name)]
+
+
+def base_differences(model: str, recorded: str) -> Optional[List[str]]:
+    """How --model differs from the base an adapter records: [] for the same base, None when
+    the recorded one cannot be read here. A preset (random weights) is only itself."""
+    if model == recorded:
+        return []
+    if model in PRESETS or recorded in PRESETS:  # a preset's random weights are no other base
+        mine, other = base_config(model), base_config(recorded)
+        return (config_differences(mine, other) if mine and other else []) or [
+            f"a preset's random weights are not {model if recorded in PRESETS else recorded}"]
+    ours, theirs = Path(model).expanduser(), Path(recorded).expanduser()
+    if ours.is_dir() and theirs.is_dir() and ours.resolve() == theirs.resolve():
+        return []
+    mine, other = base_config(model), base_config(recorded)
+    if mine is None or other is None:
+        return None
+    return config_differences(mine, other)
+
+
+def resolve_base_model(model: Optional[str], adapter: Optional[Union[str, Path]],
+                       allow_mismatch: bool = False, log: Callable[[str], None] = print) -> str:
+    """--model for ``adapter``: by default the base it records (a preset, a directory here or a
+    hub id); a given --model whose architecture differs from that base is refused, naming
+    both, before any weights are built (``allow_mismatch``: a note instead)."""
+    recorded = recorded_base_model(adapter) if adapter is not None else None
+    where = f"{Path(adapter) / ADAPTER_CONFIG_FILE}" if adapter is not None else ""
+    if model is None:
+        return default_base(recorded, where, log)
+    if recorded is None:
+        return model
+    differences = base_differences(model, recorded)
+    if differences is None:
+        log(f"note: {where} records base {recorded}, whose config.json is not here: "
+            f"--model {model} cannot be checked against it")
+    elif differences and not allow_mismatch:
+        raise ValueError(f"--model {model} is not the base the adapter was trained on: {where} "
+                         f"records {recorded} ({'; '.join(differences[:3])}); pass --model "
+                         f"{recorded}, or --allow-base-mismatch to use {model} anyway")
+    elif differences:
+        log(f"note: --allow-base-mismatch: using --model {model}, not the recorded {recorded}")
+    return model
+
+
+def default_base(recorded: Optional[str], where: str, log: Callable[[str], None]) -> str:
+    """The recorded base when it can be loaded from here; phi3-tiny when none is recorded."""
+    if recorded is None:
+        if where:
+            log(f"note: {where} records no base model: using {DEFAULT_MODEL} (pass --model)")
+        return DEFAULT_MODEL
+    if recorded in PRESETS or Path(recorded).expanduser().is_dir() or HUB_ID.fullmatch(recorded):
+        return recorded
+    raise ValueError(f"{where} records base {recorded}, which is not a preset, a directory "
+                     f"here or a hub id: pass --model")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -144,5 +238,16 @@ def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed
         raise ValueError(f"the tokenizer has {loaded_tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary only {model.config.vocab_size}")
     if adapter is not None:
+        check_adapter_weights(Path(adapter))
         apply_peft_adapter(model, adapter)
     return model, loaded_tokenizer
+
+
+def check_adapter_weights(directory: Path) -> None:
+    """Every tensor of the adapter floating point and finite, as a base checkpoint's are."""
+    path = directory / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        return  # loading the adapter names what is missing
+    with open_safetensors(path) as reader:
+        for key in reader.keys():
+            check_weight(reader.get_tensor(key), key, path)

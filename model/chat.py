@@ -88,11 +88,54 @@ def _render(tokenizer: Phi3Tokenizer, messages: Sequence[dict], add_generation_p
     import jinja2
 
     try:
-        return _template_of(tokenizer).render(
+        return _render_within_budget(
+            _template_of(tokenizer), sum(len(str(m.get("content", ""))) for m in messages),
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             tools=tools, documents=documents, **tokenizer.special_tokens)
     except jinja2.exceptions.TemplateError as error:
         raise ValueError(f"{tokenizer.template_source}: the chat template failed: {error}") from error
+    except RenderBudgetExceeded as error:
+        raise ValueError(f"{tokenizer.template_source}: the chat template {error}") from None
+    except Exception as error:  # a template can raise anything: TypeError, RecursionError, ...
+        raise ValueError(f"{tokenizer.template_source}: the chat template failed: "
+                         f"{type(error).__name__}: {error}") from None
+
+
+RENDER_SECONDS = 10.0  # a chat renders in milliseconds; nested loops run for hours
+RENDER_EXTRA_CHARS = 1_000_000  # beyond the messages' own text
+
+
+class RenderBudgetExceeded(Exception):
+    pass
+
+
+def _render_within_budget(template, content_chars: int, **variables) -> str:
+    """``template.render(**variables)``, stopped past RENDER_SECONDS or past the messages' text
+    plus RENDER_EXTRA_CHARS (twice the text for templates that repeat it)."""
+    import signal
+    import threading
+
+    limit = 2 * content_chars + RENDER_EXTRA_CHARS
+
+    def out_of_time(signum, frame):
+        raise RenderBudgetExceeded(f"ran past {RENDER_SECONDS:g} s (a loop that never ends?)")
+
+    timed = threading.current_thread() is threading.main_thread()
+    if timed:
+        previous = signal.signal(signal.SIGALRM, out_of_time)
+        signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        chunks, size = [], 0
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > limit:
+                raise RenderBudgetExceeded(f"rendered more than {limit:,} characters")
+            chunks.append(chunk)
+        return "".join(chunks)
+    finally:
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
 
 
 def render_chat(messages: Sequence[dict], add_generation_prompt: bool = False,

@@ -19,6 +19,12 @@ IGNORED_HF_KEYS = {
 }
 
 
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+         "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+         "original_max_position_embeddings")
+MAX_PARAMETERS = 10**12  # phi4 has 1.5e10; beyond this a size is a typo, not a model
+
+
 @dataclass
 class Phi3Config:
     vocab_size: int = 32064
@@ -45,6 +51,7 @@ class Phi3Config:
     extra: dict = field(default_factory=dict, repr=False)  # ignored keys, kept for save_pretrained
 
     def __post_init__(self):
+        self._check_types()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -73,6 +80,37 @@ class Phi3Config:
                                          f"(head_dim {self.head_dim} × partial_rotary_factor "
                                          f"{self.partial_rotary_factor} = {self.rotary_dim} rotated "
                                          f"dims), got {count}")
+
+    def _check_types(self) -> None:
+        """Sizes are positive integers, eps and theta positive numbers, rope_scaling a mapping;
+        and the model fits in memory at all (a typo of 10^9 would allocate for minutes)."""
+        for name in SIZES:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "partial_rotary_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("sliding_window", "bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} must be a non-negative integer or null, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be a mapping or null, got {self.rope_scaling!r}")
+        if self.parameter_count > MAX_PARAMETERS:
+            raise ValueError(f"{self.parameter_count:.3g} parameters (hidden_size "
+                             f"{self.hidden_size}, intermediate_size {self.intermediate_size}, "
+                             f"{self.num_hidden_layers} layers, vocab_size {self.vocab_size}) is "
+                             f"beyond any Phi model; check config.json's sizes")
+
+    @property
+    def parameter_count(self) -> int:
+        """About how many weights the model holds (embedding and head counted twice)."""
+        per_layer = 4 * self.hidden_size ** 2 + 3 * self.hidden_size * self.intermediate_size
+        return 2 * self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer
 
     @property
     def head_dim(self) -> int:
@@ -119,15 +157,20 @@ class Phi3Config:
         for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
             if isinstance(values.get(key), list):  # some configs list several; the first is the EOS
                 values[key] = values[key][0]
-        return cls(**values, extra=extra)
+        try:
+            return cls(**values, extra=extra)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None
 
     @classmethod
     def from_json(cls, path) -> "Phi3Config":
         path = Path(path)
         try:
-            values = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from error
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: not a JSON object of config keys")
         return cls.from_dict(values, source=str(path))
 
     @classmethod

@@ -49,14 +49,38 @@ def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path], revision: Optional
 def shard_files(directory: Path) -> List[Path]:
     index = directory / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [directory / name for name in sorted(set(weight_map.values()))]
+        return [directory / name for name in sorted(set(_weight_map(index).values()))]
     if (directory / SINGLE_FILE).exists():
         return [directory / SINGLE_FILE]
     raise FileNotFoundError(
         f"{directory}: no {SINGLE_FILE} or {INDEX_FILE} (found: "
         f"{', '.join(sorted(p.name for p in directory.iterdir())) or 'nothing'})"
     )
+
+
+def _weight_map(index: Path) -> Dict[str, str]:
+    """The index's tensor → shard map; each shard a plain file name in the checkpoint's own
+    directory (a name like ../x.safetensors or /etc/passwd would read a file outside it)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object
+        raise ValueError(f"{index}: not a JSON object with a weight_map (damaged)") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: no weight_map of tensor name → shard file")
+    for name in weight_map.values():
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{index}: shard {name!r} is not a file name in {index.parent}")
+    return weight_map
+
+
+def check_weight(tensor: torch.Tensor, name: str, source: Path) -> None:
+    """A base weight is floating point and finite: an int or bool tensor would be cast, a NaN
+    would make every answer empty."""
+    if not tensor.is_floating_point():
+        raise ValueError(f"{source}: {name} is {str(tensor.dtype).removeprefix('torch.')}, not a "
+                         f"floating-point tensor")
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{source}: {name} holds NaN or infinite values")
 
 
 def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
@@ -96,7 +120,9 @@ def load_safetensors_checkpoint(model: nn.Module, directory: Path, dtype: torch.
             sources, shard_seen, shard_unexpected, shard_misshaped = match_keys(
                 reader, expected, lambda name: name if name in expected else None)
             for name, file_key in sources.items():
-                _set_tensor(model, name, reader.get_tensor(file_key), dtype)
+                tensor = reader.get_tensor(file_key)
+                check_weight(tensor, file_key, shard)
+                _set_tensor(model, name, tensor, dtype)
         seen |= shard_seen
         unexpected += [key for key in shard_unexpected if key not in aliases]
         misshaped += shard_misshaped

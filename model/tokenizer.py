@@ -50,9 +50,14 @@ def read_eos_ids(directory: Union[str, Path]) -> List[int]:
         file = Path(directory) / name
         if file.is_file():
             try:
-                ids += _ids(json.loads(file.read_text()).get("eos_token_id"))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}: not valid JSON ({error})") from error
+                values = json.loads(file.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{file}: not valid JSON ({error})") from None
+            try:
+                ids += _ids(values.get("eos_token_id") if isinstance(values, dict) else None)
+            except (TypeError, ValueError):
+                raise ValueError(f"{file}: eos_token_id must be a token id or a list of them, "
+                                 f"got {values['eos_token_id']!r}") from None
     return ids
 
 
@@ -87,22 +92,39 @@ class Phi3Tokenizer:
         if config_file.is_file():
             try:
                 config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{config_file}: not valid JSON ({error})") from error
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"{config_file}: not valid JSON ({error})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file}: not a JSON object of tokenizer settings")
         template, source = config.get("chat_template"), f"{config_file}: chat_template"
         if isinstance(template, list):  # named templates, as transformers writes several
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template, source = named.get("default"), f"{config_file}: chat_template 'default'"
         jinja_file = directory / CHAT_TEMPLATE_FILE
         if jinja_file.is_file():  # transformers prefers the separate file when both exist
-            template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            try:
+                template, source = jinja_file.read_text(encoding="utf-8"), str(jinja_file)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{jinja_file}: not UTF-8 text (byte {error.start})") from None
         if template is None:
             source = str(directory)
+        elif not isinstance(template, str):
+            raise ValueError(f"{source}: the chat template must be a string, got "
+                             f"{type(template).__name__}")
         try:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as error:  # the tokenizers library raises a bare Exception
             raise ValueError(f"{file}: not a readable tokenizer.json ({error})") from None
-        return cls(tokenizer, config, template, source, read_eos_ids(directory))
+        loaded = cls(tokenizer, config, template, source, read_eos_ids(directory))
+        loaded.check_special_tokens(config_file)
+        return loaded
+
+    def check_special_tokens(self, source) -> None:
+        """The eos and pad tokens tokenizer_config.json names are in the vocabulary."""
+        for key in ("eos_token", "pad_token"):
+            text = self.special_tokens.get(key)
+            if text is not None and self._tokenizer.token_to_id(text) is None:
+                raise ValueError(f"{source}: {key} {text!r} is not in the tokenizer's vocabulary")
 
     def add_eos_ids(self, ids: Iterable[int]) -> None:
         """More ids that end generation (a checkpoint's config.json and generation_config.json)."""
@@ -173,7 +195,12 @@ class Phi3Tokenizer:
         ``<|end|>``; Phi-4: ``<|im_end|>``)."""
         from .chat import end_of_turn_id
 
-        return end_of_turn_id(self)
+        end = end_of_turn_id(self)
+        if end not in self._tokenizer.get_added_tokens_decoder():
+            raise ValueError(f"{self.template_source}: an assistant turn ends with "
+                             f"{self.decode([end])!r}, not a special token: the tokenizer lacks "
+                             f"the template's end-of-turn token (such as <|end|>)")
+        return end
 
     @property
     def pad_id(self) -> int:

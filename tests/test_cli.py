@@ -34,7 +34,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
     assert result.returncode == 0, result.stderr
     merged = Phi3ForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=5, dtype="float32",
-                                 device="cpu", adapter=adapter))
+                                 device="cpu", adapter=adapter, allow_base_mismatch=False))
     with_adapter, _, _ = load(args)
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():

@@ -69,7 +69,9 @@ def test_cuda_without_a_gpu_is_refused_at_parse_time(capsys, tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--temperature", "-1"], "--temperature must be >= 0 (0: greedy), got -1.0"),
+    (["--temperature", "-1"], "--temperature must be 0 (greedy) or from 0.001, got -1.0"),
+    (["--temperature", "1e-40"], "--temperature must be 0 (greedy) or from 0.001, got 1e-40"),
+    (["--prompt", "hi \udcff"], "--prompt is not valid UTF-8 text"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be positive, got 0"),
 ])
 def test_generate_ranges(capsys, flags, message):
@@ -107,28 +109,37 @@ def test_damaged_files_are_named(capsys, tmp_path, data, adapter):
     assert status == 2 and f"{tokenizer}: not a readable tokenizer.json" in err
 
 
-def test_ctrl_c_exits_130_with_its_own_line(capsys, tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("signum, status", [
+    (signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_signal_saves_a_checkpoint_and_exits_128_plus_it(capsys, tmp_path, data, monkeypatch,
+                                                           signum, status):
     real, calls = loop.token_loss_sum, {"n": 0}
+    name, before = signal.Signals(signum).name, signal.getsignal(signum)
+    if before is signal.SIG_IGN:
+        pytest.skip(f"{name} is ignored here (nohup)")
 
-    def interrupt(presses):
+    def interrupt(times):
         def loss(model, batch):
             calls["n"] += 1
             if calls["n"] == 2:
-                for _ in range(presses):
-                    signal.raise_signal(signal.SIGINT)
+                for _ in range(times):
+                    signal.raise_signal(signum)
             return real(model, batch)
         return loss
 
-    flags = ["--data", data, "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4", "--max-steps", "4"]
+    flags = ["--data", data, "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4",
+             "--max-steps", "4"]
     monkeypatch.setattr(loop, "token_loss_sum", interrupt(1))
-    status = train_cli.main([*flags, "--output", str(tmp_path / "once")])
-    out = capsys.readouterr().out
-    assert status == 130 and f"\ninterrupted: saved {tmp_path / 'once' / 'checkpoint-2'} at step 2" in "\n" + out
+    assert train_cli.main([*flags, "--output", str(tmp_path / "once")]) == status
+    saved = tmp_path / "once" / "checkpoint-2"
+    assert f"\ninterrupted by {name}: saved {saved} at step 2" in "\n" + capsys.readouterr().out
+    assert (saved / "trainer_state.json").is_file() and not (tmp_path / "once" / "final").exists()
     calls["n"] = 0
     monkeypatch.setattr(loop, "token_loss_sum", interrupt(2))  # the second stops at once
-    status, err = train_main(capsys, *flags, "--output", tmp_path / "twice")
-    assert status == 130 and err.endswith("\ntrain.py: interrupted: stopped at once; checkpoints saved "
-                                          "before are intact\n")
+    code, err = train_main(capsys, *flags, "--output", tmp_path / "twice")
+    assert code == status and err.endswith(f"\ntrain.py: interrupted by {name}: stopped at once; "
+                                           f"checkpoints saved before are intact\n")
+    assert signal.getsignal(signum) is before
 
 
 def test_ctrl_c_in_chat_exits_130(capsys, adapter, monkeypatch):
@@ -170,3 +181,32 @@ def test_atomic_write_follows_the_umask(tmp_path):
     finally:
         os.umask(old_umask)
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o644
+
+
+def test_merge_never_writes_over_the_adapters_run_or_the_working_directory(
+        capsys, tmp_path, adapter, monkeypatch):
+    run = adapter.parent
+    before = sorted(p.name for p in run.iterdir())
+    for output in (adapter, run, run / "checkpoint-9" / "merged", run.parent):
+        code, err = exits(capsys, merge.main, "--adapter", adapter, "--output", output,
+                          "--overwrite")
+        assert code == 2 and f"--output {output} overlaps the adapter's run {run}" in err
+    monkeypatch.chdir(tmp_path)
+    for output in (".", ""):
+        code, err = exits(capsys, merge.main, "--adapter", adapter, "--output", output,
+                          "--overwrite")
+        assert code == 2 and "is or contains the current directory" in err
+    assert sorted(p.name for p in run.iterdir()) == before and list(tmp_path.iterdir()) == []
+
+
+def test_max_new_tokens_is_checked_against_the_context(capsys, adapter):
+    code, err = exits(capsys, generate.main, "--adapter", adapter, "--prompt", "hi",
+                      "--max-new-tokens", "1000000000", "--device", "cpu")
+    assert code == 2 and err.endswith("generate.py: error: --max-new-tokens 1000000000 is beyond "
+                                      "the model's context of 4096 tokens\n")
+
+
+def test_a_prompt_longer_than_the_context_warns(capsys, adapter):
+    assert generate.main(["--adapter", str(adapter), "--prompt", "hi " * 4000, "--device", "cpu",
+                          "--max-new-tokens", "1"]) == 0
+    assert "warning: the prompt (" in capsys.readouterr().err

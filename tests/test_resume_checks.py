@@ -72,3 +72,57 @@ def test_a_damaged_checkpoint_named_on_resume_is_an_error(data, stopped_run):
         verify_checkpoint(stopped_run / "checkpoint-2")
     with pytest.raises(ValueError, match="empty or not JSON"):
         train(config(data, stopped_run, resume=str(stopped_run / "checkpoint-2")), log=lambda _: None)
+
+
+def edit_state(directory: Path, edit) -> None:
+    state = json.loads((directory / STATE_FILE).read_text())
+    edit(state)
+    (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("scheduler"), "no scheduler state recorded"),
+    (lambda s: s.update(scheduler="garbage"), "no scheduler state recorded"),
+    (lambda s: s.update(param_groups=[{"lr": 1}]), "no optimizer param_groups recorded"),
+])
+def test_damaged_resume_state_is_named_and_the_checkpoint_before_used(data, stopped_run, damage,
+                                                                      message):
+    edit_state(stopped_run / "checkpoint-2", damage)
+    notes = []
+    assert train(config(data, stopped_run, resume="latest"), log=notes.append)["step"] == 3
+    assert any(f"skipping a damaged checkpoint: {stopped_run / 'checkpoint-2' / STATE_FILE}: "
+               f"{message}" in n for n in notes)
+
+
+def test_edited_param_groups_are_named(data, stopped_run):
+    def add_a_parameter(state):
+        state["param_groups"][0]["params"].append(999)
+
+    edit_state(stopped_run / "checkpoint-2", add_a_parameter)
+    with pytest.raises(ValueError, match=r"checkpoint-2/trainer_state.json or optimizer"
+                                         r".safetensors: the optimizer or scheduler state does "
+                                         r"not fit this run"):
+        train(config(data, stopped_run, resume=str(stopped_run / "checkpoint-2")),
+              log=lambda _: None)
+
+
+@pytest.mark.parametrize("line, message", [
+    (b"[1, 2]\n", ":2: not a metrics row"),
+    (b'{"step": "two"}\n', ":2: not a metrics row"),
+    (b'{"step": 1, "loss": "\xff"}\n', ": not UTF-8 text"),
+])
+def test_damaged_metrics_are_named(data, stopped_run, line, message):
+    metrics = stopped_run / "metrics.jsonl"
+    rows = metrics.read_bytes().splitlines(keepends=True)
+    metrics.write_bytes(rows[0] + line + b"".join(rows[1:]))
+    with pytest.raises(ValueError, match=f"{metrics}{message}"):
+        train(config(data, stopped_run, resume="latest"), log=lambda _: None)
+    assert metrics.read_bytes().startswith(rows[0] + line)  # left as it was
+
+
+def test_resume_past_max_steps_is_refused(data, stopped_run):
+    with pytest.raises(ValueError, match=r"checkpoint-2: the checkpoint is at step 2, and "
+                                         r"--max-steps \(or --epochs\) gives 2: pass a --max-steps "
+                                         r"above 2"):
+        train(config(data, stopped_run, resume="latest", max_steps=2), log=lambda _: None)
+    assert not (stopped_run / "final").exists()

@@ -115,3 +115,15 @@ def test_an_output_that_is_a_file_is_named(data, tmp_path):
     (tmp_path / "out").write_text("")
     result = train_cli(data, tmp_path / "out")
     assert result.returncode == 2 and f"--output {tmp_path / 'out'} is a file" in result.stderr
+
+
+def test_only_the_temporaries_a_run_writes_are_removed(tmp_path):
+    from training.run_directory import remove_stale_temporaries
+
+    ours = [".checkpoint-5.tmp-999999999", ".final.old-999999999", ".final.tmp-12"]
+    users = [".notes.old-2024", ".data.tmp-3", ".checkpoint-x.tmp-4", "final.old-5"]
+    for name in ours + users:
+        (tmp_path / name).mkdir()
+    notes = []
+    remove_stale_temporaries(tmp_path, notes.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(users) and len(notes) == 3

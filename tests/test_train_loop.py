@@ -151,7 +151,8 @@ def test_adapter_loads_in_peft_with_our_logits(data, tmp_path):
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "final").eval()
     from generate import load
     args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=3, dtype="float32",
-                                 device="cpu", adapter=tmp_path / "run" / "final"))
+                                 device="cpu", adapter=tmp_path / "run" / "final",
+                                 allow_base_mismatch=False))
     ours, _, _ = load(args)
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():

@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 
 from lorakernels.adapters import (LORA_FILE, load_lora_state_dict, save_lora_state_dict,
                                   save_peft_adapter)
-from lorakernels.weight_files import follow_umask, open_safetensors, replace_directory
+from lorakernels.weight_files import (follow_umask, open_safetensors, raise_naming,
+                                      replace_directory)
+from model.build import recorded_name
 
 from .distributed import full_tensors, shard_like
 
@@ -124,7 +126,7 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
         shutil.rmtree(tmp)
     try:
         tmp.mkdir(parents=True)
-        save_peft_adapter(model, tmp, base_model_name_or_path=config["model"],
+        save_peft_adapter(model, tmp, base_model_name_or_path=recorded_name(config["model"]),
                           target_modules=target_modules, state=lora)
         save_lora_state_dict(model, tmp / LORA_FILE, state=lora)
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
@@ -134,8 +136,9 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, con
         for path in tmp.iterdir():
             follow_umask(path)
         replace_directory(tmp, directory)
-    except BaseException:  # disk full, Ctrl-C: nothing half-written stays behind
+    except BaseException as error:  # disk full, Ctrl-C: nothing half-written stays behind
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_naming(error, tmp)
         raise
     return directory
 
@@ -157,6 +160,13 @@ def read_state(directory: Path) -> dict:
 def verify_checkpoint(directory: Path) -> dict:
     """Its state, once every file resume reads is whole; else a ValueError naming the damaged file."""
     state = read_state(directory)
+    path = directory / STATE_FILE
+    if not isinstance(state.get("scheduler"), dict) or "last_epoch" not in state["scheduler"]:
+        raise ValueError(f"{path}: no scheduler state recorded (damaged)")
+    groups = state.get("param_groups")
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups)):
+        raise ValueError(f"{path}: no optimizer param_groups recorded (damaged)")
     for name in (LORA_FILE, OPTIMIZER_FILE):
         path = directory / name
         try:  # the header and its offsets against the file's size: truncation shows here
@@ -204,13 +214,25 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler) -> int:
 
     No RNG state: the loop seeds dropout from (seed, step, rank) at every step.
     """
-    state = read_state(directory)
+    state = verify_checkpoint(directory)
     load_lora_state_dict(model, directory / LORA_FILE)
     with open_safetensors(directory / OPTIMIZER_FILE) as reader:
         tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    _restore_optimizer(optimizer, tensors, state["param_groups"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:  # torch's own checks (group sizes, keys) raise these on an edited or foreign state
+        _restore_optimizer(optimizer, tensors, state["param_groups"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise ValueError(f"{directory / STATE_FILE} or {OPTIMIZER_FILE}: the optimizer or "
+                         f"scheduler state does not fit this run ({type(error).__name__}: "
+                         f"{error})") from None
     return state["step"]
+
+
+def check_resume_step(directory: Path, step: int, total_steps: int) -> None:
+    """A resume has steps left to train: a checkpoint at or past --max-steps has none."""
+    if step >= total_steps:
+        raise ValueError(f"--resume {directory}: the checkpoint is at step {step}, and --max-steps "
+                         f"(or --epochs) gives {total_steps}: pass a --max-steps above {step}")
 
 
 def prune_checkpoints(output: Path, keep: Optional[int]) -> None:
@@ -240,6 +262,7 @@ def resume(config, output: Path, total_steps: int, fingerprint: dict, state: tup
     check_fingerprint(checkpoint, fingerprint, config.allow_changed_resume, log)
     model, optimizer, scheduler = state
     step = load_checkpoint(checkpoint, model, optimizer, scheduler)
+    check_resume_step(checkpoint, step, total_steps)
     log(f"resumed from {checkpoint} at step {step}")
     report_overrides(config, scheduler, optimizer, log)
     return step, False

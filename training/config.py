@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -15,6 +16,8 @@ from model.config import DEFAULT_TARGETS, QUANTIZE_CHOICES
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
 MODEL_DEFAULTS = {"lr": 2e-4, "max_seq_len": 2048, "epochs": 1.0}
 TINY_DEMO_DEFAULTS = {"lr": 3e-3, "max_seq_len": 512, "epochs": 10.0}
+# Each step seeds torch with seed · 1,000,003 + ...: below 2^32 that stays inside torch's 64 bits.
+MAX_SEED = 2**32
 
 
 @dataclass
@@ -78,6 +81,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {value}")
+        if not str(self.output).strip():
+            raise ValueError("--output must name a directory, got ''")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -225,23 +232,37 @@ def read_yaml(path: Path) -> dict:
             for name, value in options.items()}
 
 
+def short(value) -> str:
+    """A YAML value for an error message: a few items, two levels deep, however big it is."""
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict = 2, 4, 4
+    return shortener.repr(value)
+
+
 def coerce(value, kind, where: str):
-    """A YAML value as the option's type, or a ValueError saying where and what was expected."""
+    """A YAML value of the option's type, or a ValueError saying where and what was expected:
+    never truncated or cast (2.7 is no batch size, true no alpha), and the value shown short
+    (an alias bomb would take minutes to print)."""
     if value is None and kind in (Optional[int], Optional[float], Optional[str]):
         return None
     if kind is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
+            raise ValueError(f"{where} must be true or false, got {short(value)}")
         return value
     if kind == List[str]:
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise ValueError(f"{where} must be a list of names, got {value!r}")
+            raise ValueError(f"{where} must be a list of names, got {short(value)}")
         return items
+    expected = scalar_type(kind)
+    # YAML 1.1 reads 1e-4 (no dot) as a string: a float option takes what float() reads.
+    allowed = (int, float, str) if expected is float else (expected,)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise ValueError(f"{where} must be {expected.__name__}, got {short(value)}")
     try:
-        return scalar_type(kind)(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be {scalar_type(kind).__name__}, got {value!r}") from None
+        return expected(value)
+    except ValueError:
+        raise ValueError(f"{where} must be float, got {short(value)}") from None
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:

@@ -3,8 +3,6 @@ import contextlib
 import dataclasses
 import math
 import resource
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +22,7 @@ from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack
                    require_targets, target_tokens, tokenize_chats)
 from .distributed import Distributed
 from .divergence import check_finite, check_finite_weights
+from .interrupts import StopOnInterrupt, stopping_signals
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
 from .run_log import METRICS_FILE, RunLog, drop_metrics_after
@@ -160,26 +159,6 @@ def prepare_rows(path: str, tokenizer, config: TrainConfig):
     return rows, truncated
 
 
-class StopOnInterrupt:
-    """Turns Ctrl-C (SIGINT) into a request checked between steps, so a checkpoint is
-    never taken halfway through an optimizer step; a second Ctrl-C stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
 class StepLoss(torch.nn.Module):
     """The model and its loss as one module, so DistributedDataParallel sees the forward."""
 
@@ -211,7 +190,7 @@ def train(config: TrainConfig, log=print) -> dict:
         if dist.is_main:  # before anything expensive: a busy or occupied --output stops here
             lock = RunLock(Path(config.output), log)
             refuse_to_replace(Path(config.output), config.resume, config.overwrite)
-        with settings.override(attention=config.attention):
+        with settings.override(attention=config.attention), stopping_signals():
             return _train(config, dist, log if dist.is_main else (lambda _: None))
     finally:
         if lock:
@@ -296,10 +275,14 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
                 config.report_to == "tensorboard") as run_log:
         result = run_steps(run, start_step, save, run_log)
     if result.interrupted:  # after the bar is closed: the message gets a line of its own
-        log(f"interrupted: saved {result.interrupted} at step {result.step}; continue with "
-            "--resume")
-        return {"step": result.step, "interrupted": True, "checkpoint": str(result.interrupted)}
+        log(f"interrupted by {result.interrupt.name}: saved {result.interrupted} at step "
+            f"{result.step}; continue with --resume")
+        return {"step": result.step, "interrupted": True, "signal": result.interrupt.signum,
+                "checkpoint": str(result.interrupted)}
     final = save("final", result.step)
+    if result.interrupt.requested:
+        log(f"note: {result.interrupt.name} arrived at the last step or the final save, which "
+            "finished")
     seconds = time.perf_counter() - result.started
     summary = {"step": result.step, "loss": result.loss, "seconds": round(seconds, 1),
                "tokens_per_s": round(result.tokens / max(seconds, 1e-9)),
@@ -326,14 +309,17 @@ def prepare_output(output: Path, start_step: int, overwrite: bool, log) -> None:
 @dataclass
 class StepsDone:
     """Where ``run_steps`` stopped: the step, its loss, the last evaluation, the tokens
-    trained on since ``started`` (perf_counter), and the checkpoint an interrupt saved."""
+    trained on since ``started`` (perf_counter), the signals' state (it keeps handling them
+    through the final save; ``train`` restores the handlers) and the checkpoint an interrupt
+    saved."""
 
     step: int
     loss: float
     evaluation: Optional[dict]
     tokens: int
     started: float
-    interrupted: Optional[Path]
+    interrupt: StopOnInterrupt
+    interrupted: Optional[Path] = None
 
 
 def run_steps(run: Run, start_step: int, save: Callable[[str, int], Path],
@@ -341,44 +327,40 @@ def run_steps(run: Run, start_step: int, save: Callable[[str, int], Path],
     """Optimizer steps from ``start_step`` to the end, each logged, evaluated and saved as the
     flags ask; a Ctrl-C finishes the step in progress, saves it and stops."""
     config, dist = run.config, run.dist
-    done = StepsDone(start_step, float("nan"), None, 0, time.perf_counter(), None)
-    interrupt = StopOnInterrupt()
-    try:
-        while done.step < run.total_steps:
-            seed_step(config.seed, done.step, dist.rank)
-            micro = step_micro_batches(run.batches, done.step, config.grad_accum, run.device)
-            done.loss, grad_norm, lr = training_step(
-                run.step_loss, run.params, run.optimizer, run.scheduler, micro,
-                config.max_grad_norm, dist,
-                before_update=partial(check_finite, done.step + 1, output=run.output))
-            done.step += 1
-            step = done.step
-            done.tokens += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
-            tokens_per_s = done.tokens / (time.perf_counter() - done.started)
-            memory = peak_memory_mb(run.device)
-            run_log.progress(done.loss, lr, tokens_per_s, memory)
-            row = {}
-            if step % config.log_every == 0 or step == run.total_steps:
-                row.update(step=step, loss=done.loss, lr=lr, grad_norm=grad_norm,
-                           tokens_per_s=tokens_per_s, peak_memory_mb=memory,
-                           epoch=step * config.grad_accum / run.batches.per_epoch)
-            if run.eval_rows and ((config.eval_every and step % config.eval_every == 0)
-                                  or step == run.total_steps):
-                # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
-                done.evaluation = evaluate(run.step_loss, run.eval_rows, config.batch_size,
-                                           run.tokenizer.pad_id, run.device, run.pad_to)
-                row.update(step=step, **done.evaluation)
-            run_log.record(row)
-            saved = config.save_every and step % config.save_every == 0 and step < run.total_steps
-            if saved:
-                save(f"checkpoint-{step}", step)
-                if dist.is_main:
-                    prune_checkpoints(run.output, config.save_total_limit)
-            # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
-            if dist.sum(interrupt.requested) > 0 and step < run.total_steps:
-                done.interrupted = (run.output / f"checkpoint-{step}" if saved
-                                    else save(f"checkpoint-{step}", step))
-                break
-    finally:
-        interrupt.restore()
+    done = StepsDone(start_step, float("nan"), None, 0, time.perf_counter(), StopOnInterrupt())
+    while done.step < run.total_steps:
+        seed_step(config.seed, done.step, dist.rank)
+        micro = step_micro_batches(run.batches, done.step, config.grad_accum, run.device)
+        done.loss, grad_norm, lr = training_step(
+            run.step_loss, run.params, run.optimizer, run.scheduler, micro,
+            config.max_grad_norm, dist,
+            before_update=partial(check_finite, done.step + 1, output=run.output))
+        done.step += 1
+        step = done.step
+        done.tokens += dist.world_size * sum(int(b["input_ids"].numel()) for b in micro)
+        tokens_per_s = done.tokens / (time.perf_counter() - done.started)
+        memory = peak_memory_mb(run.device)
+        run_log.progress(done.loss, lr, tokens_per_s, memory)
+        row = {}
+        if step % config.log_every == 0 or step == run.total_steps:
+            row.update(step=step, loss=done.loss, lr=lr, grad_norm=grad_norm,
+                       tokens_per_s=tokens_per_s, peak_memory_mb=memory,
+                       epoch=step * config.grad_accum / run.batches.per_epoch)
+        if run.eval_rows and ((config.eval_every and step % config.eval_every == 0)
+                              or step == run.total_steps):
+            # Every rank evaluates (an FSDP forward needs them all); rank 0 records it.
+            done.evaluation = evaluate(run.step_loss, run.eval_rows, config.batch_size,
+                                       run.tokenizer.pad_id, run.device, run.pad_to)
+            row.update(step=step, **done.evaluation)
+        run_log.record(row)
+        saved = config.save_every and step % config.save_every == 0 and step < run.total_steps
+        if saved:
+            save(f"checkpoint-{step}", step)
+            if dist.is_main:
+                prune_checkpoints(run.output, config.save_total_limit)
+        # Ctrl-C only raises a flag; the step in progress finishes, all ranks agree to stop.
+        if dist.sum(done.interrupt.requested) > 0 and step < run.total_steps:
+            done.interrupted = (run.output / f"checkpoint-{step}" if saved
+                                else save(f"checkpoint-{step}", step))
+            break
     return done

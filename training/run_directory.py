@@ -19,8 +19,9 @@ METRICS_FILE = "metrics.jsonl"
 # What a run writes into its directory; --overwrite removes these and nothing else.
 RUN_ENTRIES = (METRICS_FILE, "final", "tensorboard")
 CHECKPOINT = re.compile(r"checkpoint-\d+")
-# checkpoint.py's temporaries: ".checkpoint-8.tmp-PID", ".final.old-PID".
-TEMPORARY = re.compile(r"\..+\.(tmp|old)-(\d+)")
+# checkpoint.py's temporaries, and nothing else: ".checkpoint-8.tmp-PID", ".final.old-PID"
+# (a user's ".notes.old-2024/" is not one).
+TEMPORARY = re.compile(r"\.(?:checkpoint-\d+|final)\.(?:tmp|old)-(\d+)")
 
 
 class RunLock:
@@ -75,7 +76,13 @@ def run_entries(output: Path) -> List[Path]:
     if not output.is_dir():
         return []
     return sorted(p for p in output.iterdir()
-                  if p.name in RUN_ENTRIES or (CHECKPOINT.fullmatch(p.name) and p.is_dir()))
+                  if (p.name in RUN_ENTRIES and not is_empty_file(p))
+                  or (CHECKPOINT.fullmatch(p.name) and p.is_dir()))
+
+
+def is_empty_file(path: Path) -> bool:
+    """An empty metrics.jsonl holds no run (one that stopped before its first step left it)."""
+    return path.is_file() and path.stat().st_size == 0
 
 
 def refuse_to_replace(output: Path, resume: Optional[str], overwrite: bool) -> None:
@@ -101,6 +108,6 @@ def remove_stale_temporaries(output: Path, log: Callable[[str], None]) -> None:
     temporary of another process is no live run's."""
     for path in output.iterdir() if output.is_dir() else ():
         match = TEMPORARY.fullmatch(path.name)
-        if match and int(match.group(2)) != os.getpid() and path.is_dir():
+        if match and int(match.group(1)) != os.getpid() and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             log(f"note: removed {path}, left by a run that stopped while saving")

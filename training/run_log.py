@@ -26,7 +26,11 @@ def drop_metrics_after(path: Path, step: int, log=print) -> None:
     (the run was killed mid-write) is dropped with a note; a bad line before it is an error."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); fix or remove it to "
+                         "resume") from None
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
@@ -37,6 +41,9 @@ def drop_metrics_after(path: Path, step: int, log=print) -> None:
                                  "resume") from None
             log(f"note: {path}:{number}: dropped a torn last line (the run stopped mid-write)")
             continue
+        if not isinstance(row, dict) or not isinstance(row.get("step", 0), int):
+            raise ValueError(f"{path}:{number}: not a metrics row (a JSON object with an integer "
+                             "step); fix or remove that line to resume")
         if row.get("step", 0) <= step:
             rows.append(line)
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
