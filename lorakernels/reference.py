@@ -243,7 +243,7 @@ def linear_cross_entropy_reference(
     lora: Optional[LoRAAdapter] = None,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Summed cross entropy of the LM head's logits (bias [V] included), [N, V] logits and all.
+    """Summed cross entropy of the LM head's logits (its bias [V] too), [N, V] logits and all.
 
     What ``ops.linear_cross_entropy`` must equal. With ``lora`` the logits are those
     of a LoRA ``Linear``: the low-rank term in the adapters' dtype, the sum rounded

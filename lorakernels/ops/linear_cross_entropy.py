@@ -4,7 +4,8 @@ Models call it through ``lorakernels.functional.lm_head_loss(head, hidden, label
 which passes a LoRA head's adapter as ``lora=(A, B, scaling)`` (or, when that head's
 dropout is live, takes the plain logits path: dropout is not drawn here)::
 
-    loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None, bias=None)  # [N, H], [V, H], [N]
+    # hidden [N, H], weight [V, H], labels [N], bias [V] or None
+    loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None, bias=None)
 
 ``loss_sum`` equals ``F.cross_entropy((hidden @ weight.T + bias).float(), labels,
 ignore_index=-100, reduction="sum")`` (``reference.linear_cross_entropy_reference``), as an fp32 scalar.
@@ -261,8 +262,8 @@ def linear_cross_entropy(
     lora_A, lora_B, scaling = (None, None, 0.0) if lora is None else lora
     tensors = [t for t in (hidden, weight, bias, lora_A, lora_B) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size, lora,
-                                              bias)
+        return linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size,
+                                              lora, bias)
     return LinearCrossEntropyFunction.apply(
         hidden, weight, bias, labels, lora_A, lora_B, float(scaling), ignore_index, chunk_size
     )
