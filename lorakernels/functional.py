@@ -213,12 +213,13 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
     chunked loss draws no dropout and knows no magnitude).
     """
     lora = None
-    if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
-        if ((head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False)
-                or getattr(head, "lora_B_bias", None) is not None):
+    if isinstance(head, LoRALayer) and head.has_lora:
+        live = not head.merged
+        if (live and ((head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False))
+                or "lora_B_bias" in head._parameters):
             return F.cross_entropy(head(hidden).float(), labels, ignore_index=ignore_index,
                                    reduction="sum")
-        lora = (head.lora_A, head.lora_B, head.scaling)
+        lora = (head.lora_A, head.lora_B, head.scaling) if live else None
     weight = head.weight.t() if getattr(head, "fan_in_fan_out", False) else head.weight
     return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, lora=lora,
                                 bias=head.bias)

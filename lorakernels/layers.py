@@ -40,11 +40,14 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         lora_parts: Optional[LoRAParts] = None,
         use_dora: bool = False,
+        lora_bias: bool = False,
         **kwargs,
     ):
         """``lora_parts``: one A/B pair per enabled part of a fused projection (see
         ``MergedLinear``); None: one pair over the whole output. ``use_dora``: DoRA, with
-        one magnitude per output row (PEFT's ``lora_magnitude_vector``), fused or not."""
+        one magnitude per output row (PEFT's ``lora_magnitude_vector``), fused or not.
+        ``lora_bias``: B gets a bias ``lora_B_bias`` [out] (PEFT's ``lora_B.bias``), scaled
+        as B is and added to the layer's bias, merged or not."""
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = False  # the weight is [out, in] until the transpose below
@@ -57,9 +60,14 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_B = nn.Parameter(self.weight.new_zeros((lora_out, r)))
             if use_dora:
                 self.lora_magnitude = nn.Parameter(self.weight.new_zeros(out_features))
+            if lora_bias:
+                self.lora_B_bias = nn.Parameter(self.weight.new_zeros(out_features))
             self.weight.requires_grad = False
-        elif use_dora:
-            raise ValueError("use_dora needs a low-rank path (r > 0 and a part with LoRA)")
+        elif use_dora or lora_bias:
+            raise ValueError("use_dora and lora_bias need a low-rank path (r > 0 and a part with "
+                             "LoRA)")
+        if lora_bias and (use_dora or lora_parts is not None):
+            raise ValueError("lora_bias works with one A/B pair and without DoRA, as in PEFT")
         self._dora_sq_norms = None  # (key of the weight they belong to, ‖W_j‖² [out])
         self._dora_merge_norm = None  # n at merge time, to unmerge exactly as PEFT does
         self.reset_parameters()
@@ -76,6 +84,8 @@ class Linear(LoRALayer, nn.Linear):
         if self.has_lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if "lora_B_bias" in self._parameters:
+                nn.init.zeros_(self.lora_B_bias)
             if self.use_dora:
                 self.reset_dora_magnitude()
 
@@ -133,18 +143,29 @@ class Linear(LoRALayer, nn.Linear):
             weight.copy_(new.to(weight.dtype))
         self.merged = merged
 
+    def live_bias(self) -> Optional[torch.Tensor]:
+        """The layer's bias plus s·``lora_B_bias`` (never merged into the weight), in its dtype."""
+        lora_bias = self._parameters.get("lora_B_bias")
+        if lora_bias is None:
+            return self.bias
+        extra = lora_bias * self.scaling
+        if self.bias is None:
+            return extra.to(self.weight.dtype)
+        return (self.bias + extra).to(self.bias.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._oriented_weight()
+        bias = self.live_bias()
         if not self.has_lora or self.merged:
-            return base_linear(x, weight, self.bias)
+            return base_linear(x, weight, bias)
         if self.use_dora:
             return dora_linear(
-                x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
                 self._weight_sq_norms(), dropout_p=self.lora_dropout.p, training=self.training,
                 parts=self.lora_parts,
             )
         return lora_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            x, weight, bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
         )
 
