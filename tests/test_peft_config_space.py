@@ -231,3 +231,32 @@ def test_pissa_loads_once_converted_by_peft(tmp_path):
     ours = load_ours(tmp_path / "b", tmp_path / "converted").eval()
     torch.testing.assert_close(logits(ours, ids()), logits(model.eval(), ids()),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_train_py_options_are_written_back_for_peft(tmp_path):
+    """train.py with a path-suffix list, layers_to_transform, rank and alpha patterns: PEFT
+    rebuilds the same layers from final/ over the same base, with the same logits."""
+    from model.build import load_model, preset_seed
+    from training.config import parse_config
+    from training.loop import train
+
+    config = parse_config(["--data", "examples/chat.jsonl", "--output", str(tmp_path / "run"),
+                           "--max-steps", "2", "--max-seq-len", "64", "--device", "cpu",
+                           "--target-modules", "qkv_proj", "mlp.down_proj",
+                           "--layers-to-transform", "1", "--rank-pattern", "qkv_proj=8",
+                           "--alpha-pattern", "down_proj=4", "--lora-dropout", "0"])
+    assert (config.rank_pattern, config.alpha_pattern) == ({"qkv_proj": 8}, {"down_proj": 4.0})
+    train(config, log=lambda _: None)
+    final = tmp_path / "run" / "final"
+    saved = json.loads((final / ADAPTER_CONFIG_FILE).read_text())
+    assert (saved["layers_to_transform"], saved["rank_pattern"]) == ([1], {"qkv_proj": 8})
+    seed = preset_seed("phi3-tiny", final, None)
+    ours, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), seed, adapter=final)
+    assert {(p, m.r, m.lora_alpha) for p, m in ours.named_modules() if hasattr(m, "lora_A")} == {
+        ("model.layers.1.self_attn.qkv_proj", 8, 32.0), ("model.layers.1.mlp.down_proj", 16, 4.0)}
+    base, _ = load_model("phi3-tiny", torch.float32, torch.device("cpu"), seed)
+    base.save_pretrained(tmp_path / "base")
+    reference = peft.PeftModel.from_pretrained(hf_base(tmp_path / "base"), final).eval()
+    tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(ours.eval(), tokens), logits(reference, tokens),
+                               rtol=1e-4, atol=1e-4)
