@@ -4,7 +4,7 @@
     layer = lora.Linear(3072, 3072, r=16, lora_alpha=32)
 """
 from .functional import lora_linear
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, MergedLinear
 from .lora_layer import LoRALayer
 from .nf4 import NF4Weight, quantize_nf4
 from .nf4_layers import NF4Linear, NF4MergedLinear
@@ -12,7 +12,7 @@ from .params import lora_state_dict, mark_only_lora_as_trainable
 from .parts import LoRAParts
 
 __all__ = [
-    "Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "LoRALayer", "LoRAParts",
+    "Conv1d", "Conv2d", "Conv3d", "ConvLoRA", "Embedding", "Linear", "LoRALayer", "LoRAParts",
     "MergedLinear", "NF4Linear", "NF4MergedLinear", "NF4Weight", "lora_linear", "quantize_nf4",
     "lora_state_dict", "mark_only_lora_as_trainable",
 ]

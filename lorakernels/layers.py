@@ -207,6 +207,26 @@ class MergedLinear(Linear):
                          merge_weights, use_rslora, lora_parts=parts, use_dora=use_dora, **kwargs)
         self.enable_lora = list(enable_lora)
 
+    @property
+    def lora_ind(self) -> torch.Tensor:
+        """loralib's bool mask [out] of the output rows that have LoRA (enabled parts)."""
+        mask = torch.zeros(self.out_features, dtype=torch.bool, device=self.lora_B.device
+                           if self.has_lora else None)
+        for start, end in self.lora_parts.enabled_out_cols:
+            mask[start:end] = True
+        return mask
+
+    def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows of lora_B, ...] placed in its parts' rows of a zero [out, ...] (loralib's)."""
+        result = x.new_zeros((self.out_features, *x.shape[1:]))
+        result[self.lora_ind.to(x.device)] = x
+        return result
+
+    def merge_AB(self) -> torch.Tensor:
+        """Each part's B·A in the weight's layout, without the scaling (loralib's)."""
+        product = self._low_rank_product()
+        return product.t() if self.fan_in_fan_out else product
+
 
 class Embedding(LoRALayer, nn.Embedding):
     """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r] (normal)."""
@@ -255,18 +275,18 @@ class Embedding(LoRALayer, nn.Embedding):
         return (result + delta).to(result.dtype)  # fp32 adapters keep a bf16 table's dtype
 
 
-class _ConvLoRA(LoRALayer, nn.Module):
-    """A convolution (``self.conv``, as in loralib) with a low-rank weight update.
+class ConvLoRA(LoRALayer, nn.Module):
+    """A convolution (``self.conv``, as in loralib) with a low-rank weight update:
+    ``ConvLoRA(nn.Conv2d, in_channels, out_channels, kernel_size, r=...)``, as loralib's.
 
     For a d-dimensional square kernel k: A: [r·k, in·k^(d-1)], B: [out/groups·k, r·k],
     and B·A is viewed as the conv weight. For d = 2 these are loralib's shapes;
     loralib's Conv1d/Conv3d shapes only work for k = 1, where ours equal theirs.
     """
 
-    conv_class: type
-
     def __init__(
         self,
+        conv_module: type,
         in_channels: int,
         out_channels: int,
         kernel_size: int,
@@ -280,7 +300,7 @@ class _ConvLoRA(LoRALayer, nn.Module):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
             raise ValueError(f"kernel_size must be an int (a square kernel), got {kernel_size!r}")
         nn.Module.__init__(self)
-        self.conv = self.conv_class(in_channels, out_channels, kernel_size, **kwargs)
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         if r > 0:
             dims = len(self.conv.kernel_size)
@@ -304,6 +324,14 @@ class _ConvLoRA(LoRALayer, nn.Module):
     def lora_base_weight(self) -> nn.Parameter:
         return self.conv.weight
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept loralib's current layout too: it registers the conv's ``weight``/``bias`` at
+        the top level as well (``weight`` next to ``conv.weight``, or instead of it)."""
+        for name in ("weight", "bias"):
+            if prefix + name in state_dict:
+                state_dict.setdefault(f"{prefix}conv.{name}", state_dict.pop(prefix + name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
 
@@ -317,13 +345,16 @@ class _ConvLoRA(LoRALayer, nn.Module):
         return self.conv._conv_forward(x, self.conv.weight + self.delta_weight(), self.conv.bias)
 
 
-class Conv1d(_ConvLoRA):
-    conv_class = nn.Conv1d
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv1d, *args, **kwargs)
 
 
-class Conv2d(_ConvLoRA):
-    conv_class = nn.Conv2d
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv2d, *args, **kwargs)
 
 
-class Conv3d(_ConvLoRA):
-    conv_class = nn.Conv3d
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv3d, *args, **kwargs)
