@@ -64,8 +64,8 @@ class Linear(LoRALayer, nn.Linear):
                 self.lora_B_bias = nn.Parameter(self.weight.new_zeros(out_features))
             self.weight.requires_grad = False
         elif use_dora or lora_bias:
-            raise ValueError("use_dora and lora_bias need a low-rank path (r > 0 and a part with "
-                             "LoRA)")
+            option = "use_dora" if use_dora else "lora_bias"
+            raise ValueError(f"{option} needs a low-rank path (r > 0 and a part with LoRA)")
         if lora_bias and (use_dora or lora_parts is not None):
             raise ValueError("lora_bias works with one A/B pair and without DoRA, as in PEFT")
         self._dora_sq_norms = None  # (key of the weight they belong to, ‖W_j‖² [out])
