@@ -134,7 +134,8 @@ def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
     return shared
 
 
-def _pattern_for(values: Dict[str, float], given: Dict[str, float]) -> Tuple[float, Dict[str, float]]:
+def _pattern_for(values: Dict[str, float], given: Dict[str, float]
+                 ) -> Tuple[float, Dict[str, float]]:
     """A default and a PEFT pattern that give every layer its value: ``given`` (the layout's own
     pattern) over the commonest value of the layers it leaves alone when that is exact, else
     full module paths for the layers that differ from the commonest value."""
@@ -166,7 +167,8 @@ def _matches(patterns: TargetModules, path: str) -> bool:
 
 
 def _layer_index(path: str, layers_pattern: Optional[Tuple[str, ...]]) -> Optional[int]:
-    """The first numbered segment of ``path`` (after one of ``layers_pattern``), as PEFT reads it."""
+    """The first numbered segment of ``path`` (after one of ``layers_pattern``), as PEFT
+    reads it."""
     patterns = layers_pattern or (r"[^.]*",)
     for pattern in patterns:
         found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
@@ -590,7 +592,8 @@ def _plain_twin(layer: LoRALayer) -> nn.Module:
                              device="meta")
     else:
         bias = layer.live_bias()  # with lora_bias, the layer's bias plus s·lora_B_bias
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+                          device="meta")
         plain.bias = bias if bias is None or bias is layer.bias else nn.Parameter(bias.detach())
     plain.weight = layer.weight
     return plain

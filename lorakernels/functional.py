@@ -215,8 +215,8 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
     lora = None
     if isinstance(head, LoRALayer) and head.has_lora:
         live = not head.merged
-        if (live and ((head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False))
-                or "lora_B_bias" in head._parameters):
+        plain_only = (head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False)
+        if (live and plain_only) or "lora_B_bias" in head._parameters:
             return F.cross_entropy(head(hidden).float(), labels, ignore_index=ignore_index,
                                    reduction="sum")
         lora = (head.lora_A, head.lora_B, head.scaling) if live else None

@@ -105,7 +105,8 @@ def _selected_modules(model: nn.Module, layout: AdapterLayout) -> Dict[str, nn.M
         raise ValueError(f"target_modules {layout.target_modules!r} select modules that are "
                          f"neither linear nor embedding: {', '.join(unfit[:5])}")
     if not isinstance(layout.target_modules, str):
-        paths = [path for path, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+        paths = [path for path, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Embedding))]
         unknown = [t for t in layout.target_modules
                    if not any(p == t or p.endswith(f".{t}") for p in paths)]
         if unknown:

@@ -137,7 +137,8 @@ class TrainConfig:
 
     def lora_layout(self) -> AdapterLayout:
         """The LoRA options as PEFT's adapter_config.json holds them."""
-        return AdapterLayout(self.lora_targets(), layers_to_transform=self.layers_to_transform or None,
+        return AdapterLayout(self.lora_targets(),
+                             layers_to_transform=self.layers_to_transform or None,
                              rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 
 
