@@ -10,8 +10,8 @@ import importlib
 # Public name -> the module that defines it.
 _EXPORTS = {
     "lora_linear": "functional",
-    **dict.fromkeys(["Conv1d", "Conv2d", "Conv3d", "Embedding", "Linear", "MergedLinear"],
-                    "layers"),
+    **dict.fromkeys(["Conv1d", "Conv2d", "Conv3d", "ConvLoRA", "Embedding", "Linear",
+                     "MergedLinear"], "layers"),
     "LoRALayer": "lora_layer",
     "NF4Weight": "nf4", "quantize_nf4": "nf4",
     "NF4Linear": "nf4_layers", "NF4MergedLinear": "nf4_layers",

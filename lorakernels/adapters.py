@@ -12,6 +12,8 @@ Every load checks every key and shape and names what does not match.
 import json
 import re
 import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -30,13 +32,17 @@ ADAPTER_CONFIG_FILE = "adapter_config.json"
 LORA_FILE = "lora.safetensors"
 # PEFT's keys are the wrapped model's: PeftModel.base_model (LoraModel).model (the transformer).
 PEFT_PREFIX = "base_model.model."
-# PEFT config options that change the adapter's math or its key set beyond what a
-# uniform-rank loralib-style model holds; each is falsy (off) by default.
+# PEFT config options that change the adapter's math or its key set beyond what our layers
+# hold; each is falsy (off) by default.
 UNSUPPORTED_PEFT_OPTIONS = (
-    "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
-    "layer_replication", "modules_to_save", "trainable_token_indices", "target_parameters",
-    "alora_invocation_tokens",
+    "layer_replication", "trainable_token_indices", "target_parameters", "alora_invocation_tokens",
 )
+PEFT_DEFAULT_R = PEFT_DEFAULT_ALPHA = 8  # LoraConfig's defaults for a config without them
+# init_lora_weights values that leave the base weights alone (B·A = 0 at init, or random
+# factors saved as they are); PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base instead.
+BASE_KEEPING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output head
 
 PathLike = Union[str, Path]
 TargetModules = Union[str, Sequence[str]]
@@ -79,14 +85,24 @@ def _peft_factor_keys(path: str, layer: LoRALayer) -> Tuple[str, str]:
 
 
 def _peft_key_map(layers: Dict[str, LoRALayer]) -> Dict[str, str]:
-    """PEFT file key → our state-dict key, for every LoRA factor and DoRA magnitude."""
+    """PEFT file key → our state-dict key, for every LoRA factor, B bias and DoRA magnitude."""
     keys = {}
     for path, layer in layers.items():
         key_a, key_b = _peft_factor_keys(path, layer)
         keys[key_a], keys[key_b] = f"{path}.lora_A", f"{path}.lora_B"
         if _uses_dora(layer):
             keys[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = f"{path}.lora_magnitude"
+        if "lora_B_bias" in layer._parameters:
+            keys[f"{PEFT_PREFIX}{path}.lora_B.bias"] = f"{path}.lora_B_bias"
     return keys
+
+
+def _saved_whole_keys(model: nn.Module, layout: Optional["AdapterLayout"]) -> Dict[str, str]:
+    """PEFT file key → our key for each parameter of the modules in ``modules_to_save``."""
+    if layout is None or not layout.modules_to_save:
+        return {}
+    return {f"{PEFT_PREFIX}{name}": name for name, _ in model.named_parameters()
+            if layout.saves_whole(name.rpartition(".")[0])}
 
 
 def _uses_dora(layer: LoRALayer) -> bool:
@@ -94,13 +110,12 @@ def _uses_dora(layer: LoRALayer) -> bool:
 
 
 def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
-    """r, lora_alpha, use_rslora, use_dora and lora_dropout: PEFT's config holds each once.
+    """use_rslora, use_dora and lora_dropout: PEFT's config holds each once (r and alpha may
+    differ per layer: ``_rank_and_alpha``).
 
     Embeddings are left out of the dropout check: neither PEFT nor we apply dropout to them.
     """
     values = {
-        "r": {name: m.r for name, m in layers.items()},
-        "lora_alpha": {name: m.lora_alpha for name, m in layers.items()},
         "use_rslora": {name: bool(m.use_rslora) for name, m in layers.items()},
         "use_dora": {name: _uses_dora(m) for name, m in layers.items()},
         "lora_dropout": {name: m.lora_dropout.p for name, m in layers.items()
@@ -119,6 +134,31 @@ def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
     return shared
 
 
+def _pattern_for(values: Dict[str, float], given: Dict[str, float]
+                 ) -> Tuple[float, Dict[str, float]]:
+    """A default and a PEFT pattern that give every layer its value: ``given`` (the layout's own
+    pattern) over the commonest value of the layers it leaves alone when that is exact, else
+    full module paths for the layers that differ from the commonest value."""
+    rest = [v for path, v in values.items()
+            if _pattern_value(given, path, None) is None] or list(values.values())
+    default = Counter(rest).most_common(1)[0][0]
+    if all(_pattern_value(given, path, default) == v for path, v in values.items()):
+        return default, dict(given)
+    default = Counter(values.values()).most_common(1)[0][0]
+    return default, {path: v for path, v in values.items() if v != default}
+
+
+def _rank_and_alpha(layers: Dict[str, LoRALayer], layout: Optional["AdapterLayout"]
+                    ) -> Dict[str, object]:
+    """adapter_config.json's r, lora_alpha, rank_pattern and alpha_pattern for these layers."""
+    layout = layout or AdapterLayout(())
+    r, rank_pattern = _pattern_for({p: m.r for p, m in layers.items()}, layout.rank_pattern)
+    alpha, alpha_pattern = _pattern_for({p: m.lora_alpha for p, m in layers.items()},
+                                        layout.alpha_pattern)
+    return {"r": r, "lora_alpha": alpha, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern}
+
+
 def _matches(patterns: TargetModules, path: str) -> bool:
     """PEFT's rule: a string is a regex matched against the whole path, a list names path suffixes."""
     if isinstance(patterns, str):
@@ -126,13 +166,120 @@ def _matches(patterns: TargetModules, path: str) -> bool:
     return path in patterns or any(path.endswith(f".{p}") for p in patterns)
 
 
-def _check_targets(model: nn.Module, layers: Dict[str, LoRALayer], target_modules: TargetModules,
-                   exclude_modules: Optional[TargetModules], source: str, strict: bool) -> None:
+def _layer_index(path: str, layers_pattern: Optional[Tuple[str, ...]]) -> Optional[int]:
+    """The first numbered segment of ``path`` (after one of ``layers_pattern``), as PEFT
+    reads it."""
+    patterns = layers_pattern or (r"[^.]*",)
+    for pattern in patterns:
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def _pattern_value(patterns: Dict[str, float], path: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching the end of the path."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """Where a PEFT LoRA adapter sits in a model: the adapter_config.json keys that say which
+    modules get LoRA (with PEFT's matching rules), with what rank and alpha, which modules are
+    saved whole and whether B has a bias. Field names and meanings are PEFT's LoraConfig's.
+
+    ``target_modules``: a regex over the whole module path, or path suffixes (a tuple);
+    ``"all-linear"`` is resolved by ``resolve`` into the paths of every linear but the head.
+    """
+
+    target_modules: TargetModules
+    exclude_modules: Optional[TargetModules] = None
+    layers_to_transform: Optional[Tuple[int, ...]] = None
+    layers_pattern: Optional[Tuple[str, ...]] = None
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    modules_to_save: Tuple[str, ...] = ()
+    lora_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("target_modules", "exclude_modules", "layers_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, tuple(value))
+        for name in ("layers_pattern", "layers_to_transform"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                object.__setattr__(self, name, (value,))
+        object.__setattr__(self, "modules_to_save", tuple(self.modules_to_save or ()))
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern or {}))
+        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern or {}))
+
+    def saves_whole(self, path: str) -> bool:
+        """PEFT's modules_to_save rule: the path ends with one of the names (no dot needed)."""
+        return any(path.endswith(name) for name in self.modules_to_save)
+
+    def selects(self, path: str) -> bool:
+        """Whether the module at ``path`` gets LoRA: PEFT's ``check_target_module_exists``."""
+        if self.exclude_modules and _matches(self.exclude_modules, path):
+            return False
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in self.modules_to_save):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, path) is not None
+        if path in self.target_modules:
+            return True
+        if not any(path.endswith(f".{t}") for t in self.target_modules):
+            return False
+        if not self.layers_to_transform:
+            return True
+        return _layer_index(path, self.layers_pattern) in self.layers_to_transform
+
+    def rank(self, path: str, r: int) -> int:
+        return int(_pattern_value(self.rank_pattern, path, r))
+
+    def alpha(self, path: str, lora_alpha: float) -> float:
+        return _pattern_value(self.alpha_pattern, path, lora_alpha)
+
+    def resolve(self, model: nn.Module) -> "AdapterLayout":
+        """``all-linear`` as PEFT expands it: the path of every nn.Linear but the output head."""
+        if not (isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR):
+            return self
+        head = getattr(model, "lm_head", None)
+        paths = tuple(sorted(path for path, module in model.named_modules()
+                             if isinstance(module, nn.Linear) and module is not head))
+        return replace(self, target_modules=paths)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "AdapterLayout":
+        """The layout an adapter_config.json (checked by ``read_peft_config``) describes."""
+        return cls(config["target_modules"], config.get("exclude_modules"),
+                   config.get("layers_to_transform"), config.get("layers_pattern"),
+                   config.get("rank_pattern") or {}, config.get("alpha_pattern") or {},
+                   config.get("modules_to_save") or (), bool(config.get("lora_bias")))
+
+    def config(self) -> Dict[str, object]:
+        """These fields as adapter_config.json holds them."""
+        def listed(value):
+            return value if value is None or isinstance(value, str) else list(value)
+        return {
+            "target_modules": listed(self.target_modules),
+            "exclude_modules": listed(self.exclude_modules),
+            "layers_to_transform": listed(self.layers_to_transform),
+            "layers_pattern": listed(self.layers_pattern),
+            "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
+            "modules_to_save": list(self.modules_to_save) or None, "lora_bias": self.lora_bias,
+        }
+
+
+def _check_targets(model: nn.Module, layers: Dict[str, LoRALayer], layout: "AdapterLayout",
+                   source: str, strict: bool) -> None:
     """PEFT puts LoRA on exactly the Linear/Embedding modules the config targets: same set as ours?"""
     targeted = {
         path for path, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Embedding)) and _matches(target_modules, path)
-        and not (exclude_modules and _matches(exclude_modules, path))
+        if isinstance(module, (nn.Linear, nn.Embedding)) and layout.selects(path)
     }
     untargeted = sorted(set(layers) - targeted)
     without_lora = sorted(targeted - set(layers))
@@ -141,8 +288,8 @@ def _check_targets(model: nn.Module, layers: Dict[str, LoRALayer], target_module
     problems = [f"{label} ({len(paths)}): {', '.join(paths[:20])}" for label, paths in (
         ("LoRA layers not in target_modules", untargeted),
         ("target_modules without LoRA in the model", without_lora)) if paths]
-    _report(f"{source}: target_modules {target_modules!r} do not match the model's LoRA layers:\n  "
-            + "\n  ".join(problems), strict)
+    _report(f"{source}: target_modules {layout.target_modules!r} do not match the model's LoRA "
+            "layers:\n  " + "\n  ".join(problems), strict)
 
 
 def _report(message: str, strict: bool) -> None:
@@ -212,26 +359,45 @@ def _save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
 
 
+def _layout_for_saving(model: nn.Module, layers: Dict[str, LoRALayer],
+                       target_modules: Union[None, TargetModules, AdapterLayout]) -> AdapterLayout:
+    """The layout to write: ``target_modules`` (names, a regex or a whole AdapterLayout) over the
+    one ``apply_lora`` left on the model; by default the model's, else the layers' leaf names."""
+    layout = getattr(model, "lora_layout", None)
+    if isinstance(target_modules, AdapterLayout):
+        layout = target_modules
+    elif target_modules is not None:
+        layout = (replace(layout, target_modules=target_modules) if layout is not None
+                  else AdapterLayout(target_modules))
+    elif layout is None:
+        layout = AdapterLayout(tuple(sorted({path.rpartition(".")[2] for path in layers})))
+    return layout.resolve(model)
+
+
 def save_peft_adapter(model: nn.Module, directory: PathLike,
                       base_model_name_or_path: Optional[PathLike] = None,
-                      target_modules: Optional[TargetModules] = None,
+                      target_modules: Union[None, TargetModules, AdapterLayout] = None,
                       state: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """Write ``adapter_model.safetensors`` and ``adapter_config.json`` as PEFT's LoRA saves them.
 
-    ``target_modules`` defaults to the leaf names of the LoRA layers; either way it must
-    select exactly the LoRA layers, or PEFT would report missing keys. Factors keep their
+    ``target_modules`` (or a whole ``AdapterLayout``) defaults to the layout ``apply_lora``
+    kept on the model, else the leaf names of the LoRA layers; either way it must select
+    exactly the LoRA layers, or PEFT would report missing keys. Layers' own r and alpha go
+    into rank_pattern/alpha_pattern; modules_to_save are written whole. Factors keep their
     dtype (fp32 from ``apply_lora``). ``state`` replaces ``model.state_dict()`` (e.g. the
-    whole tensors gathered from an FSDP-sharded model).
+    whole tensors gathered from an FSDP-sharded model; missing modules_to_save tensors are
+    taken from the model).
     """
     layers = _peft_lora_layers(model)
     shared = _shared_hyperparameters(layers)
-    if target_modules is None:
-        target_modules = sorted({path.rpartition(".")[2] for path in layers})
-    _check_targets(model, layers, target_modules, None, "save_peft_adapter", strict=True)
+    layout = _layout_for_saving(model, layers, target_modules)
+    _check_targets(model, layers, layout, "save_peft_adapter", strict=True)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict() if state is None else state
-    _save_tensors({peft_key: state[key] for peft_key, key in _peft_key_map(layers).items()},
+    full_state = model.state_dict()
+    state = full_state if state is None else {**full_state, **state}
+    keys = {**_peft_key_map(layers), **_saved_whole_keys(model, layout)}
+    _save_tensors({peft_key: state[key] for peft_key, key in keys.items()},
                   directory / ADAPTER_WEIGHTS_FILE)
     config = {
         "peft_type": "LORA",
@@ -239,22 +405,14 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
         "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
         "revision": None,
         "inference_mode": True,
-        "r": shared["r"],
-        "lora_alpha": shared["lora_alpha"],
+        **_rank_and_alpha(layers, layout),
         "lora_dropout": shared["lora_dropout"],
         "use_rslora": shared["use_rslora"],
-        "target_modules": target_modules if isinstance(target_modules, str) else list(target_modules),
-        "exclude_modules": None,
+        **layout.config(),
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
         "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "use_dora": shared["use_dora"],
-        "lora_bias": False,
     }
     atomic_write(directory / ADAPTER_CONFIG_FILE,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
@@ -271,37 +429,122 @@ def recorded_base_model(directory: PathLike) -> Optional[str]:
     return base if isinstance(base, str) and base else None
 
 
-def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALayer],
-                       source: Path, strict: bool) -> None:
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value, allow_str: bool = True) -> bool:
+    return ((allow_str and isinstance(value, str))
+            or (isinstance(value, list) and all(isinstance(v, str) for v in value)))
+
+
+# key → (what it must be, check), for the keys whose type a bad file gets wrong.
+PEFT_CONFIG_TYPES = {
+    "r": ("a positive integer", lambda v: _is_int(v) and v > 0),
+    "lora_alpha": ("a number", _is_number),
+    "lora_dropout": ("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "lora_bias": ("true or false", lambda v: isinstance(v, bool)),
+    "target_modules": ("a regex string or a list of module names", _is_names),
+    "exclude_modules": ("a regex string or a list of module names",
+                        lambda v: v is None or _is_names(v)),
+    "layers_to_transform": ("a layer index or a list of them", lambda v: v is None or _is_int(v)
+                            or (isinstance(v, list) and all(_is_int(i) for i in v))),
+    "layers_pattern": ("a name or a list of names", lambda v: v is None or _is_names(v)),
+    "modules_to_save": ("a list of module names",
+                        lambda v: v is None or _is_names(v, allow_str=False)),
+    "rank_pattern": ("a mapping of module pattern to positive rank", lambda v: v is None or (
+        isinstance(v, dict) and all(_is_int(r) and r > 0 for r in v.values()))),
+    "alpha_pattern": ("a mapping of module pattern to alpha", lambda v: v is None or (
+        isinstance(v, dict) and all(_is_number(a) for a in v.values()))),
+}
+
+
+def _check_init(value, source: Path) -> None:
+    """Adapters whose init rewrote the base weights hold factors for that rewritten base."""
+    if any(value is keep or (isinstance(value, str) and value == keep)
+           for keep in BASE_KEEPING_INITS):
+        return
+    raise ValueError(
+        f"{source}: init_lora_weights {value!r} changed the base weights when the adapter was "
+        "created (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), so it fits only that changed base; convert "
+        "it to a plain LoRA adapter with PEFT: save_pretrained(..., "
+        "path_initial_model_for_weight_conversion=<the adapter saved at init>)")
+
+
+def read_peft_config(path: PathLike) -> dict:
+    """adapter_config.json as a dict, refused in one line naming the file and key when PEFT
+    would refuse it or load it into something other than our layers (r and lora_alpha
+    default to PEFT's 8)."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file (not a PEFT adapter directory)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object of LoRA options, "
+                         f"got a {type(config).__name__}")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{source}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}, not 'LORA'")
+    if config.get("target_modules") is None:
+        raise ValueError(f"{path}: target_modules is missing (PEFT has no default for Phi-3)")
+    for key, (expected, check) in PEFT_CONFIG_TYPES.items():
+        if key in config and not check(config[key]):
+            raise ValueError(f"{path}: {key} must be {expected}, got {config[key]!r}")
     unsupported = [option for option in UNSUPPORTED_PEFT_OPTIONS if config.get(option)]
     if unsupported:
-        raise ValueError(f"{source}: unsupported PEFT options set: "
+        raise ValueError(f"{path}: unsupported PEFT options set: "
                          + ", ".join(f"{o}={config[o]!r}" for o in unsupported))
+    _check_init(config.get("init_lora_weights", True), path)
+    return {"r": PEFT_DEFAULT_R, "lora_alpha": PEFT_DEFAULT_ALPHA, **config}
+
+
+def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALayer],
+                       source: Path, strict: bool) -> AdapterLayout:
+    """The file's layout, once its r, alpha, rsLoRA, DoRA and targets match the model's layers."""
+    layout = AdapterLayout.from_config(config).resolve(model)
     shared = _shared_hyperparameters(layers)
     wrong = [f"{option}: file {config.get(option, False)!r}, model {shared[option]!r}"
-             for option in ("r", "lora_alpha", "use_rslora", "use_dora")
-             if config.get(option, False) != shared[option]]
+             for option in ("use_rslora", "use_dora")
+             if bool(config.get(option, False)) != shared[option]]
+    r, alpha = config.get("r", PEFT_DEFAULT_R), config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    for path, layer in layers.items():
+        want_r, want_alpha = layout.rank(path, r), layout.alpha(path, alpha)
+        if (want_r, want_alpha) != (layer.r, layer.lora_alpha):
+            wrong.append(f"{path}: file r {want_r!r}, lora_alpha {want_alpha!r}; "
+                         f"model r {layer.r!r}, lora_alpha {layer.lora_alpha!r}")
     if wrong:
-        raise ValueError(f"{source} does not match the model's LoRA layers: {'; '.join(wrong)}")
-    _check_targets(model, layers, config.get("target_modules") or [], config.get("exclude_modules"),
-                   str(source), strict)
+        raise ValueError(f"{source} does not match the model's LoRA layers: "
+                         f"{'; '.join(wrong[:4])}{' ...' if len(wrong) > 4 else ''}")
+    with_bias = {path for path, m in layers.items() if "lora_B_bias" in m._parameters}
+    if with_bias != (set(layers) if layout.lora_bias else set()):
+        raise ValueError(f"{source}: lora_bias is {layout.lora_bias} but "
+                         f"{len(with_bias)} of the model's {len(layers)} LoRA layers have one")
+    _check_targets(model, layers, layout, str(source), strict)
+    return layout
 
 
 def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> None:
     """Load a PEFT LoRA adapter directory (ours or PEFT's) into a model that already has LoRA layers.
 
-    r, lora_alpha, use_rslora, use_dora and target_modules must match the model's layers, and every
-    key and shape the file's (keys with or without PEFT's ``.default`` adapter name). With
-    ``strict=False`` missing or unexpected keys and targets are a warning naming them, and
-    the rest loads; other mismatches always raise. Nothing is copied until all checks pass.
+    Each layer's r and lora_alpha (rank_pattern/alpha_pattern included), use_rslora, use_dora,
+    lora_bias and the targets must match the model's layers, and every key and shape the
+    file's (keys with or without PEFT's ``.default`` adapter name; modules_to_save whole).
+    With ``strict=False`` missing or unexpected keys and targets are a warning naming them,
+    and the rest loads; other mismatches always raise. Nothing is copied until all checks pass.
     """
     directory = Path(directory)
     layers = _peft_lora_layers(model)
     config_file, weights_file = directory / ADAPTER_CONFIG_FILE, directory / ADAPTER_WEIGHTS_FILE
-    _check_peft_config(json.loads(config_file.read_text()), model, layers, config_file, strict)
-    lora_keys = _peft_key_map(layers)
+    layout = _check_peft_config(read_peft_config(config_file), model, layers, config_file, strict)
+    lora_keys = {**_peft_key_map(layers), **_saved_whole_keys(model, layout)}
     state = _tensor_state(model)
     with open_safetensors(weights_file) as reader:
         sources, seen, unexpected, misshaped = match_keys(
@@ -365,8 +608,10 @@ def _plain_twin(layer: LoRALayer) -> nn.Module:
                              scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse,
                              device="meta")
     else:
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.bias = layer.bias
+        bias = layer.live_bias()  # with lora_bias, the layer's bias plus s·lora_B_bias
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+                          device="meta")
+        plain.bias = bias if bias is None or bias is layer.bias else nn.Parameter(bias.detach())
     plain.weight = layer.weight
     return plain
 

@@ -203,14 +203,20 @@ def lm_head_loss(head: nn.Linear, hidden: torch.Tensor, labels: torch.Tensor,
     """Summed cross entropy of ``head(hidden)`` against ``labels``: hidden [N, H], labels [N].
 
     Chunk by chunk (``ops/linear_cross_entropy.py``), so the [N, vocab] logits are never
-    held in full; a LoRA head's live update is part of it. A LoRA head with dropout in
-    training, or a DoRA head, takes the plain logits path (the chunked loss draws no
-    dropout and knows no magnitude).
+    held in full; the head's bias and a LoRA head's live update are part of it, and a
+    ``fan_in_fan_out`` head's [H, V] weight is read transposed. A LoRA head with dropout
+    in training, a DoRA head or one with a LoRA bias takes the plain logits path (the
+    chunked loss draws no dropout and knows no magnitude).
     """
     lora = None
-    if isinstance(head, LoRALayer) and head.has_lora and not head.merged:
-        if (head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False):
+    if isinstance(head, LoRALayer) and head.has_lora:
+        live = not head.merged
+        plain_only = (head.training and head.lora_dropout.p > 0) or getattr(head, "use_dora", False)
+        if (live and plain_only) or "lora_B_bias" in head._parameters:
             return F.cross_entropy(head(hidden).float(), labels, ignore_index=ignore_index,
                                    reduction="sum")
-        lora = (head.lora_A, head.lora_B, head.scaling)
-    return linear_cross_entropy(hidden, head.weight, labels, ignore_index=ignore_index, lora=lora)
+        lora = (head.lora_A, head.lora_B, head.scaling) if live else None
+    weight = head.weight.t() if getattr(head, "fan_in_fan_out", False) else head.weight
+    return linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, lora=lora,
+                                bias=head.bias)
+

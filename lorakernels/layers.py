@@ -40,11 +40,14 @@ class Linear(LoRALayer, nn.Linear):
         use_rslora: bool = False,
         lora_parts: Optional[LoRAParts] = None,
         use_dora: bool = False,
+        lora_bias: bool = False,
         **kwargs,
     ):
         """``lora_parts``: one A/B pair per enabled part of a fused projection (see
         ``MergedLinear``); None: one pair over the whole output. ``use_dora``: DoRA, with
-        one magnitude per output row (PEFT's ``lora_magnitude_vector``), fused or not."""
+        one magnitude per output row (PEFT's ``lora_magnitude_vector``), fused or not.
+        ``lora_bias``: B gets a bias ``lora_B_bias`` [out] (PEFT's ``lora_B.bias``), scaled
+        as B is and added to the layer's bias, merged or not."""
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         self.fan_in_fan_out = False  # the weight is [out, in] until the transpose below
@@ -57,9 +60,14 @@ class Linear(LoRALayer, nn.Linear):
             self.lora_B = nn.Parameter(self.weight.new_zeros((lora_out, r)))
             if use_dora:
                 self.lora_magnitude = nn.Parameter(self.weight.new_zeros(out_features))
+            if lora_bias:
+                self.lora_B_bias = nn.Parameter(self.weight.new_zeros(out_features))
             self.weight.requires_grad = False
-        elif use_dora:
-            raise ValueError("use_dora needs a low-rank path (r > 0 and a part with LoRA)")
+        elif use_dora or lora_bias:
+            option = "use_dora" if use_dora else "lora_bias"
+            raise ValueError(f"{option} needs a low-rank path (r > 0 and a part with LoRA)")
+        if lora_bias and (use_dora or lora_parts is not None):
+            raise ValueError("lora_bias works with one A/B pair and without DoRA, as in PEFT")
         self._dora_sq_norms = None  # (key of the weight they belong to, ‖W_j‖² [out])
         self._dora_merge_norm = None  # n at merge time, to unmerge exactly as PEFT does
         self.reset_parameters()
@@ -76,6 +84,8 @@ class Linear(LoRALayer, nn.Linear):
         if self.has_lora:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+            if "lora_B_bias" in self._parameters:
+                nn.init.zeros_(self.lora_B_bias)
             if self.use_dora:
                 self.reset_dora_magnitude()
 
@@ -133,18 +143,29 @@ class Linear(LoRALayer, nn.Linear):
             weight.copy_(new.to(weight.dtype))
         self.merged = merged
 
+    def live_bias(self) -> Optional[torch.Tensor]:
+        """The layer's bias plus s·``lora_B_bias`` (never merged into the weight), in its dtype."""
+        lora_bias = self._parameters.get("lora_B_bias")
+        if lora_bias is None:
+            return self.bias
+        extra = lora_bias * self.scaling
+        if self.bias is None:
+            return extra.to(self.weight.dtype)
+        return (self.bias + extra).to(self.bias.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._oriented_weight()
+        bias = self.live_bias()
         if not self.has_lora or self.merged:
-            return base_linear(x, weight, self.bias)
+            return base_linear(x, weight, bias)
         if self.use_dora:
             return dora_linear(
-                x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
+                x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
                 self._weight_sq_norms(), dropout_p=self.lora_dropout.p, training=self.training,
                 parts=self.lora_parts,
             )
         return lora_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+            x, weight, bias, self.lora_A, self.lora_B, self.scaling,
             dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
         )
 
@@ -185,6 +206,26 @@ class MergedLinear(Linear):
         super().__init__(in_features, out_features, r, lora_alpha, lora_dropout, fan_in_fan_out,
                          merge_weights, use_rslora, lora_parts=parts, use_dora=use_dora, **kwargs)
         self.enable_lora = list(enable_lora)
+
+    @property
+    def lora_ind(self) -> torch.Tensor:
+        """loralib's bool mask [out] of the output rows that have LoRA (enabled parts)."""
+        mask = torch.zeros(self.out_features, dtype=torch.bool, device=self.lora_B.device
+                           if self.has_lora else None)
+        for start, end in self.lora_parts.enabled_out_cols:
+            mask[start:end] = True
+        return mask
+
+    def zero_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows of lora_B, ...] placed in its parts' rows of a zero [out, ...] (loralib's)."""
+        result = x.new_zeros((self.out_features, *x.shape[1:]))
+        result[self.lora_ind.to(x.device)] = x
+        return result
+
+    def merge_AB(self) -> torch.Tensor:
+        """Each part's B·A in the weight's layout, without the scaling (loralib's)."""
+        product = self._low_rank_product()
+        return product.t() if self.fan_in_fan_out else product
 
 
 class Embedding(LoRALayer, nn.Embedding):
@@ -234,18 +275,18 @@ class Embedding(LoRALayer, nn.Embedding):
         return (result + delta).to(result.dtype)  # fp32 adapters keep a bf16 table's dtype
 
 
-class _ConvLoRA(LoRALayer, nn.Module):
-    """A convolution (``self.conv``, as in loralib) with a low-rank weight update.
+class ConvLoRA(LoRALayer, nn.Module):
+    """A convolution (``self.conv``, as in loralib) with a low-rank weight update:
+    ``ConvLoRA(nn.Conv2d, in_channels, out_channels, kernel_size, r=...)``, as loralib's.
 
     For a d-dimensional square kernel k: A: [r·k, in·k^(d-1)], B: [out/groups·k, r·k],
     and B·A is viewed as the conv weight. For d = 2 these are loralib's shapes;
     loralib's Conv1d/Conv3d shapes only work for k = 1, where ours equal theirs.
     """
 
-    conv_class: type
-
     def __init__(
         self,
+        conv_module: type,
         in_channels: int,
         out_channels: int,
         kernel_size: int,
@@ -259,7 +300,7 @@ class _ConvLoRA(LoRALayer, nn.Module):
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
             raise ValueError(f"kernel_size must be an int (a square kernel), got {kernel_size!r}")
         nn.Module.__init__(self)
-        self.conv = self.conv_class(in_channels, out_channels, kernel_size, **kwargs)
+        self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
         if r > 0:
             dims = len(self.conv.kernel_size)
@@ -283,6 +324,14 @@ class _ConvLoRA(LoRALayer, nn.Module):
     def lora_base_weight(self) -> nn.Parameter:
         return self.conv.weight
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept loralib's current layout too: it registers the conv's ``weight``/``bias`` at
+        the top level as well (``weight`` next to ``conv.weight``, or instead of it)."""
+        for name in ("weight", "bias"):
+            if prefix + name in state_dict:
+                state_dict.setdefault(f"{prefix}conv.{name}", state_dict.pop(prefix + name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).view(self.conv.weight.shape) * self.scaling
 
@@ -296,13 +345,16 @@ class _ConvLoRA(LoRALayer, nn.Module):
         return self.conv._conv_forward(x, self.conv.weight + self.delta_weight(), self.conv.bias)
 
 
-class Conv1d(_ConvLoRA):
-    conv_class = nn.Conv1d
+class Conv1d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv1d, *args, **kwargs)
 
 
-class Conv2d(_ConvLoRA):
-    conv_class = nn.Conv2d
+class Conv2d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv2d, *args, **kwargs)
 
 
-class Conv3d(_ConvLoRA):
-    conv_class = nn.Conv3d
+class Conv3d(ConvLoRA):
+    def __init__(self, *args, **kwargs):
+        super().__init__(nn.Conv3d, *args, **kwargs)

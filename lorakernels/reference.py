@@ -163,13 +163,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _check_rope_tables(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """cos and sin must be [B or 1, T, R] with an even R <= D, or they broadcast wrongly."""
+    batch, _, length, head_dim = q.shape
+    for name, table in (("cos", cos), ("sin", sin)):
+        rotary = table.shape[-1]
+        if (table.dim() != 3 or table.shape[0] not in (1, batch) or table.shape[1] != length
+                or rotary % 2 or not 0 < rotary <= head_dim or table.shape != cos.shape):
+            raise ValueError(f"rope: {name} must be [B, T, R] = [{batch}, {length}, R] (or "
+                             f"[1, {length}, R]) with an even R <= {head_dim}, like cos; got "
+                             f"{tuple(table.shape)}")
+
+
 def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Phi-3's rotary embedding of q [B, Hq, T, D] and k [B, Hk, T, D]; cos/sin [B, T, R].
 
     R <= D: the first R dims of each head are rotated, the other D - R pass through
-    (partial rotary, Phi-4-mini's 96 of 128).
+    (partial rotary, Phi-4-mini's 96 of 128). cos/sin may have a batch of 1; other shapes
+    (a 2-D [T, R] table would broadcast over the heads) are refused, as the kernel does.
     """
+    _check_rope_tables(q, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     rotary = cos.shape[-1]
     if rotary == q.shape[-1]:
@@ -227,16 +241,17 @@ def linear_cross_entropy_reference(
     labels: torch.Tensor,
     ignore_index: int = -100,
     lora: Optional[LoRAAdapter] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Summed cross entropy of the LM head's logits, [N, V] logits and all.
+    """Summed cross entropy of the LM head's logits (its bias [V] too), [N, V] logits and all.
 
     What ``ops.linear_cross_entropy`` must equal. With ``lora`` the logits are those
     of a LoRA ``Linear``: the low-rank term in the adapters' dtype, the sum rounded
     to the base output's dtype.
     """
     if lora is None:
-        logits = hidden @ weight.t()
+        logits = F.linear(hidden, weight, bias)
     else:
         lora_A, lora_B, scaling = lora
-        logits = lora_linear_reference(hidden, weight, None, lora_A, lora_B, scaling)
+        logits = lora_linear_reference(hidden, weight, bias, lora_A, lora_B, scaling)
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")

@@ -9,21 +9,23 @@ A 4-bit base (``model.quantization``) gets the NF4 twins, with the same LoRA par
 ``use_dora=True`` makes every Linear target a DoRA layer (an fp32 magnitude per output row,
 initialised to the weight's row norms, as PEFT).
 """
-import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import torch
 import torch.nn as nn
 
 import lorakernels as lora
-from lorakernels.adapters import ADAPTER_CONFIG_FILE, load_peft_adapter
+from lorakernels.adapters import (ADAPTER_CONFIG_FILE, AdapterLayout, load_peft_adapter,
+                                  read_peft_config)
 from lorakernels.nf4_layers import NF4Layer, NF4Linear, NF4MergedLinear
 
 from .config import DEFAULT_TARGETS
 from .phi3 import Phi3ForCausalLM
 
 SUPPORTED_TARGETS = DEFAULT_TARGETS + ("lm_head", "embed_tokens")
+Targets = Union[str, Iterable[str], AdapterLayout]
 
 
 def _part_sizes(name: str, model: Phi3ForCausalLM, out_features: int):
@@ -34,20 +36,33 @@ def _part_sizes(name: str, model: Phi3ForCausalLM, out_features: int):
     return None
 
 
-def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lora_alpha: float,
-               lora_dropout: float, use_rslora: bool, per_part: bool, use_dora: bool) -> nn.Module:
+@dataclass(frozen=True)
+class TwinOptions:
+    """One module's LoRA: its rank and alpha (from the layout's patterns) and the shared options."""
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    use_dora: bool
+    lora_bias: bool
+
+
+def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, options: TwinOptions,
+               per_part: bool) -> nn.Module:
     """The LoRA layer for ``module``, built on the meta device, then given the module's weight."""
     # No merge on eval(): merging into a bf16 weight and back is lossy; merge_lora does it once.
-    options = dict(r=r, lora_alpha=lora_alpha, use_rslora=use_rslora, merge_weights=False,
-                   device="meta")
+    common = dict(r=options.r, lora_alpha=options.lora_alpha, use_rslora=options.use_rslora,
+                  merge_weights=False, device="meta")
     nf4 = isinstance(module, NF4Layer)
     if isinstance(module, nn.Embedding):
         twin = lora.Embedding(module.num_embeddings, module.embedding_dim,
-                              padding_idx=module.padding_idx, **options)
+                              padding_idx=module.padding_idx, **common)
     else:
         sizes = _part_sizes(name, model, module.out_features) if per_part else None
-        cls_options = dict(options, lora_dropout=lora_dropout, bias=module.bias is not None,
-                           use_dora=use_dora)
+        cls_options = dict(common, lora_dropout=options.lora_dropout, bias=module.bias is not None,
+                           use_dora=options.use_dora)
+        if options.lora_bias:
+            cls_options["lora_bias"] = True
         if nf4:
             cls_options["dtype"] = module.weight_dtype
         if sizes:
@@ -63,48 +78,118 @@ def _lora_twin(module: nn.Module, name: str, model: Phi3ForCausalLM, r: int, lor
     else:
         twin.weight = module.weight
     device = twin.weight_packed.device if nf4 else module.weight.device
-    twin.lora_A = nn.Parameter(torch.empty(twin.lora_A.shape, device=device, dtype=torch.float32))
-    twin.lora_B = nn.Parameter(torch.empty(twin.lora_B.shape, device=device, dtype=torch.float32))
-    if use_dora:
-        twin.lora_magnitude = nn.Parameter(torch.empty(twin.lora_magnitude.shape, device=device,
-                                                       dtype=torch.float32))
+    for factor in ("lora_A", "lora_B", "lora_magnitude", "lora_B_bias"):
+        if factor in twin._parameters:
+            shape = twin._parameters[factor].shape
+            setattr(twin, factor, nn.Parameter(torch.empty(shape, device=device,
+                                                           dtype=torch.float32)))
     twin.reset_lora_parameters()
     return twin
 
 
-def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
-               targets: Iterable[str] = DEFAULT_TARGETS, use_rslora: bool = False,
-               per_part: bool = False, use_dora: bool = False) -> Phi3ForCausalLM:
-    """Swap every module named in ``targets`` for its LoRA twin, then train only LoRA parameters."""
-    targets = tuple(targets)
-    unknown = sorted(set(targets) - set(SUPPORTED_TARGETS))
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {unknown}; supported: {', '.join(SUPPORTED_TARGETS)}")
-    if use_dora and "embed_tokens" in targets:
+def _layout(model: nn.Module, targets: Targets) -> AdapterLayout:
+    """``targets`` as an AdapterLayout, ``all-linear`` resolved against ``model``."""
+    if not isinstance(targets, AdapterLayout):
+        targets = AdapterLayout(targets if isinstance(targets, str) else tuple(targets))
+    return targets.resolve(model)
+
+
+def _selected_modules(model: nn.Module, layout: AdapterLayout) -> Dict[str, nn.Module]:
+    """The modules ``layout`` gives LoRA (not yet LoRA layers); unknown or unfit targets raise."""
+    selected = {path: module for path, module in model.named_modules()
+                if path and layout.selects(path)
+                and not (isinstance(module, lora.LoRALayer) and module.has_lora)}
+    unfit = [path for path, module in selected.items()
+             if not isinstance(module, (nn.Linear, nn.Embedding))]
+    if unfit:
+        raise ValueError(f"target_modules {layout.target_modules!r} select modules that are "
+                         f"neither linear nor embedding: {', '.join(unfit[:5])}")
+    if not isinstance(layout.target_modules, str):
+        paths = [path for path, m in model.named_modules()
+                 if isinstance(m, (nn.Linear, nn.Embedding))]
+        unknown = [t for t in layout.target_modules
+                   if not any(p == t or p.endswith(f".{t}") for p in paths)]
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; supported: "
+                             f"{', '.join(SUPPORTED_TARGETS)} (or paths ending with them)")
+    if not selected:
+        raise ValueError(f"target_modules {layout.target_modules!r} select no module of the model")
+    return selected
+
+
+def _check_options(selected: Dict[str, nn.Module], layout: AdapterLayout, use_dora: bool,
+                   per_part: bool) -> None:
+    embeddings = [path for path, m in selected.items() if isinstance(m, nn.Embedding)]
+    if use_dora and embeddings:
         raise ValueError("use_dora applies to linear targets only, not embed_tokens")
-    replaced = 0
-    for full_name, module in list(model.named_modules()):
+    if layout.lora_bias and (embeddings or use_dora or per_part):
+        raise ValueError("lora_bias applies to linear targets without DoRA or per_part, as in PEFT")
+
+
+def _save_whole(model: nn.Module, layout: AdapterLayout) -> List[str]:
+    """Make the modules in ``modules_to_save`` trainable copies (untied from any shared weight)."""
+    paths = [path for path, _ in model.named_modules() if path and layout.saves_whole(path)]
+    missing = [name for name in layout.modules_to_save
+               if not any(path.endswith(name) for path in paths)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} match no module of the model")
+    for path in paths:
+        module = model.get_submodule(path)
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, nn.Parameter(param.detach().clone(), requires_grad=True))
+    return paths
+
+
+def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+               targets: Targets = DEFAULT_TARGETS, use_rslora: bool = False,
+               per_part: bool = False, use_dora: bool = False) -> Phi3ForCausalLM:
+    """Swap every module ``targets`` selects for its LoRA twin, then train only LoRA parameters
+    (and the modules saved whole).
+
+    ``targets``, with PEFT's ``target_modules`` rules: names or path suffixes (``qkv_proj``,
+    ``layers.0.mlp.down_proj``), one regex string matched against the whole module path, or
+    ``"all-linear"``; or an ``AdapterLayout`` adding PEFT's exclude_modules,
+    layers_to_transform/layers_pattern, rank_pattern/alpha_pattern (per-module r and alpha over
+    ``r``/``lora_alpha``), modules_to_save and lora_bias. The layout stays on the model
+    (``model.lora_layout``) for ``save_peft_adapter``.
+    """
+    layout = _layout(model, targets)
+    selected = _selected_modules(model, layout)
+    _check_options(selected, layout, use_dora, per_part)
+    for full_name, module in selected.items():
         parent_name, _, name = full_name.rpartition(".")
-        if name in targets and not (isinstance(module, lora.LoRALayer) and module.has_lora):
-            twin = _lora_twin(module, name, model, r, lora_alpha, lora_dropout, use_rslora, per_part,
-                              use_dora)
-            setattr(model.get_submodule(parent_name), name, twin)
-            replaced += 1
-    if replaced == 0:
-        raise ValueError(f"no module named {list(targets)} in the model")
+        rank = layout.rank(full_name, r)
+        if isinstance(rank, bool) or rank < 1:
+            raise ValueError(f"rank_pattern gives {full_name} r={rank!r}; r must be >= 1")
+        options = TwinOptions(rank, layout.alpha(full_name, lora_alpha), lora_dropout, use_rslora,
+                              use_dora, layout.lora_bias)
+        setattr(model.get_submodule(parent_name), name,
+                _lora_twin(module, name, model, options, per_part))
     lora.mark_only_lora_as_trainable(model)
+    _save_whole(model, layout)
+    model.lora_layout = _combined(getattr(model, "lora_layout", None), layout)
     return model
+
+
+def _combined(old: Optional[AdapterLayout], new: AdapterLayout) -> Optional[AdapterLayout]:
+    """The layout of a model given LoRA twice: the union of two plain name lists, else none
+    (``save_peft_adapter`` then describes the layers by their names)."""
+    if old is None:
+        return new
+    plain = AdapterLayout(old.target_modules)
+    if old == plain and new == AdapterLayout(new.target_modules) and not any(
+            isinstance(t, str) for t in (old.target_modules, new.target_modules)):
+        return AdapterLayout(tuple(dict.fromkeys(old.target_modules + new.target_modules)))
+    return None
 
 
 def apply_peft_adapter(model: Phi3ForCausalLM, directory: Union[str, Path]) -> Phi3ForCausalLM:
     """The LoRA layers a PEFT adapter directory's adapter_config.json describes, with its weights."""
     directory = Path(directory)
-    config_file = directory / ADAPTER_CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG_FILE} (not a PEFT adapter directory)")
-    settings = json.loads(config_file.read_text())
+    settings = read_peft_config(directory / ADAPTER_CONFIG_FILE)
     apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],
-               targets=settings["target_modules"], use_rslora=settings.get("use_rslora", False),
+               targets=AdapterLayout.from_config(settings),
+               use_rslora=settings.get("use_rslora", False),
                use_dora=settings.get("use_dora", False))
     load_peft_adapter(model, directory)
     return model

@@ -29,7 +29,8 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 # The global batch (per-process batch × processes) stands for --batch-size, so a run may resume
 # on another number of processes.
 FINGERPRINT_OPTIONS = ("model", "lr", "grad_accum", "max_seq_len", "packing", "train_on_prompt",
-                       "lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "use_dora",
+                       "lora_r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
+                       "alpha_pattern", "layers_to_transform", "use_rslora", "use_dora",
                        "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "quantize")
 
 

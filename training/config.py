@@ -5,12 +5,15 @@ import math
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 
 import yaml
 
 from lorakernels.settings import ATTENTIONS
 from model.config import DEFAULT_TARGETS, QUANTIZE_CHOICES
+
+if TYPE_CHECKING:
+    from lorakernels.adapters import AdapterLayout
 
 # Options left unset take these; the phi3-tiny demo (a random base) needs a higher learning
 # rate, shorter sequences and more passes to show its loss falling within a minute on a CPU.
@@ -42,6 +45,9 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     target_modules: List[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    layers_to_transform: List[int] = field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
     warmup_ratio: float = 0.1
@@ -107,6 +113,12 @@ class TrainConfig:
         if self.overwrite and self.resume:
             raise ValueError("--overwrite replaces the run in --output and --resume continues it: "
                              "give one of them")
+        if self.layers_to_transform and isinstance(self.lora_targets(), str):
+            raise ValueError("--layers-to-transform applies to --target-modules names, not to a "
+                             "regex or all-linear (PEFT ignores it there): put the layers in the "
+                             "regex")
+        if any(r < 1 for r in self.rank_pattern.values()):
+            raise ValueError(f"--rank-pattern ranks must be >= 1, got {self.rank_pattern}")
         if self.use_dora and "embed_tokens" in self.target_modules:
             raise ValueError("--use-dora applies to linear targets only: drop embed_tokens from "
                              "--target-modules")
@@ -114,6 +126,23 @@ class TrainConfig:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
 
 
+    def lora_targets(self) -> Union[str, List[str]]:
+        """--target-modules as PEFT reads target_modules: one value that is all-linear or has
+        regex characters is a regex over the whole module path, else names or path suffixes."""
+        from lorakernels.adapters import ALL_LINEAR  # torch: not needed to read the flags
+
+        if len(self.target_modules) == 1 and (self.target_modules[0] == ALL_LINEAR or any(
+                c in self.target_modules[0] for c in "*+?()[]|^$\\")):
+            return self.target_modules[0]
+        return list(self.target_modules)
+
+    def lora_layout(self) -> "AdapterLayout":
+        """The LoRA options as PEFT's adapter_config.json holds them."""
+        from lorakernels.adapters import AdapterLayout
+
+        return AdapterLayout(self.lora_targets(),
+                             layers_to_transform=self.layers_to_transform or None,
+                             rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern)
 def check_environment(config: TrainConfig) -> None:
     """What ``config`` asks of this machine, checked as the run starts, before any work: the
     device exists, FlexAttention has a GPU to train on, the TensorBoard package is there."""
@@ -147,7 +176,14 @@ HELP = {
     "packing": "pack several chats per sequence (attention never crosses them)",
     "train_on_prompt": "also train on system and user turns (default: assistant replies only)",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "LoRA dropout",
-    "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head embed_tokens)",
+    "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head "
+                      "embed_tokens, or path suffixes), all-linear, or one regex over the module "
+                      "path (PEFT's target_modules)",
+    "rank_pattern": "per-module ranks, PATTERN=R (PEFT's rank_pattern: a regex matching the end "
+                    "of the module path, e.g. qkv_proj=32)",
+    "alpha_pattern": "per-module alphas, PATTERN=ALPHA (PEFT's alpha_pattern)",
+    "layers_to_transform": "decoder layer indices that get LoRA (PEFT's layers_to_transform; "
+                           "default: all)",
     "use_rslora": "scale alpha/sqrt(r) instead of alpha/r",
     "use_dora": "DoRA: a trained magnitude per output row over the LoRA update (PEFT's use_dora; "
                 "fastest with --lora-dropout 0)",
@@ -195,9 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(name, nargs="?", const="latest", metavar="PATH", help=help_text)
         elif f.name == "target_modules":
             parser.add_argument(name, nargs="+", metavar="NAME", help=help_text)
+        elif kind in PATTERN_TYPES:
+            parser.add_argument(name, nargs="+", metavar="PATTERN=VALUE", help=help_text,
+                                type=pattern_entry(name, PATTERN_TYPES[kind]))
+        elif kind == List[int]:
+            parser.add_argument(name, nargs="+", metavar="N", type=int, help=help_text)
         else:
             parser.add_argument(name, type=scalar_type(kind), help=help_text)
     return parser
+
+
+PATTERN_TYPES = {Dict[str, int]: int, Dict[str, float]: float}
+
+
+def pattern_entry(name: str, value_type):
+    """argparse type for one PATTERN=VALUE of ``name``; the entries are joined into a dict later."""
+    def parse(text: str):
+        pattern, sep, value = text.rpartition("=")
+        try:
+            if sep and pattern:
+                return pattern, value_type(value)
+        except ValueError:
+            pass
+        raise argparse.ArgumentTypeError(f"{name} takes PATTERN={value_type.__name__.upper()}, "
+                                         f"got {text!r}")
+    return parse
 
 
 def scalar_type(kind):
@@ -209,6 +267,8 @@ def describe_default(f: dataclasses.Field) -> str:
     if f.name in MODEL_DEFAULTS:
         return f"{MODEL_DEFAULTS[f.name]}; {TINY_DEMO_DEFAULTS[f.name]} for phi3-tiny"
     value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if isinstance(value, (list, dict)) and not value:
+        return "none"
     return " ".join(value) if isinstance(value, list) else str(value)
 
 
@@ -249,6 +309,19 @@ def coerce(value, kind, where: str):
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {short(value)}")
         return value
+    if kind in PATTERN_TYPES:
+        wanted = PATTERN_TYPES[kind]
+        if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and wanted(v) == v
+                for v in value.values()):
+            raise ValueError(f"{where} must be a mapping of pattern: {wanted.__name__}, "
+                             f"got {value!r}")
+        return {str(k): wanted(v) for k, v in value.items()}
+    if kind == List[int]:
+        if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ValueError(f"{where} must be a list of layer indices, got {value!r}")
+        return value
     if kind == List[str]:
         items = value.split() if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
@@ -268,6 +341,9 @@ def coerce(value, kind, where: str):
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Defaults, then the --config YAML, then explicit flags."""
     given = vars(build_parser().parse_args(argv))
+    for name in ("rank_pattern", "alpha_pattern"):
+        if name in given:
+            given[name] = dict(given[name])
     options = read_yaml(given.pop("config")) if "config" in given else {}
     options.update(given)
     return TrainConfig(**options)

@@ -62,7 +62,7 @@ def add_lora(model, config: TrainConfig) -> None:
     loading drew before)."""
     torch.manual_seed(config.seed)
     apply_lora(model, r=config.lora_r, lora_alpha=config.lora_alpha,
-               lora_dropout=config.lora_dropout, targets=config.target_modules,
+               lora_dropout=config.lora_dropout, targets=config.lora_layout(),
                use_rslora=config.use_rslora, use_dora=config.use_dora)
 
 
@@ -265,7 +265,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
         check_finite_weights(run.params, step, run.output)
         save_checkpoint(run.output / name, run.model, run.optimizer, run.scheduler, step,
-                        options, config.target_modules, dist.is_main, fingerprint)
+                        options, config.lora_layout(), dist.is_main, fingerprint)
         dist.barrier()
         return run.output / name
 

@@ -4,9 +4,10 @@ Models call it through ``lorakernels.functional.lm_head_loss(head, hidden, label
 which passes a LoRA head's adapter as ``lora=(A, B, scaling)`` (or, when that head's
 dropout is live, takes the plain logits path: dropout is not drawn here)::
 
-    loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None)  # [N, H], [V, H], [N]
+    # hidden [N, H], weight [V, H], labels [N], bias [V] or None
+    loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None, bias=None)
 
-``loss_sum`` equals ``F.cross_entropy((hidden @ weight.T).float(), labels,
+``loss_sum`` equals ``F.cross_entropy((hidden @ weight.T + bias).float(), labels,
 ignore_index=-100, reduction="sum")`` (``reference.linear_cross_entropy_reference``), as an fp32 scalar.
 
 How: an autograd.Function walks the rows in chunks of ``chunk_size``. For each
@@ -14,7 +15,7 @@ chunk, forward computes the logits (matmul in the inputs' dtype, then fp32),
 the loss, and at once the gradient of the loss with respect to the logits,
 ``softmax - onehot`` (zero on ignored rows), which it turns into that chunk's
 gradients: ``d_hidden = d_logits·W`` (rows of a [N, H] buffer), and only for
-inputs that need them ``d_W += d_logitsᵀ·hidden`` (fp32), ``d_B``, ``d_A``. It
+inputs that need them ``d_W += d_logitsᵀ·hidden`` (fp32), ``d_bias``, ``d_B``, ``d_A``. It
 keeps those gradients instead of logits; backward only scales them by the
 incoming gradient. Peak extra memory is one chunk's fp32 logits (overwritten in
 place by their gradient; bf16/fp16 inputs add a copy in their dtype) plus the
@@ -46,7 +47,7 @@ def default_chunk_size(vocab_size: int, device: Union[str, torch.device] = "cuda
     return max(1, elements // max(1, vocab_size))
 
 
-def _check_inputs(hidden, weight, labels, lora, chunk_size) -> None:
+def _check_inputs(hidden, weight, labels, lora, chunk_size, bias) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [N, H] (flatten batch and time first), got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -65,6 +66,9 @@ def _check_inputs(hidden, weight, labels, lora, chunk_size) -> None:
         raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     if not hidden.dtype.is_floating_point:
         raise ValueError(f"hidden must be floating point, got dtype {hidden.dtype}")
+    if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be [V] = [{weight.shape[0]}] in the weight's dtype "
+                         f"{weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if lora is not None:
@@ -96,9 +100,9 @@ def _check_label_range(labels: torch.Tensor, ignore_index: int, vocab_size: int)
     return valid
 
 
-def _chunk_logits(h, weight, lora, acc_dtype):
+def _chunk_logits(h, weight, bias, lora, acc_dtype):
     """[c, V] logits in ``acc_dtype`` (a fresh tensor, safe to overwrite); also h·Aᵀ with LoRA."""
-    logits = linear(h, weight).to(acc_dtype)
+    logits = linear(h, weight, bias).to(acc_dtype)
     if lora is None:
         return logits, None
     lora_A, lora_B, scaling = lora
@@ -131,7 +135,8 @@ def _chunk_loss_and_grad_logits(logits, target, valid):
     return loss, grad_logits
 
 
-def linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size, lora=None):
+def linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size, lora=None,
+                                   bias=None):
     """The summed loss, chunk by chunk, with no gradients kept (evaluation)."""
     acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
     valid = _check_label_range(labels, ignore_index, weight.shape[0])
@@ -140,7 +145,7 @@ def linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_s
     with torch.no_grad():
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            logits, _ = _chunk_logits(hidden[rows], weight, lora, acc_dtype)
+            logits, _ = _chunk_logits(hidden[rows], weight, bias, lora, acc_dtype)
             loss += _chunk_loss(logits, target[rows], valid[rows])
     return loss
 
@@ -148,14 +153,15 @@ def linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_s
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss and every needed gradient in forward, chunk by chunk; backward scales them.
 
-    Inputs: hidden [N, H], weight [V, H], labels [N], lora_A [r, H] or None,
-    lora_B [V, r] or None, scaling, ignore_index, chunk_size. Output: the summed
+    Inputs: hidden [N, H], weight [V, H], bias [V] or None, labels [N], lora_A [r, H] or
+    None, lora_B [V, r] or None, scaling, ignore_index, chunk_size. Output: the summed
     loss, a 0-d tensor in fp32 (fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, lora_A, lora_B, scaling, ignore_index, chunk_size):
-        need_hidden, need_weight, _, need_A, need_B = ctx.needs_input_grad[:5]
+    def forward(ctx, hidden, weight, bias, labels, lora_A, lora_B, scaling, ignore_index,
+                chunk_size):
+        need_hidden, need_weight, need_bias, _, need_A, need_B = ctx.needs_input_grad[:6]
         lora = None if lora_A is None else (lora_A, lora_B, scaling)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
         N, V = hidden.shape[0], weight.shape[0]
@@ -167,6 +173,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
         # Weight and adapter gradients accumulate over chunks, so in fp32 (or wider).
         grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros((V,), dtype=acc_dtype, device=weight.device) if need_bias else None
         grad_A = grad_B = None
         if lora is not None:
             lora_acc = torch.promote_types(lora_A.dtype, acc_dtype)
@@ -177,7 +184,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
             h, chunk_valid, chunk_target = hidden[rows], valid[rows], target[rows]
-            logits, low = _chunk_logits(h, weight, lora, acc_dtype)
+            logits, low = _chunk_logits(h, weight, bias, lora, acc_dtype)
             chunk_loss, grad_logits = _chunk_loss_and_grad_logits(logits, chunk_target, chunk_valid)
             loss += chunk_loss
             # The base matmuls run in the inputs' dtype, as autograd would run the reference's.
@@ -193,14 +200,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_hidden[rows] = chunk_grad
             if need_weight:
                 grad_weight += grad_logits_low.t() @ h
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
             if need_A:
                 grad_A.addmm_(grad_low.t(), h.to(lora_acc))
             if need_B:
                 grad_B.addmm_(grad_logits.to(lora_acc).t(), low.to(lora_acc), alpha=scaling)
             del logits, grad_logits, grad_logits_low, grad_low  # free the chunk before the next one
 
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_A, grad_B)
-        ctx.dtypes = (hidden.dtype, weight.dtype,
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_A, grad_B)
+        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype,
                       None if lora is None else lora_A.dtype, None if lora is None else lora_B.dtype)
         ctx.chunk_size = chunk_size
         return loss
@@ -210,8 +219,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         grads = [None if g is None else _scaled(g, grad_output, dtype, ctx.chunk_size)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
-        grad_hidden, grad_weight, grad_A, grad_B = grads
-        return grad_hidden, grad_weight, None, grad_A, grad_B, None, None, None
+        grad_hidden, grad_weight, grad_bias, grad_A, grad_B = grads
+        return grad_hidden, grad_weight, grad_bias, None, grad_A, grad_B, None, None, None
 
 
 def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
@@ -235,23 +244,26 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
     lora: Optional[LoRAAdapter] = None,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Summed cross entropy of ``hidden @ weight.T`` (+ LoRA term) against ``labels``.
+    """Summed cross entropy of ``hidden @ weight.T + bias`` (+ LoRA term) against ``labels``.
 
     hidden: [N, H] (fp32, bf16 or fp16), weight: [V, H] in hidden's dtype, labels: [N]
     integer ids, ``ignore_index`` rows carry no loss and get zero gradient. ``lora``:
-    ``(lora_A [r, H], lora_B [V, r], scaling)`` adds ``s·(hidden·Aᵀ)·Bᵀ`` to the logits.
+    ``(lora_A [r, H], lora_B [V, r], scaling)`` adds ``s·(hidden·Aᵀ)·Bᵀ`` to the logits;
+    ``bias`` [V] (the head's, in the weight's dtype) is added to them too.
     ``chunk_size``: rows per chunk, default ``default_chunk_size(V, device)`` (fp32
     logits of at most 256 MB on GPU, 32 MB on CPU). Returns a 0-d fp32 tensor (reduction="sum"); with all rows
     ignored it is 0 and every gradient is zero. Never builds the [N, V] logits.
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0] if weight.dim() == 2 else 1, hidden.device)
-    _check_inputs(hidden, weight, labels, lora, chunk_size)
+    _check_inputs(hidden, weight, labels, lora, chunk_size, bias)
     lora_A, lora_B, scaling = (None, None, 0.0) if lora is None else lora
-    tensors = [hidden, weight] + ([] if lora is None else [lora_A, lora_B])
+    tensors = [t for t in (hidden, weight, bias, lora_A, lora_B) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size, lora)
+        return linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size,
+                                              lora, bias)
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, labels, lora_A, lora_B, float(scaling), ignore_index, chunk_size
+        hidden, weight, bias, labels, lora_A, lora_B, float(scaling), ignore_index, chunk_size
     )
