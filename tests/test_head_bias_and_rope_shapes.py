@@ -12,6 +12,7 @@ from lorakernels import functional
 from lorakernels.functional import lm_head_loss
 from lorakernels.ops.linear_cross_entropy import linear_cross_entropy
 from lorakernels.reference import linear_cross_entropy_reference
+from conftest import use_settings
 
 BACKENDS = ("eager", "triton")
 
@@ -101,7 +102,7 @@ def test_lm_head_loss_transposes_a_fan_in_fan_out_head(vocab):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fan_in_fan_out_linear_equals_the_formula_on_every_backend(backend, monkeypatch):
-    monkeypatch.setenv(functional.BACKEND_ENV, backend)
+    use_settings(monkeypatch, backend=backend)
     layer = lora.Linear(24, 40, r=4, lora_alpha=8, fan_in_fan_out=True, merge_weights=False)
     randomise(layer)
     x = torch.randn(6, 24)
@@ -123,7 +124,7 @@ def tables(*shape, seed=4):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 2], ids=["table-batch-1", "table-batch-B"])
 def test_rope_matches_transformers_for_every_accepted_table(backend, batch, monkeypatch):
-    monkeypatch.setenv(functional.BACKEND_ENV, backend)
+    use_settings(monkeypatch, backend=backend)
     q, k = heads()  # T == number of query heads: a wrong broadcast would go unnoticed by shape
     cos, sin = tables(batch, 16, 64)
     want_q, want_k = apply_rotary_pos_emb(q, k, cos.expand(2, -1, -1), sin.expand(2, -1, -1))
@@ -137,7 +138,7 @@ def test_rope_matches_transformers_for_every_accepted_table(backend, batch, monk
                                    (2, 16, 7)],
                          ids=["2-D", "4-D", "other-batch", "other-length", "too-wide", "odd"])
 def test_rope_refuses_tables_it_would_broadcast_wrongly(backend, shape, monkeypatch):
-    monkeypatch.setenv(functional.BACKEND_ENV, backend)
+    use_settings(monkeypatch, backend=backend)
     q, k = heads()
     cos, sin = tables(*shape)
     with pytest.raises(ValueError, match=r"cos must be \[B, T, R\]|rotates an even number"):
