@@ -10,6 +10,7 @@ import sys
 
 from training.config import build_parser, parse_config
 from training.loop import TrainingDiverged, train
+from training.memory_plan import PlanFailed, run_plan
 
 
 def fail(status: int, message: str):
@@ -19,10 +20,13 @@ def fail(status: int, message: str):
 def main(argv=None) -> int:
     try:
         config = parse_config(argv)
+        if config.plan_memory:
+            run_plan(config, config.plan_json)
+            return 0
         summary = train(config)
     except (ValueError, FileNotFoundError) as error:  # bad flags, config, data or paths: no traceback
         fail(2, str(error))
-    except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
+    except (TrainingDiverged, OSError, PlanFailed) as error:  # runtime failures (disk full, ...), not usage
         fail(1, str(error))
     except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one: stop at once
         build_parser().exit(130, "\ntrain.py: interrupted: stopped at once; checkpoints saved before "

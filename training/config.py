@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import torch
 import yaml
 
 from lorakernels.settings import ATTENTIONS
@@ -63,6 +64,8 @@ class TrainConfig:
     resume: Optional[str] = None
     overwrite: bool = False
     allow_changed_resume: bool = False
+    plan_memory: bool = False
+    plan_json: Optional[str] = None
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
@@ -86,7 +89,12 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        resolve_device(self.device)  # cuda without a GPU, or an unknown device, stops here
+        if self.plan_json is not None:
+            self.plan_memory = True
+        if self.plan_memory:  # a plan of a CUDA run needs no GPU: check the spelling only
+            device_path(self.device)
+        else:
+            resolve_device(self.device)  # cuda without a GPU, or an unknown device, stops here
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):
@@ -96,7 +104,7 @@ class TrainConfig:
         if self.attention is not None and self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
                              f"got {self.attention!r}")
-        if self.attention == "flex" and resolve_device(self.device).type != "cuda":
+        if self.attention == "flex" and device_path(self.device) != "cuda":
             raise ValueError("--attention flex trains on CUDA only (torch has no FlexAttention "
                              "backward on CPU); use auto or sdpa on a CPU")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -158,7 +166,25 @@ HELP = {
                             "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",
     "overwrite": "replace the run already in --output (its metrics.jsonl, checkpoint-*/, final/ "
                  "and tensorboard/ are removed when training starts; other files stay)",
+    "plan_memory": "print the peak of live tensor bytes of one optimizer step of this run and "
+                   "its breakdown, computed on fake weights (no GPU needed: --device cuda "
+                   "plans the CUDA path), then exit without training (docs/memory.md)",
+    "plan_json": "also write the memory plan as JSON to PATH (implies --plan-memory)",
 }
+
+
+def device_path(name: str) -> str:
+    """The code path (cpu or cuda) that --device ``name`` selects, checked for spelling only
+    (``auto``: this machine's)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+    return kind
 
 
 def flag(name: str) -> str:
