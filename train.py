@@ -25,12 +25,16 @@ def main(argv=None) -> int:
     # Imported once the flags are read: torch takes seconds to load, --help needs none of it.
     from training.divergence import TrainingDiverged
     from training.loop import train
+    from training.memory_plan import PlanFailed, run_plan
 
     try:
+        if config.plan_memory:
+            run_plan(config, config.plan_json)
+            return 0
         summary = train(config)
     except (ValueError, FileNotFoundError) as error:  # bad data, paths or settings: one line
         fail(2, str(error))
-    except (TrainingDiverged, OSError) as error:  # runtime failures (disk full, ...), not usage
+    except (TrainingDiverged, PlanFailed, OSError) as error:  # runtime failures, not usage
         fail(1, str(error))
     except KeyboardInterrupt as error:  # a signal before the first step, or a second one
         signum = error.signum if isinstance(error, Interrupted) else 2

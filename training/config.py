@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import math
+import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,8 @@ class TrainConfig:
     resume: Optional[str] = None
     overwrite: bool = False
     allow_changed_resume: bool = False
+    plan_memory: bool = False
+    plan_json: Optional[str] = None
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
@@ -95,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.plan_json is not None:
+            self.plan_memory = True
+        check_device_name(self.device)  # whether the machine has it: check_environment
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):
@@ -207,7 +213,31 @@ HELP = {
                             "(lr, batch, LoRA shape, seed, ...) have changed since the checkpoint",
     "overwrite": "replace the run already in --output (its metrics.jsonl, checkpoint-*/, final/ "
                  "and tensorboard/ are removed when training starts; other files stay)",
+    "plan_memory": "print the peak of live tensor bytes of one optimizer step of this run and "
+                   "its breakdown, computed on fake weights (no GPU needed: --device cuda "
+                   "plans the CUDA path), then exit without training (docs/memory.md)",
+    "plan_json": "also write the memory plan as JSON to PATH (implies --plan-memory)",
 }
+
+
+DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> None:
+    """--device spelled as a device (whether this machine has it is check_environment's)."""
+    if name != "auto" and not DEVICE_NAME.fullmatch(name):
+        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+
+
+def device_path(name: str) -> str:
+    """The code path (cpu or cuda) that --device ``name`` selects; ``auto``: this machine's.
+    A plan of a CUDA run takes the CUDA path on a machine without a GPU."""
+    check_device_name(name)
+    if name == "auto":
+        import torch  # here, not at import: reading the flags needs no torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name.split(":")[0]
 
 
 def flag(name: str) -> str:

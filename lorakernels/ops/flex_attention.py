@@ -14,6 +14,7 @@ it runs forward only (the tests' path); CPU training takes the SDPA paths.
 from typing import Callable, Optional
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 PADDING_SEGMENT = -1  # training.data.collate's segment id of padding: padding attends to padding
@@ -61,6 +62,10 @@ def flex_packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           block_mask: BlockMask) -> torch.Tensor:
     """q [B, Hq, T, D], k, v [B, Hk, T, D] → [B, Hq, T, D] under ``block_mask``."""
     global _compiled_flex
+    if is_fake(q):  # a memory plan: the compiled kernels' allocations only
+        from ..planned_kernels import planned_flex_attention
+
+        return planned_flex_attention(q, k, v)
     if not q.is_cuda:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise RuntimeError("attention flex on CPU runs the forward only: torch has "

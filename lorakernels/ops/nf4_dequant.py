@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from ..nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4Weight
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
@@ -106,7 +107,7 @@ def nf4_dequant_settings() -> tuple:
 
 def _check_inputs(q: NF4Weight, out: torch.Tensor):
     device = q.packed.device
-    if not (q.packed.is_cuda or INTERPRETING):
+    if not (q.packed.is_cuda or INTERPRETING or is_fake(q.packed)):
         raise RuntimeError("dequantize_nf4 needs the NF4Weight on a CUDA device (or CPU under "
                            f"TRITON_INTERPRET=1); it is on {device}")
     for name, t in (("absmax_q", q.absmax_q), ("absmax_scale", q.absmax_scale), ("out", out)):
@@ -138,10 +139,11 @@ def dequantize_nf4(q: NF4Weight, out: Optional[torch.Tensor] = None,
     meta, warps = nf4_dequant_settings()
     grid = (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
     with on_device(out):
-        _nf4_dequant_kernel[grid](
-            q.packed, q.absmax_q, q.absmax_scale, out, n_blocks, float(q.absmax_offset),
-            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, enable_fp_fusion=False, **meta,
-        )
+        if not is_fake(out):  # a memory plan: allocations only
+            _nf4_dequant_kernel[grid](
+                q.packed, q.absmax_q, q.absmax_scale, out, n_blocks, float(q.absmax_offset),
+                EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, enable_fp_fusion=False, **meta,
+            )
     return out
 
 

@@ -25,9 +25,15 @@ import torch.nn.functional as F
 from ..dora import column_scale, magnitude_grad
 from ..parts import LoRAParts, pair_slices
 
-
 # Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do).
 ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+if ONEDNN_AVAILABLE:
+    # torch gives the plain op a fake (shape-only) implementation but not the fused post-op
+    # one: the memory plan (training/memory_plan.py) runs this path on fake tensors.
+    @torch.library.register_fake("mkldnn::_linear_pointwise.binary")
+    def _linear_pointwise_binary_fake(x, other, weight, bias, attr):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:

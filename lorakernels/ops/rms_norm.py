@@ -19,6 +19,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device, round_to
 
@@ -123,10 +124,11 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
         return y, rstd
     meta, warps = rms_norm_settings(N)
     grid = (triton.cdiv(M, meta["BLOCK_M"]),)
-    _rms_norm_forward_kernel[grid](
-        x, weight, y, rstd, M, N, eps, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
-    )
+    if not is_fake(x):  # a memory plan: allocations only
+        _rms_norm_forward_kernel[grid](
+            x, weight, y, rstd, M, N, eps, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        )
     return y, rstd
 
 
@@ -144,11 +146,12 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
     programs = triton.cdiv(M, rows_per_program)
     partial = torch.empty((programs, N) if compute_dw else (1,), device=x.device,
                           dtype=torch.float32)
-    _rms_norm_backward_kernel[(programs,)](
-        dy, x, weight, rstd, dx, partial, M, N, rows_per_program,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
-        COMPUTE_DW=compute_dw, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
-    )
+    if not is_fake(x):  # a memory plan: allocations only
+        _rms_norm_backward_kernel[(programs,)](
+            dy, x, weight, rstd, dx, partial, M, N, rows_per_program,
+            dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+            COMPUTE_DW=compute_dw, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        )
     return dx, partial.sum(0) if compute_dw else None
 
 
@@ -159,7 +162,7 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor):
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"rms_norm supports float16, bfloat16 and float32; {name} is {t.dtype}")
-    if not (x.is_cuda or INTERPRETING) or weight.device != x.device:
+    if not (x.is_cuda or INTERPRETING or is_fake(x)) or weight.device != x.device:
         raise RuntimeError(
             "rms_norm needs x and weight on one CUDA device (or CPU under TRITON_INTERPRET=1); "
             f"got x on {x.device}, weight on {weight.device}")

@@ -27,6 +27,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
@@ -123,11 +124,12 @@ def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]
     else:
         q_rot, k_rot = q_out, k_out
     meta, warps = rope_settings(max(Hq, Hk), R)
-    _rope_kernel[(B * T,)](
-        q, k, cos, sin, q_rot, k_rot, T, Hq, Hk, R // 2,
-        *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_rot.stride(), *k_rot.stride(),
-        BACKWARD=backward, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
-    )
+    if not is_fake(q):  # a memory plan: allocations only
+        _rope_kernel[(B * T,)](
+            q, k, cos, sin, q_rot, k_rot, T, Hq, Hk, R // 2,
+            *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_rot.stride(), *k_rot.stride(),
+            BACKWARD=backward, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        )
     return q_out, k_out
 
 
@@ -155,7 +157,7 @@ def _check_inputs(q, k, cos, sin):
     if len({t.dtype for _, t in named}) != 1:
         raise TypeError("apply_rope needs q, k, cos and sin in one dtype (model/phi3.py builds cos/sin "
                         f"in the activation dtype); got {', '.join(f'{n} {t.dtype}' for n, t in named)}")
-    if not (q.is_cuda or INTERPRETING) or any(t.device != q.device for _, t in named):
+    if not (q.is_cuda or INTERPRETING or is_fake(q)) or any(t.device != q.device for _, t in named):
         raise RuntimeError(
             "apply_rope needs q, k, cos and sin on one CUDA device (or CPU under TRITON_INTERPRET=1); "
             f"got {', '.join(f'{n} on {t.device}' for n, t in named)}")

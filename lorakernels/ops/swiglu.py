@@ -16,6 +16,7 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
@@ -93,10 +94,11 @@ def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     gate, up = gate_up[:, :I], gate_up[:, I:]  # views: only the pointer moves
     meta, warps = swiglu_settings(I)
-    _swiglu_forward_kernel[_grid(M, I, meta["BLOCK"])](
-        gate, up, out, I, gate_up.stride(0), gate_up.stride(1), out.stride(0), out.stride(1),
-        EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
-    )
+    if not is_fake(gate):  # a memory plan: allocations only
+        _swiglu_forward_kernel[_grid(M, I, meta["BLOCK"])](
+            gate, up, out, I, gate_up.stride(0), gate_up.stride(1), out.stride(0), out.stride(1),
+            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        )
     return out
 
 
@@ -107,12 +109,13 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     if M == 0 or I == 0:
         return dgate_up
     meta, warps = swiglu_settings(I)
-    _swiglu_backward_kernel[_grid(M, I, meta["BLOCK"])](
-        dout, gate_up[:, :I], gate_up[:, I:], dgate_up[:, :I], dgate_up[:, I:], I,
-        dout.stride(0), dout.stride(1), gate_up.stride(0), gate_up.stride(1),
-        dgate_up.stride(0), dgate_up.stride(1),
-        EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
-    )
+    if not is_fake(dout):  # a memory plan: allocations only
+        _swiglu_backward_kernel[_grid(M, I, meta["BLOCK"])](
+            dout, gate_up[:, :I], gate_up[:, I:], dgate_up[:, :I], dgate_up[:, I:], I,
+            dout.stride(0), dout.stride(1), gate_up.stride(0), gate_up.stride(1),
+            dgate_up.stride(0), dgate_up.stride(1),
+            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        )
     return dgate_up
 
 
@@ -122,7 +125,7 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
 def _check_inputs(gate_up: torch.Tensor):
     if gate_up.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"swiglu supports float16, bfloat16 and float32, got {gate_up.dtype}")
-    if not (gate_up.is_cuda or INTERPRETING):
+    if not (gate_up.is_cuda or INTERPRETING or is_fake(gate_up)):
         raise RuntimeError("swiglu needs a CUDA tensor (or CPU under TRITON_INTERPRET=1); "
                            f"got one on {gate_up.device}")
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
