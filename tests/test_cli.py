@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generate import load
+from generate import build_parser, load
 from model import Phi3ForCausalLM
 from training.config import TrainConfig
 from training.loop import train
@@ -33,8 +33,9 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
                  "--dtype", "float32", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     merged = Phi3ForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=5, dtype="float32",
-                                 device="cpu", adapter=adapter, allow_base_mismatch=False))
+    args = build_parser().parse_args(["--model", "phi3-tiny", "--seed", "5", "--dtype", "float32",
+                                      "--device", "cpu", "--adapter", str(adapter),
+                                      "--prompt", "unused"])
     with_adapter, _, _ = load(args)
     ids = torch.randint(0, 1000, (2, 16))
     with torch.no_grad():

@@ -149,10 +149,10 @@ def test_adapter_loads_in_peft_with_our_logits(data, tmp_path):
     base.save_pretrained(tmp_path / "base")
     hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "run" / "final").eval()
-    from generate import load
-    args = type("Args", (), dict(model="phi3-tiny", tokenizer=None, seed=3, dtype="float32",
-                                 device="cpu", adapter=tmp_path / "run" / "final",
-                                 allow_base_mismatch=False))
+    from generate import build_parser, load
+    args = build_parser().parse_args(["--model", "phi3-tiny", "--seed", "3", "--dtype", "float32",
+                                      "--device", "cpu", "--adapter",
+                                      str(tmp_path / "run" / "final"), "--prompt", "unused"])
     ours, _, _ = load(args)
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
@@ -109,14 +109,25 @@ def check_fingerprint(directory: Path, current: dict, allow_changes: bool,
         log(f"note: --allow-changed-resume: continuing with {'; '.join(changes)}")
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, step: int, config: dict,
-                    target_modules: List[str], is_main: bool = True,
+class TrainingState(NamedTuple):
+    """What a checkpoint saves and resume restores: the model's LoRA weights, AdamW's state and
+    the schedule."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+def save_checkpoint(directory: Path, state: TrainingState, step: int, config: dict,
+                    target_modules, is_main: bool = True,
                     fingerprint: Optional[dict] = None) -> Path:
     """Adapter + optimizer + scheduler + position, atomically at ``directory``.
 
-    Every rank calls it (an FSDP-sharded model's tensors are gathered); the main rank writes.
+    ``target_modules``: the adapter's layout (an ``AdapterLayout``, or module names). Every
+    rank calls it (an FSDP-sharded model's tensors are gathered); the main rank writes.
     """
     directory = Path(directory)
+    model, optimizer, scheduler = state
     lora = full_tensors({name: p.detach() for name, p in model.named_parameters() if "lora_" in name})
     tensors, param_groups = _optimizer_tensors(optimizer)
     if not is_main:
@@ -243,7 +254,7 @@ def prune_checkpoints(output: Path, keep: Optional[int]) -> None:
             shutil.rmtree(old)
 
 
-def resume(config, output: Path, total_steps: int, fingerprint: dict, state: tuple,
+def resume(config, output: Path, total_steps: int, fingerprint: dict, state: TrainingState,
            log: Callable[[str], None] = print) -> Tuple[int, bool]:
     """Where a ``--resume`` run starts: (step, False) after restoring ``state`` (model,
     optimizer, scheduler) from the checkpoint it names, (0, False) with none to resume from,

@@ -16,7 +16,8 @@ from lorakernels.functional import lm_head_loss
 from model.build import load_model, resolve_dtype
 from model.lora import apply_lora
 
-from .checkpoint import prune_checkpoints, resume, run_fingerprint, save_checkpoint
+from .checkpoint import (TrainingState, prune_checkpoints, resume, run_fingerprint,
+                         save_checkpoint)
 from .config import TrainConfig, check_environment
 from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
                    require_targets, target_tokens, tokenize_chats)
@@ -217,6 +218,10 @@ class Run:
     pad_to: Optional[Callable[[int], int]]
     total_steps: int
 
+    @property
+    def state(self) -> TrainingState:
+        return TrainingState(self.model, self.optimizer, self.scheduler)
+
 
 def start_run(config: TrainConfig, dist: Distributed, log) -> Run:
     """Data, model, LoRA, optimizer and schedule for ``config``; every data file is read and
@@ -256,7 +261,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     start_step = 0
     if config.resume:
         start_step, finished = resume(config, run.output, run.total_steps, fingerprint,
-                                      (run.model, run.optimizer, run.scheduler), log)
+                                      run.state, log)
         if finished:
             return {"step": start_step, "finished": True, "adapter": str(run.output / "final")}
     options = dataclasses.asdict(config)
@@ -264,8 +269,8 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     def save(name: str, step: int) -> Path:
         """Rank 0 writes (FSDP shards gathered); every rank waits, none runs ahead of it."""
         check_finite_weights(run.params, step, run.output)
-        save_checkpoint(run.output / name, run.model, run.optimizer, run.scheduler, step,
-                        options, config.lora_layout(), dist.is_main, fingerprint)
+        save_checkpoint(run.output / name, run.state, step, options, config.lora_layout(),
+                        dist.is_main, fingerprint)
         dist.barrier()
         return run.output / name
 
