@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))  # benchmark this checkout's kernels and model
 
 import triton.testing  # noqa: E402
 
+from lorakernels.lora_call import LoRACall  # noqa: E402
 from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear  # noqa: E402
 from lorakernels.ops.triton_utils import INTERPRETING  # noqa: E402
 from lorakernels.reference import BaseWeight, lora_linear_reference  # noqa: E402
@@ -307,7 +308,8 @@ def make_inputs(M: int, weight: torch.Tensor, r: int, dropout_p: float,
 
 def fused(t: Inputs, scaling: float) -> torch.Tensor:
     """Our layer: lorakernels.ops.lora_linear.fused_lora_linear (Triton), no bias."""
-    return fused_lora_linear(t.x, t.weight, None, t.lora_A, t.lora_B, scaling, t.dropout_p, SEED)
+    return fused_lora_linear(t.x, t.weight, None, LoRACall(t.lora_A, t.lora_B, scaling, t.dropout_p),
+                             SEED)
 
 
 def check_fused(t: Inputs, dense_weight: torch.Tensor, scaling: float, name: str, case: str) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .dora import row_sq_norms
 from .functional import base_linear, dora_linear, dora_weight_norm, lora_linear
+from .lora_call import LoRACall
 from .lora_layer import LoRALayer
 from .parts import LoRAParts, pair_slices
 
@@ -137,16 +138,12 @@ class Linear(LoRALayer, nn.Linear):
         weight = self._oriented_weight()
         if not self.has_lora or self.merged:
             return base_linear(x, weight, self.bias)
+        lora = LoRACall(self.lora_A, self.lora_B, self.scaling,
+                        self.lora_dropout.p if self.training else 0.0, self.lora_parts,
+                        magnitude=self.lora_magnitude if self.use_dora else None)
         if self.use_dora:
-            return dora_linear(
-                x, weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
-                self._weight_sq_norms(), dropout_p=self.lora_dropout.p, training=self.training,
-                parts=self.lora_parts,
-            )
-        return lora_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-            dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
-        )
+            return dora_linear(x, weight, self.bias, lora, self._weight_sq_norms())
+        return lora_linear(x, weight, self.bias, lora)
 
 
 class MergedLinear(Linear):
