@@ -55,7 +55,6 @@ NF4_CODE_VALUES = (
     0.7229568362236023,
     1.0,
 )
-NF4_ZERO_INDEX = 7
 # The largest gap between adjacent code values (between 0.7229568 and 1.0): rounding to the
 # nearest code value is off by at most half of it, times the block's absmax.
 NF4_MAX_GAP = max(b - a for a, b in zip(NF4_CODE_VALUES, NF4_CODE_VALUES[1:]))

@@ -16,7 +16,6 @@ from typing import Callable, Optional
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-PADDING_SEGMENT = -1  # training.data.collate's segment id of padding: padding attends to padding
 
 _compiled_flex: Optional[Callable] = None
 

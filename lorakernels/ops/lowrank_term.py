@@ -52,8 +52,18 @@ class LowRank:
 
 
 @triton.jit
-def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, stride_rank,
-                       GATHER: tl.constexpr):
+def expanded_b_offsets(
+    # Pointers: B̂'s gather, b_row and b_off per output column
+    row_ptr, off_ptr,
+    # The tile: its output columns and ranks
+    cols, ranks,
+    # Shapes
+    N, RANK,
+    # Strides of B
+    stride_row, stride_rank,
+    # Meta-parameters
+    GATHER: tl.constexpr,
+):
     """Offsets and mask of a [BLOCK_N, BLOCK_R] tile of B̂, B expanded to every output column.
 
     B̂[n, j] = B[b_row[n], j - b_off[n]] for j in [b_off[n], b_off[n] + RANK), else 0

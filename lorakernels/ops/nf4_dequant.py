@@ -71,7 +71,13 @@ def nf4_gather(packed_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, flat, 
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, n_blocks, absmax_offset,
+    # Pointers
+    packed_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr,
+    # Shapes
+    n_blocks,
+    # Scalars
+    absmax_offset,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):

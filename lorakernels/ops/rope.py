@@ -39,11 +39,20 @@ TILE = 4096  # elements of one half-head tile: BLOCK_H · BLOCK_HALF
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, b, t, c1, s1, c2, s2, n_heads, half,
-                  stride_xb, stride_xh, stride_xt, stride_xd,
-                  stride_ob, stride_oh, stride_ot, stride_od,
-                  BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    # Pointers
+    x_ptr, out_ptr,
+    # Where: batch row b, position t; the rotation's cos and sin halves
+    b, t, c1, s1, c2, s2,
+    # Shapes
+    n_heads, half,
+    # Strides
+    stride_xb, stride_xh, stride_xt, stride_xd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    # Meta-parameters
+    BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
     """Rotate x[b, :, t, :] into out[b, :, t, :], BLOCK_H heads per step; c*, s* are [BLOCK_HALF]."""
     dims = tl.arange(0, BLOCK_HALF)
     dim_ok = dims < half
@@ -69,10 +78,15 @@ def _rotate_heads(x_ptr, out_ptr, b, t, c1, s1, c2, s2, n_heads, half,
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, T, n_q_heads, n_k_heads, half,
+    # Pointers
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    # Shapes
+    T, n_q_heads, n_k_heads, half,
+    # Strides: q, k, cos, sin, then the two outputs
     stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
     stride_cb, stride_ct, stride_cd, stride_sb, stride_st, stride_sd,
     stride_qob, stride_qoh, stride_qot, stride_qod, stride_kob, stride_koh, stride_kot, stride_kod,
+    # Meta-parameters
     BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):

@@ -40,7 +40,13 @@ def _load_row_block(gate_ptr, up_ptr, n_cols, stride_in_m, stride_in_n, BLOCK: t
 
 @triton.jit
 def _swiglu_forward_kernel(
-    gate_ptr, up_ptr, out_ptr, n_cols, stride_in_m, stride_in_n, stride_out_m, stride_out_n,
+    # Pointers
+    gate_ptr, up_ptr, out_ptr,
+    # Shapes
+    n_cols,
+    # Strides
+    stride_in_m, stride_in_n, stride_out_m, stride_out_n,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[m, c] = up[m, c]·silu(gate[m, c]), fp32, rounded once. gate and up share strides."""
@@ -53,8 +59,13 @@ def _swiglu_forward_kernel(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_cols,
+    # Pointers
+    dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+    # Shapes
+    n_cols,
+    # Strides
     stride_dout_m, stride_dout_n, stride_in_m, stride_in_n, stride_din_m, stride_din_n,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dgate = dout·up·silu'(gate), dup = dout·silu(gate); silu' = σ·(1 + g·(1 - σ))."""
