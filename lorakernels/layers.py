@@ -95,7 +95,8 @@ class Linear(LoRALayer, nn.Linear):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _weight_sq_norms(self) -> torch.Tensor:
-        """‖W_j‖² [out] in fp32, recomputed only when the frozen weight changes (load, ``.to()``)."""
+        """‖W_j‖² [out] in fp32, recomputed only when the frozen weight changes (load,
+        ``.to()``)."""
         weight = self._oriented_weight()
         tensor = weight if isinstance(weight, torch.Tensor) else weight.packed
         key = (tensor.data_ptr(), tensor._version, tensor.device, weight.dtype)
@@ -121,7 +122,8 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def set_merged(self, merged: bool) -> None:
-        """DoRA merges as PEFT: W ← (m/n)⊙(W + ΔW) with n of the unmerged weight, kept to unmerge."""
+        """DoRA merges as PEFT: W ← (m/n)⊙(W + ΔW) with n of the unmerged weight, kept to
+        unmerge."""
         if not (self.use_dora and self.has_lora) or self.merged == merged:
             return super().set_merged(merged)
         weight = self._oriented_weight()
@@ -185,7 +187,8 @@ class MergedLinear(Linear):
 
 
 class Embedding(LoRALayer, nn.Embedding):
-    """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r] (normal)."""
+    """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r]
+    (normal)."""
 
     def __init__(
         self,

@@ -110,7 +110,8 @@ def merged_lora_linear_reference(
 def dora_weight_norm_reference(weight: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
                                scaling: float, parts: Optional[LoRAParts] = None) -> torch.Tensor:
     """n_j = ‖W_j + s·(B·A)_j‖ the direct way, as PEFT: W + s·B·A materialised in fp32. [N]."""
-    dense = dequantize_nf4_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
+    dense = (dequantize_nf4_reference(weight, torch.float32) if isinstance(weight, NF4Weight)
+             else weight)
     eye = torch.eye(dense.shape[1], dtype=torch.float32, device=dense.device)
     product = low_rank_update(eye, lora_A.float(), lora_B.float(), 1.0, parts, dense.shape[0]).t()
     return torch.linalg.vector_norm(dense.float() + scaling * product, dim=1)
@@ -207,7 +208,8 @@ def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Ten
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """SDPA under ``attention_mask``'s mask: q [B, Hq, Tq, D], k and v [B, Hk, Tk, D] → [B, Hq, Tq, D].
+    """SDPA under ``attention_mask``'s mask: q [B, Hq, Tq, D], k and v [B, Hk, Tk, D] →
+    [B, Hq, Tq, D].
 
     No mask means causal attention (or, for one query, attention to every key).
     Grouped-query heads (Hk divides Hq) are SDPA's ``enable_gqa``.

@@ -142,7 +142,8 @@ def test_a_zero_magnitude_column_gets_a_finite_zero_gradient(run):
     assert torch.isfinite(m.grad).all() and m.grad[3] == 0 and (m.grad != 0).sum() == 39
 
 
-@pytest.mark.parametrize("run", [fused_lora_linear, pytest.param(onednn_lora_linear, marks=ON_ONEDNN)],
+@pytest.mark.parametrize("run", [fused_lora_linear,
+                                 pytest.param(onednn_lora_linear, marks=ON_ONEDNN)],
                          ids=["triton", "onednn"])
 def test_fused_dora_refuses_dropout(run):
     x, weight, _, _, lora_A, lora_B, magnitude, _, _ = dora_inputs(8, 32, "plain", 4, torch.float32,

@@ -229,7 +229,8 @@ ROW_PINNED = pinned_config(_ROW_DEFAULT, _ROW_INTERPRETED)
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
     _lora_shrink_kernel)
 # B1 with DoRA holds y's tile beside dy's: (64, 128) with 8 warps spilled 8 bytes on sm_90.
-DORA_B1_CONFIGS = [c for c in ROW_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
+DORA_B1_CONFIGS = [c for c in ROW_CONFIGS
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
 
 
 def _autotuned_b1(configs):
@@ -246,8 +247,10 @@ _lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HA
 
 
 @functools.lru_cache(maxsize=256)
-def _b_index(parts: LoRAParts, rank: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per output column: its row of B (-1 in parts without LoRA) and the first S column of its part."""
+def _b_index(parts: LoRAParts, rank: int,
+             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per output column: its row of B (-1 in parts without LoRA) and the first S column of its
+    part."""
     b_row = torch.full((parts.out_features,), -1, dtype=torch.int32)
     b_off = torch.zeros(parts.out_features, dtype=torch.int32)
     for pair in parts.slices(rank):

@@ -28,7 +28,8 @@ from ..parts import pair_slices
 
 
 # Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do).
-ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:

@@ -108,7 +108,8 @@ def _rms_norm_backward_kernel(
 
 
 def rms_norm_settings(n_cols: int) -> Tuple[dict, int]:
-    """(constexprs, num_warps): the whole row in one power-of-two block, several short rows a program."""
+    """(constexprs, num_warps): the whole row in one power-of-two block, several short rows a
+    program."""
     block_n = triton.next_power_of_2(n_cols)
     if block_n > MAX_ROW:
         raise ValueError(f"rms_norm supports rows of at most {MAX_ROW} elements, got {n_cols}")
