@@ -87,7 +87,7 @@ def run_steps(chosen: List[Step], budget_s: float, run: Callable[[Step, float], 
 
 def correctness() -> int:
     """The fused layer at Phi-3-mini's qkv (M = 4096, bf16, p = 0.05) against fp32."""
-    from lorakernels import LoRAParts
+    from lorakernels import LoRACall, LoRAParts
     from lorakernels.ops.lora_linear import dropout_mask, fused_lora_linear
     from lorakernels.reference import merged_lora_linear_reference
 
@@ -98,7 +98,7 @@ def correctness() -> int:
     x, w = make(M, K).bfloat16(), make(N, K, s=K ** -0.5).bfloat16()
     a, b, dy = make(3 * r, K, s=K ** -0.5), make(N, r), make(M, N).bfloat16()
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    y = fused_lora_linear(leaves[0], w, None, leaves[1], leaves[2], 2.0, p, seed, parts)
+    y = fused_lora_linear(leaves[0], w, None, LoRACall(leaves[1], leaves[2], 2.0, p, parts), seed)
     y.backward(dy)
     refs = [t.detach().float().requires_grad_() for t in (x, a, b)]
     y_ref = merged_lora_linear_reference(refs[0], w.float(), None, refs[1], refs[2], 2.0, parts,

@@ -12,6 +12,7 @@ _EXPORTS = {
     "lora_linear": "functional",
     **dict.fromkeys(["Conv1d", "Conv2d", "Conv3d", "ConvLoRA", "Embedding", "Linear",
                      "MergedLinear"], "layers"),
+    "LoRACall": "lora_call",
     "LoRALayer": "lora_layer",
     "NF4Weight": "nf4", "quantize_nf4": "nf4",
     "NF4Linear": "nf4_layers", "NF4MergedLinear": "nf4_layers",

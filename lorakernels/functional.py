@@ -14,6 +14,7 @@ kernel runs, so the eager and oneDNN backends work where Triton is not installed
 The frozen weight of a linear is a dense tensor or an NF4Weight (QLoRA's 4-bit base): the
 Triton and eager backends take either; the oneDNN path is for dense weights only.
 """
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +24,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import settings
 from .dora import column_norm
+from .lora_call import LoRACall
 from .lora_layer import LoRALayer
 from .nf4 import NF4Weight
 from .nf4_linear import nf4_linear
@@ -65,55 +67,47 @@ def base_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor
     return base_linear_reference(x, weight, bias)
 
 
-def _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts,
-                      magnitude=None, norm=None) -> Optional[torch.Tensor]:
-    """The oneDNN or Triton LoRA linear (DoRA with ``magnitude``) where the backend has one;
-    None where the reference runs."""
+def _fast_lora_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor],
+                      lora: LoRACall) -> Optional[torch.Tensor]:
+    """The oneDNN or Triton LoRA linear (DoRA with ``lora.magnitude``) where the backend has
+    one; None where the reference runs."""
     backend = selected_backend(x)
     dense = not isinstance(weight, NF4Weight)
-    if backend == "onednn" and dense and x.numel() > 0 and uses_onednn(x, weight, lora_A, lora_B):
-        return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts,
-                                  magnitude, norm)
+    if (backend == "onednn" and dense and x.numel() > 0
+            and uses_onednn(x, weight, lora.lora_A, lora.lora_B)):
+        return onednn_lora_linear(x, weight, bias, lora)
     if backend == "triton" and x.numel() > 0 and is_fake(x):  # a memory plan: allocations only
         from .planned_kernels import planned_lora_linear
 
-        return planned_lora_linear(x, weight, bias, lora_A, lora_B, dropout_p, magnitude, norm)
+        return planned_lora_linear(x, weight, bias, lora)
     if backend == "triton" and x.numel() > 0:
         from .ops.lora_linear import fused_lora_linear
 
         # Drawn from torch's CPU generator: torch.manual_seed makes it reproducible, no GPU sync.
-        seed = int(torch.randint(0, 2**31 - 1, ())) if dropout_p > 0 else 0
-        return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts,
-                                 magnitude, norm)
+        seed = int(torch.randint(0, 2**31 - 1, ())) if lora.dropout_p > 0 else 0
+        return fused_lora_linear(x, weight, bias, lora, seed)
     return None
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: BaseWeight,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    parts: Optional[LoRAParts] = None,
-) -> torch.Tensor:
+def lora_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor],
+                lora: LoRACall) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ.
 
-    x: [..., K], weight: [N, K] (any strides, or NF4), A: [r·G, K], B: [N_lora, r].
-    ``parts`` describes a fused projection with one A/B pair per enabled part;
-    ``None`` means one pair over the whole output. Dropout is active only when
-    ``training`` and ``dropout_p > 0``.
+    x: [..., K], weight: [N, K] (any strides, or NF4), lora: A [r·G, K], B [N_lora, r], the
+    scale, ``lora.dropout_p`` (the probability in force: a layer passes 0 outside training)
+    and ``lora.parts``, a fused projection with one A/B pair per enabled part (None: one
+    pair over the whole output).
     """
-    dropout_p = dropout_p if training else 0.0
-    fast = _fast_lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts)
+    fast = _fast_lora_linear(x, weight, bias, lora)
     if fast is not None:
         return fast
-    lora_input = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else None
-    if parts is None:
-        return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
-    return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)
+    p = lora.dropout_p
+    lora_input = F.dropout(x, p, training=True) if p > 0 else None
+    if lora.parts is None:
+        return lora_linear_reference(x, weight, bias, lora.lora_A, lora.lora_B, lora.scaling,
+                                     lora_input)
+    return merged_lora_linear_reference(x, weight, bias, lora.lora_A, lora.lora_B, lora.scaling,
+                                        lora.parts, lora_input)
 
 
 def dora_weight_norm(
@@ -140,39 +134,28 @@ def dora_weight_norm(
     return column_norm(weight_sq_norms, weight_a, lora_A, lora_B, scaling, parts)
 
 
-def dora_linear(
-    x: torch.Tensor,
-    weight: BaseWeight,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    weight_sq_norms: torch.Tensor,
-    dropout_p: float = 0.0,
-    training: bool = False,
-    parts: Optional[LoRAParts] = None,
-) -> torch.Tensor:
+def dora_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor],
+                lora: LoRACall, weight_sq_norms: torch.Tensor) -> torch.Tensor:
     """DoRA (PEFT's semantics): y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b without dropout.
 
-    Shapes as ``lora_linear``; magnitude m: [N]; weight_sq_norms: ‖W_j‖² [N] (fp32).
-    n is a constant in backward, so the gradients are LoRA's with dy scaled by m/n per
-    column, plus dm = Σ dy⊙z / n. Without dropout the oneDNN and Triton paths are
-    ``lora_linear``'s with m/n applied inside them (oneDNN's GEMM post-op or F2's epilogue;
-    dy scaled in B1 and B2). With dropout in training, PEFT's formula adds
+    Shapes as ``lora_linear``; ``lora.magnitude`` m: [N]; weight_sq_norms: ‖W_j‖² [N] (fp32);
+    n is computed here (``dora_weight_norm``). n is a constant in backward, so the gradients
+    are LoRA's with dy scaled by m/n per column, plus dm = Σ dy⊙z / n. Without dropout the
+    oneDNN and Triton paths are ``lora_linear``'s with m/n applied inside them (oneDNN's GEMM
+    post-op or F2's epilogue; dy scaled in B1 and B2). With dropout, PEFT's formula adds
     (m/n − 1)⊙(h·Wᵀ), h = dropout(x): a second base GEMM. It is computed as
     (x − h)·Wᵀ + b plus DoRA of h without dropout (the same fast paths): equal in exact
     arithmetic, and two base GEMMs each way, as PEFT's.
     """
-    dropout_p = dropout_p if training else 0.0
-    norm = dora_weight_norm(weight, weight_sq_norms, lora_A, lora_B, scaling, parts)
-    h = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
-    fast = _fast_lora_linear(h, weight, None if dropout_p > 0 else bias, lora_A, lora_B, scaling,
-                             0.0, parts, magnitude, norm)
+    p = lora.dropout_p
+    norm = dora_weight_norm(weight, weight_sq_norms, lora.lora_A, lora.lora_B, lora.scaling,
+                            lora.parts)
+    h = F.dropout(x, p, training=True) if p > 0 else x
+    without_dropout = dataclasses.replace(lora, dropout_p=0.0, norm=norm)
+    fast = _fast_lora_linear(h, weight, None if p > 0 else bias, without_dropout)
     if fast is None:
-        return dora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, magnitude, parts,
-                                     h if dropout_p > 0 else None, norm)
-    return fast if dropout_p == 0 else base_linear(x - h, weight, bias) + fast
+        return dora_linear_reference(x, weight, bias, without_dropout, h if p > 0 else None)
+    return fast if p == 0 else base_linear(x - h, weight, bias) + fast
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .dora import row_sq_norms
 from .functional import base_linear, dora_linear, dora_weight_norm, lora_linear
+from .lora_call import LoRACall
 from .lora_layer import LoRALayer
 from .parts import LoRAParts, pair_slices
 
@@ -104,7 +105,8 @@ class Linear(LoRALayer, nn.Linear):
         return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _weight_sq_norms(self) -> torch.Tensor:
-        """‖W_j‖² [out] in fp32, recomputed only when the frozen weight changes (load, ``.to()``)."""
+        """‖W_j‖² [out] in fp32, recomputed only when the frozen weight changes (load,
+        ``.to()``)."""
         weight = self._oriented_weight()
         tensor = weight if isinstance(weight, torch.Tensor) else weight.packed
         key = (tensor.data_ptr(), tensor._version, tensor.device, weight.dtype)
@@ -130,7 +132,8 @@ class Linear(LoRALayer, nn.Linear):
         return delta.t() if self.fan_in_fan_out else delta
 
     def set_merged(self, merged: bool) -> None:
-        """DoRA merges as PEFT: W ← (m/n)⊙(W + ΔW) with n of the unmerged weight, kept to unmerge."""
+        """DoRA merges as PEFT: W ← (m/n)⊙(W + ΔW) with n of the unmerged weight, kept to
+        unmerge."""
         if not (self.use_dora and self.has_lora) or self.merged == merged:
             return super().set_merged(merged)
         weight = self._oriented_weight()
@@ -158,16 +161,12 @@ class Linear(LoRALayer, nn.Linear):
         bias = self.live_bias()
         if not self.has_lora or self.merged:
             return base_linear(x, weight, bias)
+        lora = LoRACall(self.lora_A, self.lora_B, self.scaling,
+                        self.lora_dropout.p if self.training else 0.0, self.lora_parts,
+                        magnitude=self.lora_magnitude if self.use_dora else None)
         if self.use_dora:
-            return dora_linear(
-                x, weight, bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
-                self._weight_sq_norms(), dropout_p=self.lora_dropout.p, training=self.training,
-                parts=self.lora_parts,
-            )
-        return lora_linear(
-            x, weight, bias, self.lora_A, self.lora_B, self.scaling,
-            dropout_p=self.lora_dropout.p, training=self.training, parts=self.lora_parts,
-        )
+            return dora_linear(x, weight, bias, lora, self._weight_sq_norms())
+        return lora_linear(x, weight, bias, lora)
 
 
 class MergedLinear(Linear):
@@ -229,7 +228,8 @@ class MergedLinear(Linear):
 
 
 class Embedding(LoRALayer, nn.Embedding):
-    """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r] (normal)."""
+    """``nn.Embedding`` plus a low-rank table: A: [r, num_embeddings] (zero), B: [dim, r]
+    (normal)."""
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
-"""NF4 (4-bit NormalFloat) weights as in QLoRA (Dettmers et al. 2023) and bitsandbytes: eager reference.
+"""NF4 (4-bit NormalFloat) weights as in QLoRA (Dettmers et al. 2023) and bitsandbytes: eager
+reference.
 
 Layout of a quantised weight of ``numel`` elements (a multiple of BLOCK_SIZE = 64):
 
@@ -34,8 +35,9 @@ QUANTIZE_CHUNK_BLOCKS = 1 << 16  # blocks quantised at a time (4 Mi elements)
 NF4_FUSED_MAX_ROWS = 64
 
 # bitsandbytes' NF4 code book, index 0b0000..0b1111: bitsandbytes/functional.py get_4bit_type("nf4")
-# and the nf4_dequantization_lut in csrc/kernels.cu (github.com/bitsandbytes-foundation/bitsandbytes,
-# commit 95f9af309d4d5793847169c39288dcd3fcbdf564), generated there by
+# and the nf4_dequantization_lut in csrc/kernels.cu
+# (github.com/bitsandbytes-foundation/bitsandbytes, commit
+# 95f9af309d4d5793847169c39288dcd3fcbdf564), generated there by
 # create_normal_map(offset=0.9677083, use_extra_value=True). Every value is exactly an fp32 number.
 NF4_CODE_VALUES = (
     -1.0,
@@ -55,7 +57,6 @@ NF4_CODE_VALUES = (
     0.7229568362236023,
     1.0,
 )
-NF4_ZERO_INDEX = 7
 # The largest gap between adjacent code values (between 0.7229568 and 1.0): rounding to the
 # nearest code value is off by at most half of it, times the block's absmax.
 NF4_MAX_GAP = max(b - a for a, b in zip(NF4_CODE_VALUES, NF4_CODE_VALUES[1:]))
@@ -149,7 +150,8 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
         safe = torch.where(chunk_absmax > 0, chunk_absmax, torch.ones_like(chunk_absmax))
         index = _nearest_code_index(chunk / safe[:, None]).view(-1)
         half = start * BLOCK_SIZE // 2
-        packed[half:half + index.numel() // 2] = (index[0::2] << 4) | index[1::2]  # first: high nibble
+        # The first of each pair in the high nibble.
+        packed[half:half + index.numel() // 2] = (index[0::2] << 4) | index[1::2]
     absmax_q, absmax_scale, offset = _quantize_absmax(absmax)
     return NF4Weight(packed=packed, absmax_q=absmax_q, absmax_scale=absmax_scale,
                      absmax_offset=offset, shape=tuple(weight.shape), dtype=weight.dtype)

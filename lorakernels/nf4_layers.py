@@ -51,7 +51,8 @@ class NF4Layer:
         self.weight_dtype = dtype
 
     def _finish_nf4_init(self, dtype: torch.dtype, device) -> None:
-        """Built on meta (no dense weight is ever allocated): swap in NF4 buffers, then move to ``device``."""
+        """Built on meta (no dense weight is ever allocated): swap in NF4 buffers, then move to
+        ``device``."""
         self._replace_weight_with_nf4(dtype)
         if device is None or torch.device(device).type != "meta":
             self.to_empty(device=device or "cpu")
@@ -83,7 +84,8 @@ class NF4Layer:
         self.weight_absmax_offset = float(state["absmax_offset"])
 
     def _apply(self, fn, recurse=True):
-        """``.to(dtype)``, ``.half()``, ...: products follow the new dtype (the codes cannot change)."""
+        """``.to(dtype)``, ``.half()``, ...: products follow the new dtype (the codes cannot
+        change)."""
         probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight_packed.device))
         module = super()._apply(fn, recurse)
         self.weight_dtype = probe.dtype

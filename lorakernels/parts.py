@@ -86,8 +86,9 @@ class LoRAParts:
 
     def slices(self, rank: int) -> Tuple[PartSlices, ...]:
         """Each enabled part's pair, in order: the g-th uses A rows [g·rank, (g+1)·rank)."""
+        pairs = zip(self.enabled_out_cols, self.enabled_b_rows)
         return tuple(PartSlices(slice(*cols), slice(*b_rows), slice(g * rank, (g + 1) * rank))
-                     for g, (cols, b_rows) in enumerate(zip(self.enabled_out_cols, self.enabled_b_rows)))
+                     for g, (cols, b_rows) in enumerate(pairs))
 
 
 def pair_slices(parts: Optional[LoRAParts], out_features: int, rank: int) -> Tuple[PartSlices, ...]:

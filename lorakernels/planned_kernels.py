@@ -8,7 +8,7 @@ computes nothing. They mirror ``ops/lora_linear.py`` (F1, F2, B1, B2, B3 on the 
 GEMM), ``ops/nf4_matmul.py`` and ``ops/flex_attention.py``: a change to what one of those
 allocates belongs here too (tests/test_memory_plan.py compares the shapes).
 """
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -16,6 +16,9 @@ import triton
 from .dora import column_scale, magnitude_grad
 from .nf4 import NF4Weight
 from .ops.lora_linear import _b3_programs, b3_splits
+
+if TYPE_CHECKING:
+    from .lora_call import LoRACall
 
 # ops/nf4_dequant.py's scratch buffer: one per (device, dtype), the size of the largest
 # weight dequantised so far, alive for the whole run.
@@ -98,12 +101,10 @@ class PlannedLoRALinear(torch.autograd.Function):
 
 
 def planned_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
-                        lora_A: torch.Tensor, lora_B: torch.Tensor, dropout_p: float = 0.0,
-                        magnitude: Optional[torch.Tensor] = None,
-                        norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        lora: "LoRACall") -> torch.Tensor:
     """``ops.lora_linear.fused_lora_linear``'s allocations for fake inputs: y [..., N]."""
-    return PlannedLoRALinear.apply(x, weight, bias, lora_A, lora_B, float(dropout_p), magnitude,
-                                   norm)
+    return PlannedLoRALinear.apply(x, weight, bias, lora.lora_A, lora.lora_B,
+                                   float(lora.dropout_p), lora.magnitude, lora.norm)
 
 
 class PlannedFlexAttention(torch.autograd.Function):

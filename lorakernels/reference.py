@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .nf4 import NF4Weight, dequantize_nf4_reference
+from .lora_call import LoRACall
 from .nf4_linear import nf4_linear
 from .parts import LoRAParts
 
@@ -109,41 +110,37 @@ def merged_lora_linear_reference(
 def dora_weight_norm_reference(weight: BaseWeight, lora_A: torch.Tensor, lora_B: torch.Tensor,
                                scaling: float, parts: Optional[LoRAParts] = None) -> torch.Tensor:
     """n_j = ‖W_j + s·(B·A)_j‖ the direct way, as PEFT: W + s·B·A materialised in fp32. [N]."""
-    dense = dequantize_nf4_reference(weight, torch.float32) if isinstance(weight, NF4Weight) else weight
+    dense = (dequantize_nf4_reference(weight, torch.float32) if isinstance(weight, NF4Weight)
+             else weight)
     eye = torch.eye(dense.shape[1], dtype=torch.float32, device=dense.device)
     product = low_rank_update(eye, lora_A.float(), lora_B.float(), 1.0, parts, dense.shape[0]).t()
     return torch.linalg.vector_norm(dense.float() + scaling * product, dim=1)
 
 
-def dora_linear_reference(
-    x: torch.Tensor,
-    weight: BaseWeight,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    magnitude: torch.Tensor,
-    parts: Optional[LoRAParts] = None,
-    lora_input: Optional[torch.Tensor] = None,
-    norm: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+def dora_linear_reference(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor],
+                          lora: LoRACall, lora_input: Optional[torch.Tensor] = None
+                          ) -> torch.Tensor:
     """PEFT's DoRA linear: y = x·Wᵀ + b + (m/n − 1)⊙(h·Wᵀ) + (m/n)⊙s·(h·Aᵀ)·Bᵀ.
 
     h is x (no dropout; then y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + b) or the dropped-out x
-    (``lora_input``), which costs a second base GEMM. magnitude m: [N]; n (``norm``, [N])
-    is taken as a constant in backward, and computed the direct way when None. As in
-    PEFT the DoRA terms are in the adapters' dtype (or wider), added to the base output
-    and rounded once to its dtype; the dropped-out GEMM runs in the base's dtype.
+    (``lora_input``; ``lora.dropout_p`` is not read: no dropout is drawn here), which costs
+    a second base GEMM. ``lora.magnitude`` m: [N]; n (``lora.norm``, [N]) is taken as a
+    constant in backward, and computed the direct way when None. As in PEFT the DoRA terms
+    are in the adapters' dtype (or wider), added to the base output and rounded once to its
+    dtype; the dropped-out GEMM runs in the base's dtype.
     """
+    norm = lora.norm
     if norm is None:
-        norm = dora_weight_norm_reference(weight, lora_A, lora_B, scaling, parts)
-    scale = magnitude / norm.detach()
+        norm = dora_weight_norm_reference(weight, lora.lora_A, lora.lora_B, lora.scaling,
+                                          lora.parts)
+    scale = lora.magnitude / norm.detach()
     base = base_linear_reference(x, weight, bias)
     if lora_input is None:
         h, unbiased = x, (base if bias is None else base - bias)
     else:
         h, unbiased = lora_input, base_linear_reference(lora_input.to(base.dtype), weight, None)
-    delta = low_rank_update(h, lora_A, lora_B, scaling, parts, base.shape[-1])
+    delta = low_rank_update(h, lora.lora_A, lora.lora_B, lora.scaling, lora.parts,
+                            base.shape[-1])
     return (base + ((scale - 1) * unbiased + scale * delta)).to(base.dtype)
 
 
@@ -225,7 +222,8 @@ def attention_mask(query_len: int, key_len: int, segment_ids: Optional[torch.Ten
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """SDPA under ``attention_mask``'s mask: q [B, Hq, Tq, D], k and v [B, Hk, Tk, D] → [B, Hq, Tq, D].
+    """SDPA under ``attention_mask``'s mask: q [B, Hq, Tq, D], k and v [B, Hk, Tk, D] →
+    [B, Hq, Tq, D].
 
     No mask means causal attention (or, for one query, attention to every key).
     Grouped-query heads (Hk divides Hq) are SDPA's ``enable_gqa``.

@@ -102,9 +102,10 @@ def open_safetensors(path, device="cpu"):
 def key_mismatch_message(source: str, missing: Iterable[str], unexpected: Iterable[str],
                          misshaped: Iterable[str]) -> str:
     """What does not match between a file and a model, names listed (the first 20 of each)."""
+    groups = (("missing", sorted(missing)), ("unexpected", sorted(unexpected)),
+              ("mis-shaped", list(misshaped)))
     problems = [f"{label} ({len(names)}): {', '.join(names[:20])}"
-                for label, names in (("missing", sorted(missing)), ("unexpected", sorted(unexpected)),
-                                     ("mis-shaped", list(misshaped))) if names]
+                for label, names in groups if names]
     return f"{source} does not match the model:\n  " + "\n  ".join(problems)
 
 

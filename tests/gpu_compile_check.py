@@ -23,9 +23,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lorakernels.ops import gemm_lowrank as gemm_ops
+from lorakernels.ops import fused_gemm as gemm_ops
 from lorakernels.ops import lora_linear as ops
-from lorakernels.ops import lowrank_epilogue as epilogue_ops
+from lorakernels.ops import cublas_epilogue as epilogue_ops
 from lorakernels.ops import nf4_dequant as nf4_ops
 from lorakernels.ops import rms_norm as rms_norm_ops
 from lorakernels.ops import rope as rope_ops

@@ -20,6 +20,7 @@ from lorakernels.functional import dora_weight_norm, lm_head_loss
 from lorakernels.nf4 import dequantize_nf4_reference
 from lorakernels.nf4_layers import NF4Linear
 from lorakernels.parts import LoRAParts
+from lorakernels.lora_call import LoRACall
 from lorakernels.reference import dora_linear_reference, dora_weight_norm_reference
 from model import Phi3ForCausalLM
 from model.build import load_model
@@ -140,8 +141,9 @@ def test_per_part_dora_matches_the_direct_reference():
         layer.lora_magnitude.mul_(1.2)
     x = torch.randn(5, IN, requires_grad=True)
     y = layer(x)
-    expected = dora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
-                                     layer.scaling, layer.lora_magnitude, layer.lora_parts)
+    expected = dora_linear_reference(x, layer.weight, layer.bias, LoRACall(
+        layer.lora_A, layer.lora_B, layer.scaling, parts=layer.lora_parts,
+        magnitude=layer.lora_magnitude))
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     grads = torch.autograd.grad(y.sum(), [x, layer.lora_A, layer.lora_B, layer.lora_magnitude])
     expected_grads = torch.autograd.grad(expected.sum(),
@@ -189,8 +191,8 @@ def test_nf4_base_takes_norms_from_the_dequantised_weight():
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.1)
     x = torch.randn(3, 64)
-    expected = dora_linear_reference(x, weight, None, layer.lora_A, layer.lora_B, layer.scaling,
-                                     layer.lora_magnitude)
+    expected = dora_linear_reference(x, weight, None, LoRACall(
+        layer.lora_A, layer.lora_B, layer.scaling, magnitude=layer.lora_magnitude))
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 

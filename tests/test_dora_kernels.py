@@ -13,7 +13,7 @@ import torch
 
 from lorakernels.dora import row_sq_norms
 from lorakernels.functional import dora_weight_norm
-from lorakernels.ops import lowrank_epilogue as epilogue
+from lorakernels.lora_call import LoRACall
 from lorakernels.ops.lora_linear import fused_lora_linear
 from lorakernels.ops.onednn_lora_linear import ONEDNN_AVAILABLE, onednn_lora_linear
 from lorakernels.reference import dora_linear_reference
@@ -48,7 +48,8 @@ def check_against_reference(run, M, K, variant, r, dtype, bias, nf4=False):
     ref_leaves = [t.detach().float().clone().requires_grad_() if t is not None else None
                   for t in (x, b, lora_A, lora_B, magnitude)]
     rx, rb, rA, rB, rm = ref_leaves
-    y_ref = dora_linear_reference(rx, weight.float(), rb, rA, rB, scaling, rm, parts)
+    y_ref = dora_linear_reference(rx, weight.float(), rb,
+                                  LoRACall(rA, rB, scaling, parts=parts, magnitude=rm))
     y_ref.backward(dy.float())
 
     rel = REL_TOL[dtype]
@@ -60,14 +61,16 @@ def check_against_reference(run, M, K, variant, r, dtype, bias, nf4=False):
             assert_rel_close(got.grad, want.grad, rel, name)
 
 
-def triton_dora(x, weight, bias, lora_A, lora_B, scaling, parts, magnitude, norm):
-    return fused_lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, 0, parts, magnitude,
-                             norm)
+def dora_call(lora_A, lora_B, scaling, parts, magnitude, norm, dropout_p=0.0):
+    return LoRACall(lora_A, lora_B, scaling, dropout_p, parts, magnitude, norm)
 
 
-def onednn_dora(x, weight, bias, lora_A, lora_B, scaling, parts, magnitude, norm):
-    return onednn_lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.0, parts, magnitude,
-                              norm)
+def triton_dora(x, weight, bias, *dora):
+    return fused_lora_linear(x, weight, bias, dora_call(*dora))
+
+
+def onednn_dora(x, weight, bias, *dora):
+    return onednn_lora_linear(x, weight, bias, dora_call(*dora))
 
 
 @pytest.mark.parametrize("gemm", ["fused", "cublas"])
@@ -139,12 +142,13 @@ def test_a_zero_magnitude_column_gets_a_finite_zero_gradient(run):
     assert torch.isfinite(m.grad).all() and m.grad[3] == 0 and (m.grad != 0).sum() == 39
 
 
-@pytest.mark.parametrize("run", [fused_lora_linear, pytest.param(onednn_lora_linear, marks=ON_ONEDNN)],
+@pytest.mark.parametrize("run", [fused_lora_linear,
+                                 pytest.param(onednn_lora_linear, marks=ON_ONEDNN)],
                          ids=["triton", "onednn"])
 def test_fused_dora_refuses_dropout(run):
     x, weight, _, _, lora_A, lora_B, magnitude, _, _ = dora_inputs(8, 32, "plain", 4, torch.float32,
                                                                    False)
     norm = magnitude.clone()
-    args = (0.1, 7) if run is fused_lora_linear else (0.1,)
+    args = (7,) if run is fused_lora_linear else ()
     with pytest.raises(ValueError, match="lora_dropout 0"):
-        run(x, weight, None, lora_A, lora_B, 0.5, *args, None, magnitude, norm)
+        run(x, weight, None, dora_call(lora_A, lora_B, 0.5, None, magnitude, norm, 0.1), *args)

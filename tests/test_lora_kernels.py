@@ -22,6 +22,7 @@ import lorakernels as lora
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
 import triton
 
+from lorakernels.lora_call import LoRACall
 from lorakernels.ops import lora_linear as lora_linear_ops
 from lorakernels.ops.lora_linear import b3_splits, dropout_mask, fused_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
@@ -80,8 +81,8 @@ def run_case(M, K, variant, r, dtype, dropout_p, lead=(), seed=1234, bias=True, 
     scaling = 2.0 / r
 
     leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, b, lora_A, lora_B)]
-    y = fused_lora_linear(leaves[0], kernel_weight, leaves[1], leaves[2], leaves[3], scaling,
-                          dropout_p, seed, parts)
+    y = fused_lora_linear(leaves[0], kernel_weight, leaves[1],
+                          LoRACall(leaves[2], leaves[3], scaling, dropout_p, parts), seed)
     y.backward(dy)
 
     # The reference in fp32 on the same inputs, with exactly the kernel's dropout mask.
@@ -135,9 +136,10 @@ def test_odd_inner_dimension():
 def test_same_seed_same_output_and_mask_rate():
     x = torch.randn(64, 64, device=DEVICE)
     w, a, b = torch.randn(32, 64, device=DEVICE), torch.randn(8, 64, device=DEVICE), torch.randn(32, 8, device=DEVICE)
-    y1 = fused_lora_linear(x, w, None, a, b, 1.0, 0.3, seed=7)
-    y2 = fused_lora_linear(x, w, None, a, b, 1.0, 0.3, seed=7)
-    y3 = fused_lora_linear(x, w, None, a, b, 1.0, 0.3, seed=8)
+    lora = LoRACall(a, b, 1.0, 0.3)
+    y1 = fused_lora_linear(x, w, None, lora, seed=7)
+    y2 = fused_lora_linear(x, w, None, lora, seed=7)
+    y3 = fused_lora_linear(x, w, None, lora, seed=8)
     assert torch.equal(y1, y2) and not torch.allclose(y1, y3)
     dropped = (dropout_mask(64, 64, 0.3, 7, x.device) == 0).float().mean().item()
     assert abs(dropped - 0.3) < 0.05
@@ -147,7 +149,7 @@ def test_trainable_base_weight_gets_its_gradient():
     x = torch.randn(9, 32, device=DEVICE)
     w = torch.randn(16, 32, device=DEVICE, requires_grad=True)
     a, b = torch.randn(4, 32, device=DEVICE), torch.randn(16, 4, device=DEVICE)
-    fused_lora_linear(x, w, None, a, b, 0.5).sum().backward()
+    fused_lora_linear(x, w, None, LoRACall(a, b, 0.5)).sum().backward()
     w_ref = w.detach().clone().requires_grad_()
     lora_linear_reference(x, w_ref, None, a, b, 0.5).sum().backward()
     assert_rel_close(w.grad, w_ref.grad, 1e-5, "dW")
@@ -204,7 +206,7 @@ def test_clear_errors(change, error, message):
     a = torch.randn(*change.get("a_shape", (4, 32)), device=DEVICE)
     b = torch.randn(*change.get("b_shape", (16, 4)), device=DEVICE)
     with pytest.raises(error, match=message):
-        fused_lora_linear(x, w, None, a, b, 1.0)
+        fused_lora_linear(x, w, None, LoRACall(a, b, 1.0))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="large shapes need a GPU")
@@ -233,7 +235,7 @@ def large_variant(variant: str, scale: int = 64):
 
 def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
     """LORAKERNELS_AUTOTUNE=0 (read at import, compiled path): each role has its default only."""
-    code = ("from lorakernels.ops import gemm_lowrank as g, lora_linear as l\n"
+    code = ("from lorakernels.ops import fused_gemm as g, lora_linear as l\n"
             "print(len(g.GEMM_CONFIGS), len(g.NF4_GEMM_CONFIGS), len(l.ROW_CONFIGS))\n"
             "print(all(k.params[k.arg_names.index('seed')].do_not_specialize for k in "
             "(l._lora_shrink_kernel, l._dropout_mask_kernel)))")
@@ -268,7 +270,7 @@ def test_deterministic_mode_reduces_dA_and_dB_from_partials(monkeypatch):
         torch.use_deterministic_algorithms(True)
         for _ in range(2):
             a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
-            fused_lora_linear(x, w, None, a, b, 0.5, 0.1, seed=3).square().sum().backward()
+            fused_lora_linear(x, w, None, LoRACall(a, b, 0.5, 0.1), seed=3).square().sum().backward()
             grads.append((a.grad, b.grad))
     finally:
         torch.use_deterministic_algorithms(deterministic)

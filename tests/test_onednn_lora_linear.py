@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorakernels as lora
+from lorakernels.lora_call import LoRACall
 from lorakernels.ops.onednn_lora_linear import dropped_mask, linear, onednn_lora_linear
 from lorakernels.reference import lora_linear_reference, merged_lora_linear_reference
 from conftest import use_settings
@@ -50,8 +51,11 @@ def test_matches_reference(variant, dropout_p, bias, train_weight):
     dy = torch.randn(*inputs["x"].shape[:-1], out_features)
 
     torch.manual_seed(11)
-    y, grads = forward_backward(lambda **t: onednn_lora_linear(**t, scaling=scaling, dropout_p=dropout_p,
-                                                               parts=parts), inputs, dy)
+    def ours(x, weight, bias, lora_A, lora_B):
+        return onednn_lora_linear(x, weight, bias,
+                                  LoRACall(lora_A, lora_B, scaling, dropout_p, parts))
+
+    y, grads = forward_backward(ours, inputs, dy)
 
     torch.manual_seed(11)  # the same draw: the mask the path used
     x = inputs["x"]

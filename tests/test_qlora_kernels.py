@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lorakernels.functional import base_linear, lora_linear
+from lorakernels.lora_call import LoRACall
 from lorakernels.nf4 import NF4_FUSED_MAX_ROWS, dequantize_nf4_reference, quantize_nf4
 from lorakernels.ops.nf4_matmul import nf4_matmul
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, run_case
@@ -79,7 +80,7 @@ def test_no_dense_weight_is_kept_for_backward(monkeypatch, nf4_path, backend):
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = lora_linear(x, q, None, lora_A, lora_B, 1.0) + base_linear(x, q, None)
+        y = lora_linear(x, q, None, LoRACall(lora_A, lora_B, 1.0)) + base_linear(x, q, None)
     y.sum().backward()
     assert saved, "the hook saw nothing: the test would pass vacuously"
     dense = [s for s in saved if s[1].is_floating_point and torch.Size(s[0]).numel() >= n * k]
@@ -98,7 +99,7 @@ def test_scratch_buffer_grows_and_stays_correct():
 def test_nf4_weight_dtype_must_match_input():
     q, x = _nf4_case(3, 32, 64, torch.bfloat16)
     with pytest.raises(TypeError, match="must match"):
-        lora_linear(x.float(), q, None, torch.randn(4, 64), torch.randn(32, 4), 1.0)
+        lora_linear(x.float(), q, None, LoRACall(torch.randn(4, 64), torch.randn(32, 4), 1.0))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Phi-3-mini shapes need a GPU")
@@ -109,11 +110,12 @@ def test_phi3_mini_shapes_on_gpu(rows):
     lora_A = (torch.randn(16, 3072, device=DEVICE) / 3072 ** 0.5).requires_grad_()
     lora_B = torch.randn(9216, 16, device=DEVICE).requires_grad_()
     xi = x.clone().requires_grad_()
-    y = lora_linear(xi, q, None, lora_A, lora_B, 2.0)
+    y = lora_linear(xi, q, None, LoRACall(lora_A, lora_B, 2.0))
     dy = torch.randn_like(y)
     y.backward(dy)
     ref = [t.detach().float().requires_grad_() for t in (x, lora_A, lora_B)]
-    y_ref = lora_linear(ref[0], dequantize_nf4_reference(q, torch.float32), None, ref[1], ref[2], 2.0)
+    y_ref = lora_linear(ref[0], dequantize_nf4_reference(q, torch.float32), None,
+                        LoRACall(ref[1], ref[2], 2.0))
     y_ref.backward(dy.float())
     assert_rel_close(y, y_ref, REL_TOL[torch.bfloat16], "y")
     for name, got, want in zip(("dx", "dA", "dB"), (xi, lora_A, lora_B), ref):

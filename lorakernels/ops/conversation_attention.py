@@ -33,8 +33,10 @@ class ConversationBatch:
     window_mask: Optional[torch.Tensor]
 
 
-def conversation_batch(segment_ids: torch.Tensor, sliding_window: Optional[int]) -> ConversationBatch:
-    """The layout of ``segment_ids`` [B, T]: a new conversation where the id changes or a row starts."""
+def conversation_batch(segment_ids: torch.Tensor,
+                       sliding_window: Optional[int]) -> ConversationBatch:
+    """The layout of ``segment_ids`` [B, T]: a new conversation where the id changes or a row
+    starts."""
     B, T = segment_ids.shape
     flat = segment_ids.reshape(-1)
     starts_here = torch.ones_like(flat, dtype=torch.bool)
@@ -46,17 +48,20 @@ def conversation_batch(segment_ids: torch.Tensor, sliding_window: Optional[int])
     offsets = torch.arange(longest, device=flat.device)
     gather = starts[:, None] + torch.minimum(offsets[None, :], lengths[:, None] - 1)
     slot = torch.arange(starts.numel() * longest, device=flat.device).view(-1, longest)
-    scatter = slot[offsets[None, :] < lengths[:, None]]  # token order = (conversation, offset) order
+    # Token order is (conversation, offset) order.
+    scatter = slot[offsets[None, :] < lengths[:, None]]
     window_mask = None
     if sliding_window is not None and longest > sliding_window:
         distance = offsets[:, None] - offsets[None, :]
         window_mask = (distance >= 0) & (distance < sliding_window)
-    return ConversationBatch(B, T, starts.numel(), longest, gather.reshape(-1), scatter, window_mask)
+    return ConversationBatch(B, T, starts.numel(), longest, gather.reshape(-1), scatter,
+                             window_mask)
 
 
 def conversation_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            layout: ConversationBatch) -> torch.Tensor:
-    """Causal attention within each conversation: q [B, Hq, T, D], k, v [B, Hk, T, D] → [B, Hq, T, D].
+    """Causal attention within each conversation: q [B, Hq, T, D], k, v [B, Hk, T, D] →
+    [B, Hq, T, D].
 
     Equal to SDPA under ``reference.attention_mask(T, T, segment_ids, window)``, forward
     and backward (index_select's backward is a scatter-add into the packed layout).

@@ -17,8 +17,6 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-PADDING_SEGMENT = -1  # training.data.collate's segment id of padding: padding attends to padding
-
 _compiled_flex: Optional[Callable] = None
 
 
@@ -39,7 +37,8 @@ def packed_mask_mod(segment_ids: Optional[torch.Tensor], sliding_window: Optiona
 
 def packed_block_mask(segment_ids: Optional[torch.Tensor], length: int,
                       sliding_window: Optional[int], device: torch.device) -> BlockMask:
-    """The BlockMask of ``packed_mask_mod`` for [B, T] = segment_ids' shape ([1, length] without)."""
+    """The BlockMask of ``packed_mask_mod`` for [B, T] = segment_ids' shape ([1, length]
+    without)."""
     if sliding_window is not None and sliding_window >= length:
         sliding_window = None  # the window is the sequence: no term to evaluate
     batch = 1 if segment_ids is None else segment_ids.shape[0]
@@ -49,7 +48,8 @@ def packed_block_mask(segment_ids: Optional[torch.Tensor], length: int,
 
 
 def computed_fraction(block_mask: BlockMask) -> float:
-    """Fraction of the (query block, key block) tiles of the full T × T square that flex computes."""
+    """Fraction of the (query block, key block) tiles of the full T × T square that flex
+    computes."""
     tiles = block_mask.kv_num_blocks.sum()
     if block_mask.full_kv_num_blocks is not None:
         tiles = tiles + block_mask.full_kv_num_blocks.sum()

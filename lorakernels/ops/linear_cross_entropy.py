@@ -27,7 +27,7 @@ plain PyTorch, so it runs on any device; the work is the same two (three with a
 trainable weight) matmuls the unchunked loss does, in chunks. The two with the
 [V, H] weight run on oneDNN for fp32 CPU tensors (see ``onednn_lora_linear.linear``).
 """
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -156,17 +156,26 @@ def linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_s
     return loss
 
 
+class LossOptions(NamedTuple):
+    """The loss's numbers that take no gradient: the LoRA scale, the label that carries no
+    loss, the rows of a chunk."""
+
+    scaling: float
+    ignore_index: int
+    chunk_size: int
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss and every needed gradient in forward, chunk by chunk; backward scales them.
 
     Inputs: hidden [N, H], weight [V, H], bias [V] or None, labels [N], lora_A [r, H] or
-    None, lora_B [V, r] or None, scaling, ignore_index, chunk_size. Output: the summed
-    loss, a 0-d tensor in fp32 (fp64 for fp64 inputs).
+    None, lora_B [V, r] or None, ``LossOptions``. Output: the summed loss, a 0-d tensor in
+    fp32 (fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, lora_A, lora_B, scaling, ignore_index,
-                chunk_size):
+    def forward(ctx, hidden, weight, bias, labels, lora_A, lora_B, options: LossOptions):
+        scaling, ignore_index, chunk_size = options
         need_hidden, need_weight, need_bias, _, need_A, need_B = ctx.needs_input_grad[:6]
         lora = None if lora_A is None else (lora_A, lora_B, scaling)
         acc_dtype = torch.promote_types(hidden.dtype, torch.float32)
@@ -226,7 +235,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grads = [None if g is None else _scaled(g, grad_output, dtype, ctx.chunk_size)
                  for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
         grad_hidden, grad_weight, grad_bias, grad_A, grad_B = grads
-        return grad_hidden, grad_weight, grad_bias, None, grad_A, grad_B, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, grad_A, grad_B, None
 
 
 def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
@@ -271,5 +280,5 @@ def linear_cross_entropy(
         return linear_cross_entropy_loss_only(hidden, weight, labels, ignore_index, chunk_size,
                                               lora, bias)
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, bias, labels, lora_A, lora_B, float(scaling), ignore_index, chunk_size
-    )
+        hidden, weight, bias, labels, lora_A, lora_B,
+        LossOptions(float(scaling), ignore_index, chunk_size))

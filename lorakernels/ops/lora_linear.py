@@ -9,14 +9,14 @@ one launch covers every part, including N-tiles that straddle two parts.
 
 Forward
   F1 ``_lora_shrink_kernel``: S = (D⊙x)·Aᵀ [M, R] fp32; reads x once, writes D's bits.
-  F2 ``gemm_lowrank`` (ops/gemm_lowrank.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
-     product in the base GEMM's epilogue (R/K extra work), y written once; or, where
+  F2 ``fused_gemm`` (ops/fused_gemm.py): y = x·Wᵀ + b + s·S·B̂ᵀ, the low-rank
+     product fused into the base GEMM (R/K extra work), y written once; or, where
      it times faster on a GPU, torch's GEMM plus a low-rank epilogue kernel
-     (ops/lowrank_epilogue.py; the same for B2).
+     (ops/cublas_epilogue.py; ops/gemm_path.py chooses, the same for B2).
 Backward
   B1 ``_lora_grad_s_b_kernel``: one pass over dy gives dS = s·dy·B̂ and
      dB = s·dyᵀ·S (reduced over M with relaxed fp32 atomics).
-  B2 ``gemm_lowrank`` again: dx = dy·W + D⊙(dS·A).
+  B2 ``fused_gemm`` again: dx = dy·W + D⊙(dS·A).
   B3 ``_lora_grad_a_kernel``: dA = dSᵀ·(D⊙x), split over M (at least two programs
      per SM) into partials summed in a fixed order.
 DoRA (p = 0) adds a per-column scale c = m/n: F2 writes y = c⊙(x·Wᵀ + s·S·B̂ᵀ) + b, B1
@@ -24,10 +24,9 @@ scales dy by c and reduces m's gradient Σ dy⊙(y − b)/m from the saved y, B2
 columns in its K-loop; B3 is unchanged (it reads dS).
 Under torch.use_deterministic_algorithms(True), B1 and B3 run one pinned config and
 dB is summed from per-row-block partials too: dA and dB are bit-reproducible run to run.
-Saved for backward: x, S and D's bits. Redrawing D with Philox in B2 made it spill and
-run 5.7x the SASS of B2 without dropout; reading the bits costs ~2 instructions per
-element (benchmarks/results/kernel_resources.md). An NF4 base weight is read as the
-GEMM's operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a dequantised copy, by rows).
+Saved for backward: x, S and D's bits (``dropout_bits.py`` says why bits). An NF4 base
+weight is read as the GEMM's operand ``ops/nf4_matmul.py`` chooses (4-bit tiles or a
+dequantised copy, by rows).
 """
 import dataclasses
 import functools
@@ -38,13 +37,15 @@ import triton
 import triton.language as tl
 
 from ..dora import column_scale, magnitude_grad
+from ..lora_call import LoRACall
 from ..nf4 import NF4Weight
 from ..parts import LoRAParts
-from .gemm_lowrank import dropout_kept, dropout_scale, expanded_b_offsets, m_bucket, pack_kept
-from .lowrank_epilogue import lowrank_gemm
+from .dropout_bits import dropout_kept, dropout_scale, pack_kept
+from .gemm_path import gemm_on_chosen_path
+from .lowrank_term import LowRank, expanded_b_offsets
 from .nf4_matmul import gemm_operand
-from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, next_block, on_device,
-                           pinned_config)
+from .triton_utils import (INTERPRETING, autotune_configs, dot_precision, m_bucket, next_block,
+                           on_device, pinned_config)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,8 +57,18 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # by 16) would compile new variants; the autotuner keys on M_BUCKET instead.
 @triton.jit(do_not_specialize=["seed", "M"])
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, s_ptr, mask_ptr, M, K, R, stride_xm, stride_xk, stride_ar, stride_ak, seed,
-    M_BUCKET, P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+    # Pointers
+    x_ptr, a_ptr, s_ptr, mask_ptr,
+    # Shapes
+    M, K, R,
+    # Strides
+    stride_xm, stride_xk, stride_ar, stride_ak,
+    # Scalars: the dropout mask's Philox seed
+    seed,
+    # Autotune key: M rounded up to a power of two
+    M_BUCKET,
+    # Meta-parameters
+    P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """S[M, R] = (D⊙x)·Aᵀ in fp32; with dropout, D drawn here and its bits written to mask_ptr."""
@@ -84,9 +95,18 @@ def _lora_shrink_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_grad_s_b_kernel(
-    dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr, col_scale_ptr, y_ptr, bias_ptr,
-    dm_ptr, M, N, R, RANK, scaling, M_BUCKET,
+    # Pointers: inputs dy, S, B and B̂'s gather; outputs dS, dB; DoRA's c, y, bias and dm
+    dy_ptr, s_ptr, b_ptr, b_row_ptr, b_off_ptr, ds_ptr, db_ptr,
+    col_scale_ptr, y_ptr, bias_ptr, dm_ptr,
+    # Shapes
+    M, N, R, RANK,
+    # Scalars
+    scaling,
+    # Autotune key: M rounded up to a power of two
+    M_BUCKET,
+    # Strides
     stride_dym, stride_dyn, stride_b_row, stride_b_rank, stride_db_part, stride_ym, stride_yn,
+    # Meta-parameters
     GATHER_B: tl.constexpr, DETERMINISTIC: tl.constexpr, DORA: tl.constexpr,
     HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -143,7 +163,17 @@ def _lora_grad_s_b_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _lora_grad_a_kernel(
-    ds_ptr, x_ptr, mask_ptr, da_ptr, M, K, R, stride_xm, stride_xk, rows_per_split, M_BUCKET,
+    # Pointers
+    ds_ptr, x_ptr, mask_ptr, da_ptr,
+    # Shapes
+    M, K, R,
+    # Strides
+    stride_xm, stride_xk,
+    # Scalars: rows of M per split (program axis 1)
+    rows_per_split,
+    # Autotune key: M rounded up to a power of two
+    M_BUCKET,
+    # Meta-parameters
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -199,7 +229,8 @@ ROW_PINNED = pinned_config(_ROW_DEFAULT, _ROW_INTERPRETED)
 _lora_shrink = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HAS_DROPOUT"])(
     _lora_shrink_kernel)
 # B1 with DoRA holds y's tile beside dy's: (64, 128) with 8 warps spilled 8 bytes on sm_90.
-DORA_B1_CONFIGS = [c for c in ROW_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
+DORA_B1_CONFIGS = [c for c in ROW_CONFIGS
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) != (64, 128)]
 
 
 def _autotuned_b1(configs):
@@ -216,8 +247,10 @@ _lora_grad_a = triton.autotune(ROW_CONFIGS, key=["M_BUCKET", "K", "BLOCK_R", "HA
 
 
 @functools.lru_cache(maxsize=256)
-def _b_index(parts: LoRAParts, rank: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per output column: its row of B (-1 in parts without LoRA) and the first S column of its part."""
+def _b_index(parts: LoRAParts, rank: int,
+             device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per output column: its row of B (-1 in parts without LoRA) and the first S column of its
+    part."""
     b_row = torch.full((parts.out_features,), -1, dtype=torch.int32)
     b_off = torch.zeros(parts.out_features, dtype=torch.int32)
     for pair in parts.slices(rank):
@@ -229,14 +262,12 @@ def _b_index(parts: LoRAParts, rank: int, device: torch.device) -> Tuple[torch.T
 class _Layout:
     """What the kernels need to know about B: its expansion to output columns, per call."""
 
-    def __init__(self, parts: Optional[LoRAParts], lora_A: torch.Tensor, lora_B: torch.Tensor):
-        self.R = lora_A.shape[0]
+    def __init__(self, lora: LoRACall):
+        self.R = lora.lora_A.shape[0]
         self.block_r = next_block(self.R)
-        if parts is None:
-            self.rank, self.b_index = self.R, None
-        else:
-            self.rank = self.R // parts.num_enabled
-            self.b_index = _b_index(parts, self.rank, lora_B.device)
+        self.rank = lora.rank
+        self.b_index = (None if lora.parts is None
+                        else _b_index(lora.parts, self.rank, lora.lora_B.device))
 
     def b_index_pointers(self, placeholder: torch.Tensor):
         """(b_row, b_off) for a kernel; any tensor stands in when there is nothing to gather."""
@@ -252,9 +283,12 @@ def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_
             if dropout_p > 0 else None)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _lora_shrink[grid](
-        x, lora_A, s, mask if mask is not None else s, M, K, layout.R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        seed, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0,
-        PRECISION=dot_precision(x.dtype), BLOCK_R=layout.block_r,
+        x, lora_A, s, mask if mask is not None else s,  # pointers
+        M, K, layout.R,  # shapes
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),  # strides
+        seed, m_bucket(M),
+        P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
+        BLOCK_R=layout.block_r,
     )
     return s, mask
 
@@ -296,14 +330,18 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     y = dora.output if dora else dy
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     b_row, b_off = layout.b_index_pointers(lora_B)
+    has_bias = dora is not None and dora.bias is not None
     _launch(
-        _lora_grad_s_b_dora if dora else _lora_grad_s_b, grid, dy, s, lora_B, b_row, b_off, ds, db,
-        dora.col_scale if dora else db, y, dora.bias if dora and dora.bias is not None else db,
-        dm, M, N, layout.R, layout.rank, scaling, m_bucket(M), dy.stride(0), dy.stride(1),
-        lora_B.stride(0), lora_B.stride(1), lora_B.numel(), y.stride(0), y.stride(1),
+        _lora_grad_s_b_dora if dora else _lora_grad_s_b, grid,
+        # Pointers (db stands in for DoRA's tensors without DoRA)
+        dy, s, lora_B, b_row, b_off, ds, db,
+        dora.col_scale if dora else db, y, dora.bias if has_bias else db, dm,
+        M, N, layout.R, layout.rank, scaling, m_bucket(M),  # shapes, scalars, autotune key
+        # Strides
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.numel(),
+        y.stride(0), y.stride(1),
         GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic, DORA=dora is not None,
-        HAS_BIAS=dora is not None and dora.bias is not None,
-        PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
+        HAS_BIAS=has_bias, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
     )
     if deterministic:
         return ds, db.sum(0), dm.sum(0) if dora else None
@@ -328,8 +366,9 @@ def b3_splits(M: int, K: int, programs: int) -> Tuple[int, int]:
 
 def _b3_programs(device: torch.device) -> int:
     """Two programs per SM (132 SMs, an H100's, without a GPU)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return 2 * sms
+    if device.type != "cuda":
+        return 2 * 132
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: float,
@@ -340,8 +379,10 @@ def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: f
     partials = torch.empty((splits, layout.R, K), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
     _launch(
-        _lora_grad_a, grid, ds, x, mask if mask is not None else ds, partials, M, K, layout.R,
-        x.stride(0), x.stride(1), rows, m_bucket(M), P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
+        _lora_grad_a, grid,
+        ds, x, mask if mask is not None else ds, partials,  # pointers
+        M, K, layout.R, x.stride(0), x.stride(1), rows, m_bucket(M),
+        P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
         BLOCK_R=layout.block_r,
     )
     return partials[0] if splits == 1 else partials.sum(0)
@@ -362,13 +403,16 @@ def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
 # ----------------------------------------------------------------------------- autograd
 
 
-def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
+def _check_inputs(x, weight, bias, lora: LoRACall):
+    lora_A, lora_B, parts = lora.lora_A, lora.lora_B, lora.parts
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"fused LoRA kernels support float16, bfloat16 and float32 inputs, got {x.dtype}")
+        raise TypeError("fused LoRA kernels support float16, bfloat16 and float32 inputs, "
+                        f"got {x.dtype}")
     if weight.dtype != x.dtype:
         raise TypeError(f"x is {x.dtype} but the base weight is {weight.dtype}; they must match")
     if lora_A.dtype not in SUPPORTED_DTYPES or lora_B.dtype != lora_A.dtype:
-        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a float dtype")
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a "
+                        "float dtype")
     weight_data = weight.packed if isinstance(weight, NF4Weight) else weight
     tensors = [t for t in (x, weight_data, bias, lora_A, lora_B) if t is not None]
     if not (x.is_cuda or INTERPRETING) or any(t.device != x.device for t in tensors):
@@ -392,78 +436,116 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, parts):
         raise ValueError(f"parts cover {parts.out_features} outputs, weight has {N}")
 
 
+# LoRALinearFunction.apply's inputs, in order; backward returns a gradient (or None) for each.
+# lora_A, lora_B and the magnitude are in ``lora`` too, and passed on their own as well:
+# autograd differentiates only the tensors that apply is given directly.
+_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "lora", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class _SavedTensors:
+    """The forward's tensors that backward reads, through ctx.save_for_backward (None where a
+    call has none: no dropout mask, no DoRA, an NF4 weight, which is never kept dense)."""
+    x: torch.Tensor  # [M, K]
+    weight: Optional[torch.Tensor]
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    s: torch.Tensor  # S [M, R] fp32
+    mask: Optional[torch.Tensor]  # D's bits
+    output: Optional[torch.Tensor]  # DoRA: y, from which m's gradient is read
+    magnitude: Optional[torch.Tensor]
+    col_scale: Optional[torch.Tensor]  # DoRA: c = m/n
+    bias: Optional[torch.Tensor]  # DoRA: z = (y - bias)/c
+
+    def save(self, ctx) -> None:
+        ctx.save_for_backward(*(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+    @classmethod
+    def of(cls, ctx) -> "_SavedTensors":
+        return cls(*ctx.saved_tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ForwardFacts:
+    """What backward needs to know about the forward besides its tensors."""
+    layout: _Layout
+    scaling: float
+    dropout_p: float
+    x_shape: torch.Size
+    bias_dtype: Optional[torch.dtype]
+    nf4_weight: Optional[NF4Weight]
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """The fused kernels behind autograd. A dense W is frozen unless it asks for a gradient;
     an NF4Weight is always frozen and is dequantised again in backward, never kept dense.
 
-    With a DoRA ``magnitude`` m [N] and ``norm`` n [N] (fp32, a constant), y = c⊙z + b with
-    c = m/n and z the LoRA product: c is F2's epilogue scale; backward scales dy by c in B1
-    and in B2's K-loop and reduces m's gradient in B1 from the saved output."""
+    With a DoRA ``magnitude`` m [N] and ``lora.norm`` n [N] (fp32, a constant), y = c⊙z + b
+    with c = m/n and z the LoRA product: c is F2's epilogue scale; backward scales dy by c in
+    B1 and in B2's K-loop and reduces m's gradient in B1 from the saved output."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, parts,
-                magnitude, norm):
-        _check_inputs(x, weight, bias, lora_A, lora_B, parts)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, lora: LoRACall, seed: int):
+        _check_inputs(x, weight, bias, lora)
         K, N = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, K)
-        layout = _Layout(parts, lora_A, lora_B)
+        layout = _Layout(lora)
+        dora = magnitude is not None
         col_scale = None
-        if magnitude is not None:
-            if dropout_p > 0:
+        if dora:
+            if lora.dropout_p > 0:
                 raise ValueError("the fused DoRA path is for lora_dropout 0 (functional."
                                  "dora_linear runs dropout as (x − h)·Wᵀ plus DoRA of h)")
-            col_scale = column_scale(magnitude, norm)
-        s, mask = lora_shrink(x2, lora_A, layout, dropout_p, seed)
-        y = lowrank_gemm("F2", x2, gemm_operand(weight, x2.shape[0], True), s, lora_B,
-                         layout.b_index, layout.rank, layout.block_r, scaling, bias,
-                         col_scale=col_scale)
+            col_scale = column_scale(magnitude, lora.norm)
+        s, mask = lora_shrink(x2, lora_A, layout, lora.dropout_p, seed)
+        f2 = LowRank(s, lora_B, lora.scaling, layout.b_index)
+        y = gemm_on_chosen_path("F2", x2, gemm_operand(weight, x2.shape[0], True), f2, bias,
+                                col_scale=col_scale)
         nf4 = isinstance(weight, NF4Weight)
-        dora = (y, magnitude, col_scale, bias) if magnitude is not None else (None,) * 4
-        ctx.save_for_backward(x2, None if nf4 else weight, lora_A, lora_B, s, mask, *dora)
-        ctx.nf4_weight = weight if nf4 else None
-        ctx.layout, ctx.scaling, ctx.dropout_p = layout, scaling, dropout_p
-        ctx.x_shape = x.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _SavedTensors(x2, None if nf4 else weight, lora_A, lora_B, s, mask,
+                      y if dora else None, magnitude, col_scale, bias if dora else None).save(ctx)
+        ctx.facts = _ForwardFacts(layout, lora.scaling, lora.dropout_p, x.shape,
+                                  None if bias is None else bias.dtype, weight if nf4 else None)
         return y.view(*x.shape[:-1], N)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, lora_A, lora_B, s, mask, y, magnitude, col_scale, bias = ctx.saved_tensors
-        weight = ctx.nf4_weight if weight is None else weight
-        layout, scaling, p = ctx.layout, ctx.scaling, ctx.dropout_p
-        need_dx, need_dw, need_db, need_da, need_dB = ctx.needs_input_grad[:5]
+        saved, facts = _SavedTensors.of(ctx), ctx.facts
+        needs = dict(zip(_INPUTS, ctx.needs_input_grad))
+        weight = facts.nf4_weight if saved.weight is None else saved.weight
         dy2 = dy.reshape(-1, weight.shape[0])
-        dx = dw = db = da = dB = dm = None
-        dora = DoRAColumns(col_scale, y, bias) if magnitude is not None else None
-        ds, dB32, dm_dot = lora_grad_s_b(dy2, s, lora_B, layout, scaling, dora)
-        if need_dx:
-            dx = lowrank_gemm("B2", dy2, gemm_operand(weight, dy2.shape[0], False), ds,
-                              lora_A.t(), None, layout.R, layout.block_r, 1.0, dropout_p=p,
-                              mask=mask, k_scale=col_scale).view(ctx.x_shape)
-        if need_da:
-            da = lora_grad_a(ds, x2, layout, p, mask).to(lora_A.dtype)
-        if need_dB:
-            dB = dB32.to(lora_B.dtype)
-        if need_dw:
-            dz = dy2 if dora is None else (dy2 * col_scale).to(dy2.dtype)
-            dw = (dz.t() @ x2).to(weight.dtype)
-        if need_db:
-            db = dy2.sum(0).to(ctx.bias_dtype)
-        if dora is not None and ctx.needs_input_grad[9]:
-            dm = magnitude_grad(dm_dot, magnitude)
-        return dx, dw, db, da, dB, None, None, None, None, dm, None
+        dora = (None if saved.magnitude is None
+                else DoRAColumns(saved.col_scale, saved.output, saved.bias))
+        ds, dB32, dm_dot = lora_grad_s_b(dy2, saved.s, saved.lora_B, facts.layout, facts.scaling,
+                                         dora)
+        grads = {}
+        if needs["x"]:
+            b2 = LowRank(ds, saved.lora_A.t(), dropout_p=facts.dropout_p, mask=saved.mask)
+            dx = gemm_on_chosen_path("B2", dy2, gemm_operand(weight, dy2.shape[0], False), b2,
+                                     k_scale=saved.col_scale)
+            grads["x"] = dx.view(facts.x_shape)
+        if needs["lora_A"]:
+            da = lora_grad_a(ds, saved.x, facts.layout, facts.dropout_p, saved.mask)
+            grads["lora_A"] = da.to(saved.lora_A.dtype)
+        if needs["lora_B"]:
+            grads["lora_B"] = dB32.to(saved.lora_B.dtype)
+        if needs["weight"]:
+            dz = dy2 if dora is None else (dy2 * saved.col_scale).to(dy2.dtype)
+            grads["weight"] = (dz.t() @ saved.x).to(weight.dtype)
+        if needs["bias"]:
+            grads["bias"] = dy2.sum(0).to(facts.bias_dtype)
+        if dora is not None and needs["magnitude"]:
+            grads["magnitude"] = magnitude_grad(dm_dot, saved.magnitude)
+        return tuple(grads.get(name) for name in _INPUTS)
 
 
-def fused_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor],
-                      lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                      dropout_p: float = 0.0, seed: int = 0,
-                      parts: Optional[LoRAParts] = None, magnitude: Optional[torch.Tensor] = None,
-                      norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+def fused_lora_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor], lora: LoRACall,
+                      seed: int = 0) -> torch.Tensor:
     """y = x·Wᵀ + b + s·(D⊙x·Aᵀ)·B̂ᵀ on the Triton kernels; D is drawn from ``seed`` when p > 0.
 
-    ``weight``: a dense tensor [N, K] or an NF4Weight of that shape. With DoRA's
-    ``magnitude`` m and ``norm`` n ([N]; p = 0 only): y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·B̂ᵀ) + b.
+    ``weight``: a dense tensor [N, K] or an NF4Weight of that shape. DoRA (``lora.magnitude``
+    m and ``lora.norm`` n, [N]; p = 0 only): y = (m/n)⊙(x·Wᵀ + s·(x·Aᵀ)·B̂ᵀ) + b.
     """
     with on_device(x):
-        return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling),
-                                        float(dropout_p), int(seed), parts, magnitude, norm)
+        return LoRALinearFunction.apply(x, weight, bias, lora.lora_A, lora.lora_B,
+                                        lora.magnitude, lora, int(seed))

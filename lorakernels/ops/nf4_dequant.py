@@ -59,7 +59,8 @@ def _nf4_absmax(absmax_q_ptr, absmax_scale_ptr, absmax_offset, blocks, mask):
 
 @triton.jit
 def nf4_gather(packed_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, flat, mask):
-    """fp32 values of the NF4 weight's elements at flat (row-major) indices ``flat``; 0 where masked.
+    """fp32 values of the NF4 weight's elements at flat (row-major) indices ``flat``; 0 where
+    masked.
 
     For GEMMs that read 4-bit tiles of any orientation: two elements share a byte, so
     neighbouring loads hit the same cache line.
@@ -72,11 +73,18 @@ def nf4_gather(packed_ptr, absmax_q_ptr, absmax_scale_ptr, absmax_offset, flat, 
 
 @triton.jit
 def _nf4_dequant_kernel(
-    packed_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, n_blocks, absmax_offset,
+    # Pointers
+    packed_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr,
+    # Shapes
+    n_blocks,
+    # Scalars
+    absmax_offset,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    """out[b·64 + 2j + {0, 1}] = code(packed[b·32 + j] >> 4, & 15) · absmax[b] for this program's blocks b."""
+    """out[b·64 + 2j + {0, 1}] = code(packed[b·32 + j] >> 4, & 15) · absmax[b] for this
+    program's blocks b."""
     HALF: tl.constexpr = BLOCK_SIZE // 2
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_ok = blocks < n_blocks
@@ -125,13 +133,14 @@ def _check_inputs(q: NF4Weight, out: torch.Tensor):
     n_blocks = q.absmax_q.numel()
     if q.packed.numel() != n_blocks * BLOCK_SIZE // 2 or \
             q.absmax_scale.numel() != triton.cdiv(n_blocks, ABSMAX_BLOCK_SIZE):
-        raise ValueError(f"dequantize_nf4: inconsistent NF4Weight: {q.packed.numel()} packed bytes, "
-                         f"{n_blocks} absmax, {q.absmax_scale.numel()} scales")
+        raise ValueError(f"dequantize_nf4: inconsistent NF4Weight: {q.packed.numel()} packed "
+                         f"bytes, {n_blocks} absmax, {q.absmax_scale.numel()} scales")
 
 
 def dequantize_nf4(q: NF4Weight, out: Optional[torch.Tensor] = None,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """NF4Weight → dense tensor of q.shape, written into ``out`` (contiguous) or a new ``dtype`` one."""
+    """NF4Weight → dense tensor of q.shape, written into ``out`` (contiguous) or a new
+    ``dtype`` one."""
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
     _check_inputs(q, out)
@@ -153,7 +162,8 @@ _SCRATCH: Dict[Tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def dequantize_nf4_to_scratch(q: NF4Weight) -> torch.Tensor:
-    """q dequantised (into q.dtype) into the shared buffer: valid until the next call on this device.
+    """q dequantised (into q.dtype) into the shared buffer: valid until the next call on this
+    device.
 
     Kernels launched on the same stream right after read it before any later
     dequantisation overwrites it, so no layer ever holds a persistent dense copy.

@@ -5,21 +5,22 @@ product is memory-bound and reading a quarter of the bytes wins: the GEMM dequan
 4-bit tiles inside its K-loop. Above, it is compute-bound (dequantising per tile would
 repeat the work M/BLOCK_M times): the weight is dequantised once into the scratch buffer
 shared by all layers and the dense kernels run on it. Forward and backward choose
-independently (the backward's rows are dy's). benchmarks/bench_qlora.py measures the crossover.
+independently (the backward's rows are dy's). benchmarks/bench_qlora.py measures the
+crossover.
 """
 from typing import Union
 
 import torch
 
 from ..nf4 import NF4Weight
-from .gemm_lowrank import NF4Operand, gemm_lowrank
+from .fused_gemm import NF4Operand, fused_gemm
 from .nf4_dequant import dequantize_nf4_to_scratch
-from .triton_utils import next_block
 
 
 def gemm_operand(weight: Union[torch.Tensor, NF4Weight], rows: int,
                  transposed: bool) -> Union[torch.Tensor, NF4Operand]:
-    """The base GEMM's w for ``rows`` rows of input: Wᵀ or W, as a view, 4-bit tiles or a dequantised copy."""
+    """The base GEMM's w for ``rows`` rows of input: Wᵀ or W, as a view of 4-bit tiles or of
+    a dequantised copy."""
     if isinstance(weight, NF4Weight):
         if rows <= weight.fused_max_rows:
             return NF4Operand(weight, transposed)
@@ -31,5 +32,5 @@ def nf4_matmul(a: torch.Tensor, weight: NF4Weight, transposed: bool) -> torch.Te
     """a·Wᵀ (transposed) or a·W for a 2-D ``a`` and an NF4 weight, on the Triton path."""
     w = gemm_operand(weight, a.shape[0], transposed)
     if isinstance(w, NF4Operand):
-        return gemm_lowrank(a, w, None, None, None, 0, next_block(0), 0.0)
+        return fused_gemm(a, w)
     return a @ w

@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ..dora import column_scale, magnitude_grad
-from ..parts import LoRAParts, pair_slices
+from ..lora_call import LoRACall
+from ..parts import pair_slices
 
 # Whether this torch build has oneDNN's linear op (x86 and aarch64 builds do).
-ONEDNN_AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available()
+                    and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 if ONEDNN_AVAILABLE:
     # torch gives the plain op a fake (shape-only) implementation but not the fused post-op
@@ -82,22 +84,29 @@ def dropped_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return (bits.view(torch.int32)[:numel] < threshold).view(shape)
 
 
+# OneDNNLoRALinearFunction.apply's inputs, in order; backward returns a gradient (or None) for
+# each. lora_A, lora_B and the magnitude are in ``lora`` too, and passed on their own as well:
+# autograd differentiates only the tensors that apply is given directly.
+_INPUTS = ("x", "weight", "bias", "lora_A", "lora_B", "magnitude", "lora")
+
+
 class OneDNNLoRALinearFunction(torch.autograd.Function):
     """x [M, K], W [N, K] frozen or not, b [N] or None, A [r·G, K], B [N_lora, r] → y [M, N].
 
-    With DoRA's ``magnitude`` m and ``norm`` n [N] (p = 0): y = (m/n)⊙z + b, the scale a
-    post-op of the base GEMM and applied to B's rows; backward takes m's gradient from the saved y (``dora.magnitude_grad``) and runs
-    the LoRA backward on dy⊙(m/n)."""
+    With DoRA's ``magnitude`` m and ``lora.norm`` n [N] (p = 0): y = (m/n)⊙z + b, the scale a
+    post-op of the base GEMM and applied to B's rows; backward takes m's gradient from the
+    saved y (``dora.magnitude_grad``) and runs the LoRA backward on dy⊙(m/n)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, parts, magnitude, norm):
-        rank = lora_A.shape[0] // (1 if parts is None else parts.num_enabled)
-        slices = pair_slices(parts, weight.shape[0], rank)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, lora: LoRACall):
+        dropout_p = lora.dropout_p
+        slices = pair_slices(lora.parts, weight.shape[0], lora.rank)
         dropped = dropped_mask(x.shape, dropout_p, x.device) if dropout_p > 0 else None
         h = x if dropped is None else x.masked_fill(dropped, 0.0)
-        low_rank_scale = scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not on h
+        low_rank_scale = lora.scaling / (1.0 - dropout_p)  # the dropout factor rides on S, not h
         S = linear(h, lora_A).mul_(low_rank_scale)
         dora = magnitude is not None
+        col_scale = None
         if not dora:
             y = linear(x, weight, bias)
             for cols, b_rows, a_rows in slices:
@@ -107,14 +116,14 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
                 raise ValueError("the oneDNN DoRA path is for lora_dropout 0 (functional."
                                  "dora_linear runs dropout as (x − h)·Wᵀ plus DoRA of h)")
             # c⊙(x·Wᵀ) in the GEMM's post-op, c⊙(S·Bᵀ) as S·(c⊙B)ᵀ: no pass over y for c.
-            col_scale = column_scale(magnitude, norm)
+            col_scale = column_scale(magnitude, lora.norm)
             y = linear(x, weight, col_scale=col_scale)
             for cols, b_rows, a_rows in slices:
                 y[:, cols].addmm_(S[:, a_rows], (lora_B[b_rows] * col_scale[cols, None]).t())
             if bias is not None:
                 y.add_(bias)
         ctx.save_for_backward(x, h, dropped, S, weight, lora_A, lora_B, bias,
-                              *((y, magnitude, col_scale) if dora else (None,) * 3))
+                              y if dora else None, magnitude, col_scale)
         ctx.slices, ctx.low_rank_scale = slices, low_rank_scale
         return y
 
@@ -122,42 +131,42 @@ class OneDNNLoRALinearFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, h, dropped, S, weight, lora_A, lora_B, bias, y, magnitude, col_scale = ctx.saved_tensors
-        need_x, need_weight, need_bias, need_A, need_B = ctx.needs_input_grad[:5]
-        dx = dweight = dbias = dA = dB = dm = None
-        if need_bias:
-            dbias = dy.sum(0)
+        needs = dict(zip(_INPUTS, ctx.needs_input_grad))
+        grads = {}
+        if needs["bias"]:
+            grads["bias"] = dy.sum(0)
         if magnitude is not None:
             # One [M, N] buffer serves m's product, then dz: a fresh one costs page faults.
             dz = torch.mul(dy, y)
-            if ctx.needs_input_grad[8]:
+            if needs["magnitude"]:
                 dot = dz.sum(0)
-                dm = magnitude_grad(dot if bias is None else dot - bias * dy.sum(0), magnitude)
+                grads["magnitude"] = magnitude_grad(dot if bias is None else dot - bias * dy.sum(0),
+                                                    magnitude)
             dy = torch.mul(dy, col_scale, out=dz)  # dz: what the LoRA product z receives
         # d(h·Aᵀ): the gradient of S = (h·Aᵀ)·scale, per part's columns of dy.
-        dS = torch.cat([matmul(dy[:, cols], lora_B[b_rows]) for cols, b_rows, _ in ctx.slices], dim=1)
-        if need_B:  # torch.mm: oneDNN is slower than MKL with dy transposed
-            dB = torch.cat([dy[:, cols].t() @ S[:, a_rows] for cols, _, a_rows in ctx.slices])
+        dS = torch.cat([matmul(dy[:, cols], lora_B[b_rows]) for cols, b_rows, _ in ctx.slices],
+                       dim=1)
+        if needs["lora_B"]:  # torch.mm: oneDNN is slower than MKL with dy transposed
+            grads["lora_B"] = torch.cat([dy[:, cols].t() @ S[:, a_rows]
+                                         for cols, _, a_rows in ctx.slices])
         dS.mul_(ctx.low_rank_scale)
-        if need_A:
-            dA = matmul(dS.t(), h)
-        if need_x:
+        if needs["lora_A"]:
+            grads["lora_A"] = matmul(dS.t(), h)
+        if needs["x"]:
             dh = matmul(dS, lora_A)
             if dropped is not None:
                 dh.masked_fill_(dropped, 0.0)
-            dx = linear(dy, weight.t(), add=dh)
-        if need_weight:
-            dweight = dy.t() @ x
-        return dx, dweight, dbias, dA, dB, None, None, None, dm, None
+            grads["x"] = linear(dy, weight.t(), add=dh)
+        if needs["weight"]:
+            grads["weight"] = dy.t() @ x
+        return tuple(grads.get(name) for name in _INPUTS)
 
 
 def onednn_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                       lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                       dropout_p: float = 0.0, parts: Optional[LoRAParts] = None,
-                       magnitude: Optional[torch.Tensor] = None,
-                       norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       lora: LoRACall) -> torch.Tensor:
     """``lora_linear`` for fp32 CPU tensors of any leading shape: x [..., K] → [..., N];
-    with DoRA's ``magnitude`` and ``norm`` (p = 0), ``dora_linear``."""
+    with DoRA's ``lora.magnitude`` and ``lora.norm`` (p = 0), ``dora_linear``."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = OneDNNLoRALinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scaling),
-                                       float(dropout_p), parts, magnitude, norm)
+    y = OneDNNLoRALinearFunction.apply(x2, weight, bias, lora.lora_A, lora.lora_B,
+                                       lora.magnitude, lora)
     return y.view(*x.shape[:-1], weight.shape[0])

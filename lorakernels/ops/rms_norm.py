@@ -33,8 +33,15 @@ MAX_ROW = 32768
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
+    # Pointers
+    x_ptr, w_ptr, y_ptr, rstd_ptr,
+    # Shapes
+    n_rows, n_cols,
+    # Scalars
+    eps,
+    # Strides
     stride_xm, stride_xn, stride_ym, stride_yn,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """y[m] = w·round_x(x[m]·rstd[m]) rounded to y's dtype; rstd[m] = rsqrt(mean(x[m]²) + eps)."""
@@ -55,8 +62,13 @@ def _rms_norm_forward_kernel(
 
 @triton.jit
 def _rms_norm_backward_kernel(
-    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols, rows_per_program,
+    # Pointers
+    dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+    # Shapes
+    n_rows, n_cols, rows_per_program,
+    # Strides
     stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm, stride_dxn,
+    # Meta-parameters
     COMPUTE_DW: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -97,7 +109,8 @@ def _rms_norm_backward_kernel(
 
 
 def rms_norm_settings(n_cols: int) -> Tuple[dict, int]:
-    """(constexprs, num_warps): the whole row in one power-of-two block, several short rows a program."""
+    """(constexprs, num_warps): the whole row in one power-of-two block, several short rows a
+    program."""
     block_n = triton.next_power_of_2(n_cols)
     if block_n > MAX_ROW:
         raise ValueError(f"rms_norm supports rows of at most {MAX_ROW} elements, got {n_cols}")

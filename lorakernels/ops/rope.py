@@ -40,12 +40,22 @@ TILE = 4096  # elements of one half-head tile: BLOCK_H · BLOCK_HALF
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, b, t, c1, s1, c2, s2, n_heads, half,
-                  stride_xb, stride_xh, stride_xt, stride_xd,
-                  stride_ob, stride_oh, stride_ot, stride_od,
-                  BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """Rotate x[b, :, t, :] into out[b, :, t, :], BLOCK_H heads per step; c*, s* are [BLOCK_HALF]."""
+def _rotate_heads(
+    # Pointers
+    x_ptr, out_ptr,
+    # Where: batch row b, position t; the rotation's cos and sin halves
+    b, t, c1, s1, c2, s2,
+    # Shapes
+    n_heads, half,
+    # Strides
+    stride_xb, stride_xh, stride_xt, stride_xd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    # Meta-parameters
+    BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Rotate x[b, :, t, :] into out[b, :, t, :], BLOCK_H heads per step; c*, s* are
+    [BLOCK_HALF]."""
     dims = tl.arange(0, BLOCK_HALF)
     dim_ok = dims < half
     for h0 in range(0, n_heads, BLOCK_H):
@@ -70,14 +80,20 @@ def _rotate_heads(x_ptr, out_ptr, b, t, c1, s1, c2, s2, n_heads, half,
 
 @triton.jit
 def _rope_kernel(
-    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr, T, n_q_heads, n_k_heads, half,
+    # Pointers
+    q_ptr, k_ptr, cos_ptr, sin_ptr, q_out_ptr, k_out_ptr,
+    # Shapes
+    T, n_q_heads, n_k_heads, half,
+    # Strides: q, k, cos, sin, then the two outputs
     stride_qb, stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd,
     stride_cb, stride_ct, stride_cd, stride_sb, stride_st, stride_sd,
     stride_qob, stride_qoh, stride_qot, stride_qod, stride_kob, stride_koh, stride_kot, stride_kod,
+    # Meta-parameters
     BACKWARD: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
-    """Forward (BACKWARD=False) or its transpose on q [B, Hq, T, D] and k [B, Hk, T, D] at one (b, t)."""
+    """Forward (BACKWARD=False) or its transpose on q [B, Hq, T, D] and k [B, Hk, T, D] at one
+    (b, t)."""
     pid = tl.program_id(0).to(tl.int64)
     b = pid // T
     t = pid % T
@@ -153,20 +169,24 @@ def _check_inputs(q, k, cos, sin):
     named = (("q", q), ("k", k), ("cos", cos), ("sin", sin))
     for name, t in named:
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"apply_rope supports float16, bfloat16 and float32; {name} is {t.dtype}")
+            raise TypeError(f"apply_rope supports float16, bfloat16 and float32; {name} is "
+                            f"{t.dtype}")
     if len({t.dtype for _, t in named}) != 1:
-        raise TypeError("apply_rope needs q, k, cos and sin in one dtype (model/phi3.py builds cos/sin "
-                        f"in the activation dtype); got {', '.join(f'{n} {t.dtype}' for n, t in named)}")
+        dtypes = ", ".join(f"{n} {t.dtype}" for n, t in named)
+        raise TypeError("apply_rope needs q, k, cos and sin in one dtype (model/phi3.py builds "
+                        f"cos/sin in the activation dtype); got {dtypes}")
     if not (q.is_cuda or INTERPRETING or is_fake(q)) or any(t.device != q.device for _, t in named):
         raise RuntimeError(
-            "apply_rope needs q, k, cos and sin on one CUDA device (or CPU under TRITON_INTERPRET=1); "
+            "apply_rope needs q, k, cos and sin on one CUDA device (or CPU under "
+            "TRITON_INTERPRET=1); "
             f"got {', '.join(f'{n} on {t.device}' for n, t in named)}")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope needs q [B, Hq, T, D] and k [B, Hk, T, D], got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
     B, _, T, D = q.shape
     if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or head dim")
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, length or "
+                         "head dim")
     if D % 2 or not 0 < D <= MAX_HEAD_DIM:
         raise ValueError(f"apply_rope needs an even head dim from 2 to {MAX_HEAD_DIM}, got {D}")
     R = cos.shape[-1] if cos.dim() == 3 else D

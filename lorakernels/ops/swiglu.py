@@ -41,7 +41,13 @@ def _load_row_block(gate_ptr, up_ptr, n_cols, stride_in_m, stride_in_n, BLOCK: t
 
 @triton.jit
 def _swiglu_forward_kernel(
-    gate_ptr, up_ptr, out_ptr, n_cols, stride_in_m, stride_in_n, stride_out_m, stride_out_n,
+    # Pointers
+    gate_ptr, up_ptr, out_ptr,
+    # Shapes
+    n_cols,
+    # Strides
+    stride_in_m, stride_in_n, stride_out_m, stride_out_n,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[m, c] = up[m, c]·silu(gate[m, c]), fp32, rounded once. gate and up share strides."""
@@ -54,8 +60,13 @@ def _swiglu_forward_kernel(
 
 @triton.jit
 def _swiglu_backward_kernel(
-    dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n_cols,
+    # Pointers
+    dout_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr,
+    # Shapes
+    n_cols,
+    # Strides
     stride_dout_m, stride_dout_n, stride_in_m, stride_in_n, stride_din_m, stride_din_n,
+    # Meta-parameters
     EMULATE_BF16_RTNE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """dgate = dout·up·silu'(gate), dup = dout·silu(gate); silu' = σ·(1 + g·(1 - σ))."""
@@ -77,7 +88,8 @@ def _swiglu_backward_kernel(
 
 
 def swiglu_settings(n_cols: int) -> Tuple[dict, int]:
-    """(constexprs, num_warps): a power-of-two column block covering the row, capped at MAX_BLOCK."""
+    """(constexprs, num_warps): a power-of-two column block covering the row, capped at
+    MAX_BLOCK."""
     block = min(MAX_BLOCK, triton.next_power_of_2(n_cols))
     return dict(BLOCK=block), num_warps_for(block)
 
@@ -87,31 +99,32 @@ def _grid(M: int, n_cols: int, block: int):
 
 
 def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up [M, 2I] (any strides) → out [M, I] in its dtype."""
-    M, I = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((M, I), device=gate_up.device, dtype=gate_up.dtype)
-    if M == 0 or I == 0:
+    """gate_up [M, 2I] (any strides) → out [M, I] in its dtype (I: the intermediate size)."""
+    M, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((M, inter), device=gate_up.device, dtype=gate_up.dtype)
+    if M == 0 or inter == 0:
         return out
-    gate, up = gate_up[:, :I], gate_up[:, I:]  # views: only the pointer moves
-    meta, warps = swiglu_settings(I)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]  # views: only the pointer moves
+    meta, warps = swiglu_settings(inter)
     if not is_fake(gate):  # a memory plan: allocations only
-        _swiglu_forward_kernel[_grid(M, I, meta["BLOCK"])](
-            gate, up, out, I, gate_up.stride(0), gate_up.stride(1), out.stride(0), out.stride(1),
-            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
+        _swiglu_forward_kernel[_grid(M, inter, meta["BLOCK"])](
+            gate, up, out, inter, gate_up.stride(0), gate_up.stride(1), out.stride(0),
+            out.stride(1), EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
         )
     return out
 
 
 def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """dout [M, I], gate_up [M, 2I] (any strides) → d(gate_up) [M, 2I] in gate_up's dtype."""
-    M, I = dout.shape
-    dgate_up = torch.empty((M, 2 * I), device=gate_up.device, dtype=gate_up.dtype)
-    if M == 0 or I == 0:
+    M, inter = dout.shape
+    dgate_up = torch.empty((M, 2 * inter), device=gate_up.device, dtype=gate_up.dtype)
+    if M == 0 or inter == 0:
         return dgate_up
-    meta, warps = swiglu_settings(I)
+    meta, warps = swiglu_settings(inter)
     if not is_fake(dout):  # a memory plan: allocations only
-        _swiglu_backward_kernel[_grid(M, I, meta["BLOCK"])](
-            dout, gate_up[:, :I], gate_up[:, I:], dgate_up[:, :I], dgate_up[:, I:], I,
+        _swiglu_backward_kernel[_grid(M, inter, meta["BLOCK"])](
+            dout, gate_up[:, :inter], gate_up[:, inter:], dgate_up[:, :inter], dgate_up[:, inter:],
+            inter,
             dout.stride(0), dout.stride(1), gate_up.stride(0), gate_up.stride(1),
             dgate_up.stride(0), dgate_up.stride(1),
             EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
@@ -129,7 +142,8 @@ def _check_inputs(gate_up: torch.Tensor):
         raise RuntimeError("swiglu needs a CUDA tensor (or CPU under TRITON_INTERPRET=1); "
                            f"got one on {gate_up.device}")
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
-        raise ValueError(f"swiglu needs gate_up [..., 2·I] (gate then up), got {tuple(gate_up.shape)}")
+        raise ValueError("swiglu needs gate_up [..., 2·I] (gate then up), got "
+                         f"{tuple(gate_up.shape)}")
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -32,6 +32,11 @@ def next_block(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+def m_bucket(m: int) -> int:
+    """Autotune per power-of-two bucket of tokens, not per exact batch size."""
+    return triton.next_power_of_2(m)
+
+
 def max_shared_memory(device: torch.device) -> int:
     """Bytes of shared memory one program may use on this device."""
     if device.type != "cuda":

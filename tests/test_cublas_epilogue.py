@@ -1,6 +1,6 @@
-"""The cuBLAS safety net (ops/lowrank_epilogue.py): torch's GEMM plus the low-rank epilogue
-kernel for F2 and B2, against the reference, and the chooser that times it against the
-fused kernel once per key.
+"""The cuBLAS safety net (ops/cublas_epilogue.py): torch's GEMM plus the low-rank epilogue
+kernel for F2 and B2, against the reference, and the chooser (ops/gemm_path.py) that times
+it against the fused kernel once per key.
 
 gemm "cublas" forces the path; on CPU its epilogue runs under the interpreter.
 Tolerances are test_lora_kernels.py's: the path rounds out twice (after torch's GEMM and
@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from lorakernels.nf4 import quantize_nf4
-from lorakernels.ops import lowrank_epilogue as epilogue
-from lorakernels.ops.gemm_lowrank import NF4Operand, gemm_lowrank
+from lorakernels.ops import cublas_epilogue as epilogue
+from lorakernels.ops import gemm_path
+from lorakernels.ops.fused_gemm import NF4Operand, fused_gemm
+from lorakernels.ops.lowrank_term import LowRank
 from test_lora_kernels import DEVICE, REL_TOL, assert_rel_close, run_case
 from conftest import use_settings
 
@@ -24,10 +26,10 @@ def cublas_path(monkeypatch):
     """Force the cuBLAS path, and check that F2 and B2 both took it."""
     use_settings(monkeypatch, gemm="cublas")
     calls = []
-    real = epilogue.cublas_lowrank
-    monkeypatch.setitem(epilogue.PATHS, "cublas",
+    real = epilogue.cublas_plus_epilogue
+    monkeypatch.setitem(gemm_path.PATHS, "cublas",
                         lambda *args: calls.append(args[0].shape) or real(*args))
-    monkeypatch.setitem(epilogue.PATHS, "fused", None)  # never taken
+    monkeypatch.setitem(gemm_path.PATHS, "fused", None)  # never taken
     yield calls
     assert len(calls) == 2  # F2 and B2
 
@@ -52,8 +54,10 @@ def test_epilogue_equals_the_fused_kernel(dtype):
     w = torch.zeros(K, N, device=DEVICE, dtype=dtype)
     p, q = torch.randn(M, R, device=DEVICE), torch.randn(N, R, device=DEVICE)
     mask = torch.randint(-2**31, 2**31 - 1, (M, 2), device=DEVICE, dtype=torch.int32)
-    fused = gemm_lowrank(x, w, p, q, None, R, 16, 0.5, dropout_p=0.25, mask=mask)
-    ours = epilogue.cublas_lowrank(x, w, p, q, None, R, 16, 0.5, dropout_p=0.25, mask=mask)
+    lowrank = LowRank(p, q, 0.5, dropout_p=0.25, mask=mask)
+    assert lowrank.block_r == 16
+    fused = fused_gemm(x, w, lowrank)
+    ours = epilogue.cublas_plus_epilogue(x, w, lowrank)
     assert_rel_close(ours, fused, REL_TOL[dtype] / 4, "out")
     kept = (mask[:, torch.arange(N) // 32] >> (torch.arange(N) % 32)) & 1
     want = torch.where(kept.bool(), 0.5 / 0.75 * (p @ q.t()), 0.0)
@@ -66,7 +70,7 @@ class FakeTimer:
     def __init__(self, monkeypatch, times):
         self.times, self.asked = times, []
         for name in times:
-            monkeypatch.setitem(epilogue.PATHS, name, lambda *args, name=name: name)
+            monkeypatch.setitem(gemm_path.PATHS, name, lambda *args, name=name: name)
 
     def __call__(self, fn):
         name = fn()
@@ -76,25 +80,27 @@ class FakeTimer:
 
 def _pick(role="F2", M=100, dropout_p=0.0, w=None):
     x = torch.empty(M, 32)
-    return epilogue.lowrank_gemm(role, x, torch.empty(32, 48) if w is None else w, None, None,
-                                 None, 0, 16, 1.0, dropout_p=dropout_p)
+    mask = torch.empty(M, 2, dtype=torch.int32) if dropout_p > 0 else None
+    lowrank = LowRank(torch.empty(M, 16), torch.empty(48, 16), dropout_p=dropout_p, mask=mask)
+    return gemm_path.gemm_on_chosen_path(role, x, torch.empty(32, 48) if w is None else w,
+                                         lowrank)
 
 
 def test_auto_on_cpu_never_times(monkeypatch):
     use_settings(monkeypatch, gemm="auto")
     timer = FakeTimer(monkeypatch, {"fused": 1.0, "cublas": 0.5})
-    monkeypatch.setattr(epilogue, "time_ms", timer)
-    monkeypatch.setattr(epilogue, "_CHOICES", {})
-    assert _pick() == "fused" and timer.asked == [] and epilogue._CHOICES == {}
+    monkeypatch.setattr(gemm_path, "time_ms", timer)
+    monkeypatch.setattr(gemm_path, "_CHOICES", {})
+    assert _pick() == "fused" and timer.asked == [] and gemm_path._CHOICES == {}
 
 
 def test_auto_keeps_the_faster_path_timed_once_per_key(monkeypatch, caplog):
     use_settings(monkeypatch, gemm="auto")
     timer = FakeTimer(monkeypatch, {"fused": 2.0, "cublas": 1.0})
-    monkeypatch.setattr(epilogue, "time_ms", timer)
-    monkeypatch.setattr(epilogue, "_CHOICES", {})
-    monkeypatch.setattr(epilogue, "_times", lambda x: True)  # as on a GPU
-    with caplog.at_level(logging.DEBUG, logger=epilogue.__name__):
+    monkeypatch.setattr(gemm_path, "time_ms", timer)
+    monkeypatch.setattr(gemm_path, "_CHOICES", {})
+    monkeypatch.setattr(gemm_path, "_times", lambda x: True)  # as on a GPU
+    with caplog.at_level(logging.DEBUG, logger=gemm_path.__name__):
         assert _pick(M=100) == "cublas"
         assert _pick(M=120) == "cublas"  # the same M bucket (128): not timed again
         assert timer.asked == ["fused", "cublas"]
@@ -102,8 +108,8 @@ def test_auto_keeps_the_faster_path_timed_once_per_key(monkeypatch, caplog):
         assert _pick(M=100, dropout_p=0.1) == "fused"  # a new key: timed
         assert _pick(role="B2", M=100) == "fused"
         assert _pick(M=100) == "cublas"  # the first key keeps its choice
-    assert len(timer.asked) == 6 and len(epilogue._CHOICES) == 3
-    assert len([r for r in caplog.records if r.name == epilogue.__name__]) == 3
+    assert len(timer.asked) == 6 and len(gemm_path._CHOICES) == 3
+    assert len([r for r in caplog.records if r.name == gemm_path.__name__]) == 3
 
 
 def test_backend_triton_and_cpu_do_not_time(monkeypatch):
@@ -111,14 +117,14 @@ def test_backend_triton_and_cpu_do_not_time(monkeypatch):
     in torch's deterministic mode."""
     gpu, cpu = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False)
     use_settings(monkeypatch, backend="auto")
-    assert epilogue._times(gpu) and not epilogue._times(cpu)
+    assert gemm_path._times(gpu) and not gemm_path._times(cpu)
     use_settings(monkeypatch, backend="triton")
-    assert not epilogue._times(gpu)
+    assert not gemm_path._times(gpu)
     use_settings(monkeypatch, backend="auto")
     deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
-        assert not epilogue._times(gpu)  # a timing must not decide the rounding
+        assert not gemm_path._times(gpu)  # a timing must not decide the rounding
     finally:
         torch.use_deterministic_algorithms(deterministic)
 
@@ -126,8 +132,8 @@ def test_backend_triton_and_cpu_do_not_time(monkeypatch):
 def test_nf4_tiles_stay_fused(monkeypatch):
     nf4 = NF4Operand(quantize_nf4(torch.randn(48, 64)), True)
     timer = FakeTimer(monkeypatch, {"fused": 2.0, "cublas": 1.0})
-    monkeypatch.setattr(epilogue, "time_ms", timer)
-    monkeypatch.setattr(epilogue, "_times", lambda x: True)
+    monkeypatch.setattr(gemm_path, "time_ms", timer)
+    monkeypatch.setattr(gemm_path, "_times", lambda x: True)
     for mode in ("cublas", "auto"):
         use_settings(monkeypatch, gemm=mode)
         assert _pick(w=nf4) == "fused"

@@ -1,4 +1,4 @@
-"""The base GEMM with a low-rank epilogue, shared by the LoRA kernels and the NF4 base linear.
+"""The base GEMM with the low-rank term fused in, shared by the LoRA kernels and the NF4 base.
 
     out[M, N] = c ⊙ (x[M, K]·w[K, N] + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]) + bias
 
@@ -8,9 +8,8 @@ layer's x·Ŵᵀ or dy·Ŵ (``nf4_matmul``). DoRA adds two per-column scales: c 
 output (F2's m/n) and one on x's columns, the reduction index (B2's dy⊙(m/n)), so
 neither a scaled weight nor a scaled copy of dy is ever written. ``w`` is a strided view
 of a dense weight or an ``NF4Operand``, whose 4-bit tiles are dequantised in registers
-inside the K-loop.
-The dropout mask D is drawn once, by the LoRA forward's F1 (``dropout_scale``), and kept
-as one bit per element (``dropout_kept`` reads it back in B2 and B3).
+inside the K-loop. The low-rank term (``LowRank``, ``lowrank_tile``) is ``lowrank_term.py``'s;
+its dropout mask D is read back from the bits F1 wrote (``dropout_bits.py``).
 """
 import dataclasses
 from typing import Optional, Tuple
@@ -20,119 +19,52 @@ import triton
 import triton.language as tl
 
 from ..nf4 import NF4Weight
+from .lowrank_term import NO_LOWRANK_BLOCK_R, LowRank, lowrank_tile
 from .nf4_dequant import nf4_gather
 from .triton_utils import (INTERPRETING, MAX_CONFIGS, autotune_configs, cast_to, dot_precision,
-                           max_shared_memory)
+                           m_bucket, max_shared_memory)
 
 
-# ----------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def dropout_scale(seed, rows, cols, n_cols, P: tl.constexpr):
-    """[rows, cols] block of D: 1/(1-p) where kept, 0 where dropped.
-
-    Element (m, k) always draws Philox counter m·n_cols + k (mod 2^32), so the
-    forward and both backward kernels regenerate the same mask.
-    """
-    offsets = (rows[:, None] * n_cols + cols[None, :]).to(tl.uint32)
-    keep = tl.rand(seed, offsets) >= P
-    return tl.where(keep, 1.0 / (1.0 - P), 0.0)
-
-
-@triton.jit
-def dropout_kept(mask_ptr, rows, cols, M, n_cols):
-    """D's keep bits for a [rows, cols] block, read back: True where kept.
-
-    Bit k % 32 of int32 word (m, k // 32) of the mask [M, ceil(n_cols/32)] is element (m, k).
-    cols must be contiguous from a multiple of 32, spanning a multiple of 32: each word is
-    loaded once and expanded in registers (~2 instructions per element; a load per element
-    cost ~6). The first column is taken as tl.min(cols): with pid·BLOCK instead, sm_90
-    builds of B2 came out ~10% longer (another layout for the words).
-    """
-    n_words = tl.cdiv(n_cols, 32)
-    word_cols = tl.min(cols.to(tl.int32)) // 32 + tl.arange(0, cols.shape[0] // 32)
-    words = tl.load(mask_ptr + (rows.to(tl.int32)[:, None] * n_words + word_cols[None, :]),
-                    mask=(rows[:, None] < M) & (word_cols[None, :] < n_words), other=0)
-    bits = words[:, :, None] & (1 << tl.arange(0, 32))[None, None, :]
-    return tl.reshape(bits, (rows.shape[0], cols.shape[0])) != 0
-
-
-@triton.jit
-def pack_kept(scale):
-    """The packed bits of a [BLOCK_M, BLOCK_K] block of D (BLOCK_K a multiple of 32):
-    [BLOCK_M, BLOCK_K / 32] int32 words, bit b of word j for column 32·j + b."""
-    BLOCK_M: tl.constexpr = scale.shape[0]
-    BLOCK_K: tl.constexpr = scale.shape[1]
-    bits = tl.reshape((scale != 0).to(tl.uint32), (BLOCK_M, BLOCK_K // 32, 32))
-    words = tl.sum(bits << tl.arange(0, 32).to(tl.uint32)[None, None, :], axis=2)
-    return words.to(tl.int32, bitcast=True)
-
-
-@triton.jit
-def expanded_b_offsets(row_ptr, off_ptr, cols, ranks, N, RANK, stride_row, stride_rank,
-                        GATHER: tl.constexpr):
-    """Offsets and mask of a [BLOCK_N, BLOCK_R] tile of B̂, B expanded to every output column.
-
-    B̂[n, j] = B[b_row[n], j - b_off[n]] for j in [b_off[n], b_off[n] + RANK), else 0
-    (and 0 for columns of parts without LoRA, whose b_row is -1). Without GATHER,
-    b_row[n] = n and b_off[n] = 0: one A/B pair over the whole output.
-    """
-    if GATHER:
-        b_rows = tl.load(row_ptr + cols, mask=cols < N, other=-1)
-        b_offs = tl.load(off_ptr + cols, mask=cols < N, other=0)
-    else:
-        b_rows = tl.where(cols < N, cols, -1)
-        b_offs = tl.zeros_like(cols)
-    local = ranks[None, :] - b_offs[:, None]
-    mask = (b_rows >= 0)[:, None] & (local >= 0) & (local < RANK)
-    return b_rows[:, None] * stride_row + local * stride_rank, mask
-
-
-@triton.jit
-def lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
-                 stride_q_row, stride_q_rank, scaling, mask_ptr, P: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr, GATHER_Q: tl.constexpr, CAST_FP32: tl.constexpr,
-                 PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, dtype: tl.constexpr):
-    """s·(p·q̂ᵀ)⊙D on one [BLOCK_M, BLOCK_N] tile, fp32: an [M, R]·[R, N] product."""
-    ranks = tl.arange(0, BLOCK_R)
-    p = tl.load(p_ptr + rows[:, None] * R + ranks[None, :],
-                mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0)
-    q_offsets, q_mask = expanded_b_offsets(q_row_ptr, q_off_ptr, cols, ranks, N, Q_RANK,
-                                            stride_q_row, stride_q_rank, GATHER_Q)
-    q = tl.trans(tl.load(q_ptr + q_offsets, mask=q_mask, other=0.0))
-    if CAST_FP32:
-        lowrank = tl.dot(p, q.to(tl.float32), input_precision=PRECISION)
-    else:
-        lowrank = tl.dot(p.to(dtype), q.to(dtype), input_precision=PRECISION)
-    if HAS_DROPOUT:
-        kept = dropout_kept(mask_ptr, rows, cols, M, N)
-        return tl.where(kept, (scaling / (1.0 - P)) * lowrank, 0.0)
-    return scaling * lowrank
+# ----------------------------------------------------------------------------- kernel
 
 
 # M changes every batch: specialising it (== 1, divisible by 16) would compile new
 # variants; the autotuner keys on M_BUCKET instead.
 @triton.jit(do_not_specialize=["M"])
 def _gemm_lowrank_kernel(
-    x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr, p_ptr, q_ptr, q_row_ptr, q_off_ptr,
-    bias_ptr, mask_ptr, col_scale_ptr, k_scale_ptr, M, N, K, R, Q_RANK, scaling, absmax_offset,
-    M_BUCKET, stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row,
-    stride_q_rank,
+    # Pointers: the GEMM's operands (w: dense, or NF4 codes with their absmax), its output,
+    # the low-rank term's p, q and q̂'s gather, then bias, D's bits and DoRA's two scales
+    x_ptr, w_ptr, absmax_q_ptr, absmax_scale_ptr, out_ptr,
+    p_ptr, q_ptr, q_row_ptr, q_off_ptr,
+    bias_ptr, mask_ptr, col_scale_ptr, k_scale_ptr,
+    # Shapes
+    M, N, K, R, Q_RANK,
+    # Scalars
+    scaling, absmax_offset,
+    # Autotune key: M rounded up to a power of two
+    M_BUCKET,
+    # Strides
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_om, stride_on, stride_q_row, stride_q_rank,
+    # Meta-parameters: which terms are present
     P: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr, GATHER_Q: tl.constexpr,
     HAS_LOWRANK: tl.constexpr, W_NF4: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
     HAS_K_SCALE: tl.constexpr,
+    # Meta-parameters: arithmetic and tiles
     CAST_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """out[M, N] = c ⊙ (x[M, K]·w[K, N] + s·(p[M, R]·q̂[N, R]ᵀ) ⊙ D[M, N]) + bias.
 
-    D comes from mask_ptr's packed bits (``dropout_kept``). Forward (F2): x, w = Wᵀ, p = S, q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
+    D comes from mask_ptr's packed bits (``dropout_kept``). Forward (F2): x, w = Wᵀ, p = S,
+    q̂ = B̂. Backward (B2): x = dy, w = W, p = dS, q̂ = Aᵀ.
     HAS_COL_SCALE: c from col_scale_ptr [N] (else 1). HAS_K_SCALE: each x tile's columns
     are scaled by k_scale_ptr [K] and rounded back to x's dtype before the dot.
     With W_NF4, w_ptr is an NF4 weight's packed codes (absmax beside it) and each w tile
     is dequantised in registers, rounded to x's dtype exactly as the dequantisation kernel
     does: small M, where reading 4-bit weights beats a dequantise-then-GEMM pass.
+    W_NF4 stays a branch of this kernel, not a kernel of its own: the two would share
+    everything but the one load of w's tile (program order, the low-rank start, the K-loop's
+    x tile and dot, the epilogue), and a copy would have to be kept in step with it.
     """
     # Grouped program order: GROUP_M row blocks share each column block of w in L2.
     pid = tl.program_id(0)
@@ -152,8 +84,8 @@ def _gemm_lowrank_kernel(
     # One fp32 accumulator: the K-loop starts from the low-rank term (LoRAFusion's order),
     # so no second [BLOCK_M, BLOCK_N] tile lives across the loop (that one spilled).
     if HAS_LOWRANK:
-        acc = lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, rows, cols, M, N, R, Q_RANK,
-                           stride_q_row, stride_q_rank, scaling, mask_ptr, P, HAS_DROPOUT,
+        acc = lowrank_tile(p_ptr, q_ptr, q_row_ptr, q_off_ptr, mask_ptr, rows, cols, M, N, R,
+                           Q_RANK, stride_q_row, stride_q_rank, scaling, P, HAS_DROPOUT,
                            GATHER_Q, CAST_FP32, PRECISION, BLOCK_R, x_ptr.dtype.element_ty)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -203,7 +135,8 @@ def _gemm_shared_memory(config: triton.Config, elem_bytes: int, block_r: int,
     """
     kw = config.kwargs
     w_bytes = NF4_STAGED_BYTES if nf4 else elem_bytes
-    pipeline = config.num_stages * (kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes) * kw["BLOCK_K"]
+    tile_bytes = kw["BLOCK_M"] * elem_bytes + kw["BLOCK_N"] * w_bytes
+    pipeline = config.num_stages * tile_bytes * kw["BLOCK_K"]
     lowrank = kw["BLOCK_N"] * block_r * elem_bytes
     return pipeline + lowrank
 
@@ -267,8 +200,8 @@ def _autotuned(configs):
     # F2's Wᵀ from B2's W), dropout, bias and the part gather, not only the shape.
     return triton.autotune(
         configs,
-        key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS", "GATHER_Q",
-             "HAS_LOWRANK", "W_NF4", "HAS_COL_SCALE", "HAS_K_SCALE", "CAST_FP32"],
+        key=["M_BUCKET", "N", "K", "stride_wk", "BLOCK_R", "HAS_DROPOUT", "HAS_BIAS",
+             "GATHER_Q", "HAS_LOWRANK", "W_NF4", "HAS_COL_SCALE", "HAS_K_SCALE", "CAST_FP32"],
         prune_configs_by={"early_config_prune": _prune_gemm_configs},
     )(_gemm_lowrank_kernel)
 
@@ -277,18 +210,12 @@ _gemm_lowrank = _autotuned(GEMM_CONFIGS)
 _gemm_lowrank_nf4 = _autotuned(NF4_GEMM_CONFIGS)
 
 
-# ----------------------------------------------------------------------------- launchers
-
-
-def m_bucket(m: int) -> int:
-    """Autotune per power-of-two bucket of tokens, not per exact batch size."""
-    return triton.next_power_of_2(m)
-
+# ----------------------------------------------------------------------------- launcher
 
 
 @dataclasses.dataclass(frozen=True)
 class NF4Operand:
-    """An NF4 weight W [N_w, K_w] as the GEMM's right operand w [K, N]: Wᵀ or W, read by strides."""
+    """An NF4 weight W [N_w, K_w] as the GEMM's right operand w [K, N]: Wᵀ or W, by strides."""
     weight: NF4Weight
     transposed: bool  # Wᵀ: the forward's x·Wᵀ; W: the backward's dy·W
 
@@ -302,20 +229,15 @@ class NF4Operand:
         return strides[1 - dim] if self.transposed else strides[dim]
 
 
-def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torch.Tensor],
-                 q_index: Optional[Tuple[torch.Tensor, torch.Tensor]], q_rank: int,
-                 block_r: int, scaling: float, bias: Optional[torch.Tensor] = None,
-                 dropout_p: float = 0.0, mask: Optional[torch.Tensor] = None,
-                 col_scale: Optional[torch.Tensor] = None,
-                 k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F2 / B2: out = c⊙(x·w + s·(p·q̂ᵀ)⊙D) + bias, with x [M, K], w [K, N] (a strided view).
+def fused_gemm(x: torch.Tensor, w, lowrank: Optional[LowRank] = None,
+               bias: Optional[torch.Tensor] = None, col_scale: Optional[torch.Tensor] = None,
+               k_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F2 / B2 in one kernel: out = c⊙(x·w + s·(p·q̂ᵀ)⊙D) + bias, x [M, K], w [K, N].
 
-    q̂ [N, R] is q itself, or with ``q_index`` = (row, offset) per output column,
-    q expanded to the output columns (B̂ of a fused projection). ``p=None``: no
-    low-rank term. ``w`` may be an NF4Operand, dequantised tile by tile in the K-loop.
-    ``mask``: D's packed bits [M, ceil(N/32)] int32, as F1 wrote them, when dropout_p > 0.
-    ``col_scale``: c [N] fp32 (DoRA's m/n in F2); ``k_scale``: [K] fp32 scaling x's
-    columns (DoRA's m/n on dy in B2); None: 1.
+    ``w``: a strided view of a dense weight, or an NF4Operand, dequantised tile by tile in
+    the K-loop. ``lowrank`` None: no low-rank term (the NF4 base linear). ``col_scale``:
+    c [N] fp32 (DoRA's m/n in F2); ``k_scale``: [K] fp32 scaling x's columns (DoRA's m/n on
+    dy in B2); None: 1.
     """
     M, K = x.shape
     N = w.shape[1]
@@ -324,21 +246,31 @@ def gemm_lowrank(x: torch.Tensor, w, p: Optional[torch.Tensor], q: Optional[torc
     w_data, absmax_q, absmax_scale, offset = (
         (nf4.packed, nf4.absmax_q, nf4.absmax_scale, nf4.absmax_offset) if nf4 is not None
         else (w, out, out, 0.0))
-    has_lowrank = p is not None
-    if not has_lowrank:
-        p = q = out  # placeholders: the kernel never reads them
-    q_row, q_off = q_index if q_index is not None else (q, q)
+    has_lowrank = lowrank is not None
+    # Without a low-rank term, out stands in for its tensors: the kernel never reads them.
+    term = lowrank if has_lowrank else LowRank(out, out, scaling=0.0)
+    q_row, q_off = term.q_index_pointers(term.q)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel = _gemm_lowrank_nf4 if nf4 is not None else _gemm_lowrank
     kernel[grid](
-        x, w_data, absmax_q, absmax_scale, out, p, q, q_row, q_off,
-        bias if bias is not None else out, mask if mask is not None else out,
+        # Pointers
+        x, w_data, absmax_q, absmax_scale, out, term.p, term.q, q_row, q_off,
+        bias if bias is not None else out, term.mask if term.mask is not None else out,
         col_scale if col_scale is not None else out, k_scale if k_scale is not None else out,
-        M, N, K, p.shape[1], q_rank, scaling, float(offset), m_bucket(M),
+        # Shapes
+        M, N, K, term.p.shape[1], term.q.shape[1] if has_lowrank else 0,
+        # Scalars
+        term.scaling, float(offset),
+        # Autotune key
+        m_bucket(M),
+        # Strides
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        q.stride(0), q.stride(1),
-        P=dropout_p, HAS_DROPOUT=dropout_p > 0, HAS_BIAS=bias is not None,
-        GATHER_Q=q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
-        HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None, CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+        term.q.stride(0), term.q.stride(1),
+        # Meta-parameters
+        P=term.dropout_p, HAS_DROPOUT=term.dropout_p > 0, HAS_BIAS=bias is not None,
+        GATHER_Q=term.q_index is not None, HAS_LOWRANK=has_lowrank, W_NF4=nf4 is not None,
+        HAS_COL_SCALE=col_scale is not None, HAS_K_SCALE=k_scale is not None,
+        CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype),
+        BLOCK_R=term.block_r if has_lowrank else NO_LOWRANK_BLOCK_R,
     )
     return out
