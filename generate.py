@@ -16,7 +16,7 @@ import torch
 from model.build import (base_config, load_model, preset_seed, resolve_base_model, resolve_device,
                          resolve_dtype)
 from model.chat import tokenize_chat
-from model.quantization import QUANTIZE_CHOICES
+from model.config import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
 # Below this, logits / temperature overflow: greedy (0) is what such a value means.
@@ -34,16 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", help="one user message to answer")
     parser.add_argument("--system", help="an optional system message")
     parser.add_argument("--chat", action="store_true", help="interactive chat on stdin")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="most tokens generated per answer, within the model's context "
+                             "(default: 128)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off (default)")
     parser.add_argument("--seed", type=int,
                         help="sampling seed; for a preset, also the seed its random base was built with "
                              "(default: the training --seed recorded beside the adapter, else 42)")
-    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16 "
+                             "(default: auto)")
     parser.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
                         help="nf4: the decoder's linear weights in 4 bits (QLoRA's base)")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto",
+                        help="auto (a GPU when there is one), cpu, cuda or cuda:N (default: auto)")
     return parser
 
 

@@ -16,6 +16,7 @@ from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
 from model.build import (TRAINER_STATE, load_model, preset_seed, resolve_base_model,
                          resolve_device, resolve_dtype)
+from model.config import DTYPE_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int,
                         help="for a preset: its random base's seed (default: the training --seed "
                              "recorded beside the adapter, else 42)")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="the merged weights' dtype: auto (bf16 on a GPU, fp32 on a CPU), "
+                             "float32, bfloat16 or float16 (default: auto)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the merge runs: cpu, cuda or cuda:N (default: cpu)")
     return parser
 
 

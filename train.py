@@ -24,7 +24,7 @@ def main(argv=None) -> int:
         fail(2, str(error))
     # Imported once the flags are read: torch takes seconds to load, --help needs none of it.
     from training.divergence import TrainingDiverged
-    from training.loop import train
+    from training.loop import out_of_memory_message, train
     from training.memory_plan import PlanFailed, run_plan
 
     try:
@@ -36,6 +36,11 @@ def main(argv=None) -> int:
         fail(2, str(error))
     except (TrainingDiverged, PlanFailed, OSError) as error:  # runtime failures, not usage
         fail(1, str(error))
+    except (RuntimeError, MemoryError) as error:  # out of memory: one line; anything else: a bug
+        message = out_of_memory_message(error, config)
+        if message is None:
+            raise
+        fail(1, message)
     except KeyboardInterrupt as error:  # a signal before the first step, or a second one
         signum = error.signum if isinstance(error, Interrupted) else 2
         build_parser().exit(exit_status(signum), f"\ntrain.py: interrupted by "

@@ -9,6 +9,8 @@ from typing import Optional
 # every published Phi-3 checkpoint); anything else unknown is an error, not silently dropped.
 # Phi-3's four decoder projections: the LoRA targets by default (PEFT's module names).
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+# The dtypes a model's weights may be loaded in; auto: bf16 on a GPU, fp32 on a CPU.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # How the decoder's linear weights may be held: dense, or in 4 bits (QLoRA's NF4).
 QUANTIZE_CHOICES = ("none", "nf4")
 IGNORED_HF_KEYS = {

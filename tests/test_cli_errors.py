@@ -210,3 +210,29 @@ def test_a_prompt_longer_than_the_context_warns(capsys, adapter):
     assert generate.main(["--adapter", str(adapter), "--prompt", "hi " * 4000, "--device", "cpu",
                           "--max-new-tokens", "1"]) == 0
     assert "warning: the prompt (" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                 "allocate memory: you tried to allocate 819200000 bytes."),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    MemoryError(),
+])
+def test_out_of_memory_is_one_line_naming_the_batch_flags(capsys, monkeypatch, tmp_path, error):
+    def run_out(config, log=print):
+        raise error
+
+    monkeypatch.setattr(loop, "train", run_out)
+    status, err = train_main(capsys, "--batch-size", 200000, "--output", tmp_path / "run")
+    assert status == 1
+    assert "error: out of memory with --batch-size 200000 x --max-seq-len 512" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(capsys, monkeypatch, tmp_path):
+    def fail(config, log=print):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(loop, "train", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        train_cli.main(["--output", str(tmp_path / "run")])

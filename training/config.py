@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 import yaml
 
 from lorakernels.settings import ATTENTIONS
-from model.config import DEFAULT_TARGETS, QUANTIZE_CHOICES
+from model.config import DEFAULT_TARGETS, DTYPE_CHOICES, QUANTIZE_CHOICES
 
 if TYPE_CHECKING:
     from lorakernels.adapters import AdapterLayout
@@ -108,8 +108,9 @@ class TrainConfig:
         if self.attention is not None and self.attention not in ATTENTIONS:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
                              f"got {self.attention!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)}, "
+                             f"got {self.dtype!r}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, "
                              f"got {self.quantize!r}")

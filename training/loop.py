@@ -171,6 +171,21 @@ class StepLoss(torch.nn.Module):
         return token_loss_sum(self.model, batch)
 
 
+# What torch says when an allocation fails: CUDA's OutOfMemoryError, the CPU allocator's.
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def out_of_memory_message(error: BaseException, config: TrainConfig) -> Optional[str]:
+    """One line for a run that ran out of device or host memory, naming the flags that shrink
+    it; None for any other error."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if not (isinstance(error, MemoryError) or any(s in text.lower() for s in OUT_OF_MEMORY)):
+        return None
+    return (f"out of memory with --batch-size {config.batch_size} x --max-seq-len "
+            f"{config.max_seq_len} ({text[:200]}); lower them, add --grad-accum or "
+            "--grad-checkpointing; --plan-memory shows where the memory goes")
+
+
 def per_process_batch(config: TrainConfig, dist: Distributed) -> TrainConfig:
     """``--global-batch-size`` split over processes and accumulation steps, evenly or not at all."""
     if config.global_batch_size is None:

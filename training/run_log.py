@@ -1,5 +1,6 @@
 """What a run records as it goes: metrics.jsonl, TensorBoard (``--report-to``) and the progress
 bar, in one object; and the repair of metrics.jsonl that a resumed run starts with."""
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Optional
 
 from tqdm import tqdm
 
-from lorakernels.weight_files import atomic_write
+from lorakernels.weight_files import atomic_write, raise_naming
 
 from .tensorboard_log import TensorBoardLog
 
@@ -71,8 +72,15 @@ class RunLog:
     def record(self, row: dict) -> None:
         if not (row and self.metrics):
             return
-        self.metrics.write(metrics_line(row))
-        self.metrics.flush()
+        try:
+            self.metrics.write(metrics_line(row))
+            self.metrics.flush()
+        except OSError as error:  # a full disk: say which file, as the checkpoints do
+            metrics, self.metrics = self.metrics, None
+            with contextlib.suppress(OSError):  # its buffer cannot be written either
+                metrics.close()
+            raise_naming(error, metrics.name)
+            raise
         if self.board:
             self.board.log(row)
 
