@@ -3,8 +3,8 @@
     y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ
 
 Why not ``F.linear``: on CPUs where MKL's sgemm takes a generic code path (AMD Zen
-among them) oneDNN's inner product runs the same fp32 GEMM faster (2 cores: ~450 GFLOP/s
-against ~220 on Zen 5, ~217 against ~179 on Zen 4). Same math, same fp32 accumulation.
+among them) oneDNN's inner product runs the same fp32 GEMM faster, with the same math and
+the same fp32 accumulation (docs/settings.md: what it gives on train.py's step).
 
 Why an ``autograd.Function`` rather than the eager reference: it does less. The
 scale s and the dropout factor 1/(1-p) multiply S = h·Aᵀ [M, r], not the [M, N]
