@@ -23,8 +23,8 @@ from model.lora import apply_lora
 from .checkpoint import (check_fingerprint, finished_step, load_checkpoint, prune_checkpoints,
                          resolve_resume, run_fingerprint, save_checkpoint, step_checkpoints)
 from .config import TrainConfig
-from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
-                   require_targets, target_tokens, tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, prepare_rows,
+                   read_train_and_eval, target_tokens)
 from .distributed import Distributed
 from .run_directory import (RunLock, refuse_to_replace, remove_previous_run,
                             remove_stale_temporaries)
@@ -182,15 +182,6 @@ def report_overrides(config: TrainConfig, scheduler, optimizer, log) -> None:
             f"not --weight-decay {config.weight_decay:g}")
 
 
-def prepare_rows(path: str, tokenizer, config: TrainConfig):
-    """Packed rows of a data file, and how many conversations were truncated."""
-    examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
-                                         config.train_on_prompt)
-    rows = pack(examples, config.max_seq_len, config.packing)
-    require_targets(rows, path, config.max_seq_len, truncated)
-    return rows, truncated
-
-
 class TrainingDiverged(RuntimeError):
     """The loss, gradient or weights stopped being finite: the run stops instead of saving them."""
 
@@ -305,17 +296,15 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     output = Path(config.output)
     device = dist.device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    # Validate all data before anything expensive: a bad line stops here.
-    read_chats(config.data)
-    if config.eval_data:
-        read_chats(config.eval_data)
+    # Read and validate all data before anything expensive: a bad record stops here.
+    train_data, eval_data = read_train_and_eval(config, log)
     model, tokenizer = load_model(config.model, dtype, device, config.seed, config.quantize,
                                   config.tokenizer)
-    rows, truncated = prepare_rows(config.data, tokenizer, config)
+    rows, truncated = prepare_rows(train_data, tokenizer, config, log)
     pad_to = batch_length_rule(config, device)
     train_batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
                                  dist.rank, dist.world_size, pad_to)
-    eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
+    eval_rows = prepare_rows(eval_data, tokenizer, config, log)[0] if eval_data else None
     log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
         f"{train_batches.global_batch} × {config.grad_accum} accumulation")
@@ -328,7 +317,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     total_steps = config.max_steps or math.ceil(config.epochs * train_batches.per_epoch / config.grad_accum)
     optimizer, scheduler = optimizer_and_schedule(params, config, total_steps)
 
-    fingerprint = run_fingerprint(config, train_batches.global_batch)
+    fingerprint = run_fingerprint(config, train_batches.global_batch, train_data.digest)
     start_step = 0
     if config.resume:
         finished = finished_step(output, log) if config.resume == "latest" else None
