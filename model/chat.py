@@ -183,6 +183,7 @@ PLACEHOLDER = "\ue000{}\ue001"  # private-use characters: message k's content in
 _PLACEHOLDER_PATTERN = re.compile("\ue000([0-9]+)\ue001")
 # Used on a message's content: a key test, a filter or a method would see the placeholder.
 _DICT_METHODS = {"items", "values", "keys", "get"}
+Ranges = List[Tuple[int, int]]  # (first, last): tokens first to last - 1 are targets
 
 
 def content_is_verbatim(source: str) -> bool:
@@ -253,9 +254,10 @@ class _Layout:
         found = list(_PLACEHOLDER_PATTERN.finditer(text))
         self.literals = _PLACEHOLDER_PATTERN.split(text)[::2]
         self.slots = [int(m.group(1)) for m in found]
+        self.in_order = self.slots == list(range(len(self.slots)))
         self.slot_starts = [m.start() for m in found]
         self.slot_ends = [m.end() for m in found]
-        self.widths = [m.end() - m.start() for m in found]
+        self.widths_before = [0, *accumulate(m.end() - m.start() for m in found)]
 
     def fill(self, contents: Sequence[str]) -> str:
         pieces = [self.literals[0]]
@@ -267,19 +269,26 @@ class _Layout:
         """Placeholders that end at or before ``position``."""
         return bisect.bisect_right(self.slot_ends, position)
 
-    def shifts(self, contents: Sequence[str]) -> List[int]:
-        """shifts[j]: how far a position after the first j placeholders moves once filled."""
-        return [0, *accumulate(len(contents[slot]) - width
-                               for slot, width in zip(self.slots, self.widths))]
+    def contents_before(self, contents: Sequence[str]) -> List[int]:
+        """[j]: the characters the first j placeholders hold once filled. A layout position
+        after j placeholders, less ``widths_before[j]``, plus this, is its filled position."""
+        lengths = map(len, contents) if self.in_order else (len(contents[s]) for s in self.slots)
+        return [0, *accumulate(lengths)]
 
 
 class _Plan:
     """One layout's target spans: (reply start, placeholders before it, end of its turn,
-    placeholders before that) in layout offsets; found lazily in message order, so a long
-    conversation cut by max_tokens renders only its start."""
+    placeholders before that), each position less the placeholders' widths before it (so
+    ``position + contents_before[placeholders]`` is where it is in a filled text); found
+    lazily in message order, so a long conversation cut by max_tokens renders only its start."""
 
-    def __init__(self, full: _Layout):
+    def __init__(self, full: _Layout, messages: int):
         self.full, self.spans, self.next_message, self.unstable = full, [], 0, False
+        self.messages = messages
+
+    @property
+    def complete(self) -> bool:
+        return self.next_message >= self.messages and not self.unstable
 
 
 class _NotPrefixStable(Exception):
@@ -304,13 +313,20 @@ class ChatEncoder:
     def encode(self, conversations: Sequence[Sequence[dict]],
                max_tokens: Optional[int] = None) -> List[Tuple[List[int], bytearray]]:
         """(ids, mask) per conversation: tokenize_chat's, cut to ``max_tokens`` tokens."""
+        return [(ids, mask_of(len(ids), ranges))
+                for ids, ranges in self.encode_ranges(conversations, max_tokens)]
+
+    def encode_ranges(self, conversations: Sequence[Sequence[dict]],
+                      max_tokens: Optional[int] = None) -> List[Tuple[List[int], Ranges]]:
+        """(ids, the mask as ascending (first, last) token ranges) per conversation: what
+        ``encode`` gives, without a mask per conversation (train.py flattens the ranges)."""
         cut = [self.cut(messages, max_tokens) for messages in conversations]
         contents = [[m["content"] for m in messages] for messages in cut]
         plans = [self._plan(messages) for messages in cut]
         texts = [plan.full.fill(text) if self.verbatim else plan.full.text
                  for (plan, _), text in zip(plans, contents)]
         encodings = self.tokenizer.encode_batch_with_offsets(texts)
-        return [self._masked(*args, max_tokens) for args in zip(cut, contents, plans, encodings)]
+        return [self._ranges(*args, max_tokens) for args in zip(cut, contents, plans, encodings)]
 
     def cut(self, messages: Sequence[dict], max_tokens: Optional[int]) -> Sequence[dict]:
         """Messages cut to what can reach the first ``max_tokens`` tokens: no token holds more
@@ -330,30 +346,24 @@ class ChatEncoder:
             budget -= len(content)
         return kept
 
-    def _masked(self, messages, contents, plan_and_keys, encoding, max_tokens: Optional[int]):
+    def _ranges(self, messages, contents, plan_and_keys, encoding, max_tokens: Optional[int]):
         plan, keys = plan_and_keys
         ids = encoding.ids
         limit = len(ids) if max_tokens is None else min(len(ids), max_tokens)
-        mask = bytearray(limit)
-        shifts = plan.full.shifts(contents) if self.verbatim else None
+        before = plan.full.contents_before(contents) if self.verbatim else [0]
         try:
-            for start, start_slots, end, end_slots in self._spans(plan, keys, messages):
-                if shifts:
-                    start, end = start + shifts[start_slots], end + shifts[end_slots]
-                first = _tokens_starting_before(encoding, start, len(ids))
-                if first >= limit:
-                    break
-                last = min(_tokens_ending_by(encoding, end), limit)
-                if last < first:
-                    raise _NotPrefixStable
-                mask[first:last] = b"\x01" * (last - first)
+            ranges = _token_ranges(encoding, len(ids), self._spans(plan, keys, messages),
+                                   before, limit)
         except _NotPrefixStable:
             ids, exact = tokenize_chat(self.tokenizer, messages, self.add_generation_prompt)
-            return ids[:limit], bytearray(exact[:limit])
-        return ids[:limit], mask
+            return ids[:limit], ranges_of(exact[:limit])
+        return (ids[:limit] if limit < len(ids) else ids), ranges
 
     def _spans(self, plan: _Plan, keys, messages: Sequence[dict]):
-        """The plan's spans in order, finding more as they are asked for."""
+        """The plan's spans in order: all of them once known, else found as asked for."""
+        return plan.spans if plan.complete else self._more_spans(plan, keys, messages)
+
+    def _more_spans(self, plan: _Plan, keys, messages: Sequence[dict]):
         number = 0
         while True:
             while (number == len(plan.spans) and not plan.unstable
@@ -370,7 +380,7 @@ class ChatEncoder:
         keys = _layout_key(messages) if self.verbatim else None
         plan = self._plans.get(keys) if keys is not None else None
         if plan is None:
-            plan = _Plan(self._layout(keys, messages, self.add_generation_prompt))
+            plan = _Plan(self._layout(keys, messages, self.add_generation_prompt), len(messages))
             if keys is not None and not self._fills_as_rendered(plan.full, messages):
                 self.verbatim = False  # the template looks at content after all: render each
                 return self._plan(messages)
@@ -418,17 +428,56 @@ class ChatEncoder:
         inside = full.slots_before(end)  # a turn ending inside a placeholder ends at its start
         if inside < len(full.slot_starts) and full.slot_starts[inside] < end:
             end = full.slot_starts[inside]
-        plan.spans.append((len(prompt), full.slots_before(len(prompt)), end,
-                           full.slots_before(end)))
+        start, start_slots, end_slots = len(prompt), full.slots_before(len(prompt)), \
+            full.slots_before(end)
+        plan.spans.append((start - full.widths_before[start_slots], start_slots,
+                           end - full.widths_before[end_slots], end_slots))
 
 
 CACHED_LAYOUTS = 65536  # layouts and plans kept per encoder (a dataset has a few hundred)
 
 
-def _tokens_starting_before(encoding, position: int, count: int) -> int:
-    """How many tokens of ``encoding`` start before character ``position``; ``count`` is its
-    number of tokens. Characters in no token (whitespace an added token strips) are skipped."""
+def _token_ranges(encoding, count: int, spans, before: List[int], limit: int) -> Ranges:
+    """The spans (in a plan's form) as token ranges of ``encoding`` (``count`` tokens), cut to
+    ``limit`` tokens."""
+    ranges = []
     text_end = encoding.token_to_chars(count - 1)[1] if count else 0
+    for start, start_slots, end, end_slots in spans:
+        first = _tokens_starting_before(encoding, start + before[start_slots], count, text_end)
+        if first >= limit:
+            break
+        last = min(_tokens_ending_by(encoding, end + before[end_slots]), limit)
+        if last < first:
+            raise _NotPrefixStable
+        if last > first:
+            ranges.append((first, last))
+    return ranges
+
+
+def mask_of(count: int, ranges: Ranges) -> bytearray:
+    """A mask of ``count`` tokens, 1 inside the ranges."""
+    mask = bytearray(count)
+    for first, last in ranges:
+        mask[first:last] = b"\x01" * (last - first)
+    return mask
+
+
+def ranges_of(mask: Sequence[bool]) -> Ranges:
+    """The runs of True in ``mask``."""
+    ranges, first = [], None
+    for index, keep in enumerate([*mask, False]):
+        if keep and first is None:
+            first = index
+        elif not keep and first is not None:
+            ranges.append((first, index))
+            first = None
+    return ranges
+
+
+def _tokens_starting_before(encoding, position: int, count: int, text_end: int) -> int:
+    """How many tokens of ``encoding`` (``count`` tokens, the last ending at character
+    ``text_end``) start before character ``position``. Characters in no token (whitespace an
+    added token strips) are skipped."""
     while position < text_end:
         token = encoding.char_to_token(position)
         if token is not None:

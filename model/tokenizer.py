@@ -123,6 +123,12 @@ class Phi3Tokenizer:
         by the Rust library; no BOS/EOS added, as ``encode``."""
         return self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
 
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text, as ``encode``, encoded in parallel without character offsets
+        (faster)."""
+        return [e.ids for e in self._tokenizer.encode_batch_fast(list(texts),
+                                                                 add_special_tokens=False)]
+
     @property
     def longest_token(self) -> int:
         """Characters in the vocabulary's longest token text: no token covers more."""

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from tqdm import tqdm
 
-from model.chat import ChatEncoder
+from model.chat import ChatEncoder, Ranges
 from model.tokenizer import Phi3Tokenizer
 
 from .data_cache import cache_directory, cache_key, load_cached, save_cached
@@ -77,18 +77,20 @@ class TokenizedData:
 def tokenize_chats(chats: Sequence[Conversation], tokenizer: Phi3Tokenizer, max_seq_len: int,
                    train_on_prompt: bool, progress: bool = False) -> Tuple[TokenizedData, int]:
     """Conversations (message lists, or texts trained on every token) tokenized with the
-    checkpoint's template and cut to ``max_seq_len``; and how many were truncated."""
+    checkpoint's template and cut to ``max_seq_len``; and how many were truncated. The ids and
+    the mask go straight into flat buffers (no tensor op: under load torch's threads cost
+    more than the work)."""
     encoder = ChatEncoder(tokenizer) if any(not isinstance(c, str) for c in chats) else None
     ids, targets, lengths, truncated = array("i"), bytearray(), [], 0
     bar = tqdm(total=len(chats), desc="tokenize", unit="conv", disable=not progress, delay=2)
     for start in range(0, len(chats), ENCODE_CHUNK):
         chunk = chats[start:start + ENCODE_CHUNK]
-        for conversation, (tokens, mask, cut) in zip(chunk, encode_chunk(
-                chunk, tokenizer, encoder, max_seq_len)):
-            ids.extend(tokens)
-            targets.extend(b"\x01" * len(tokens) if train_on_prompt else mask)
-            lengths.append(len(tokens))
-            truncated += cut
+        for tokens, ranges in encode_chunk(chunk, tokenizer, encoder, max_seq_len + 1):
+            length = min(len(tokens), max_seq_len)
+            truncated += len(tokens) > max_seq_len
+            add_targets(targets, length, [(0, length)] if train_on_prompt else ranges)
+            ids.fromlist(tokens if len(tokens) == length else tokens[:length])
+            lengths.append(length)
         bar.update(len(chunk))
     bar.close()
     return TokenizedData(torch.frombuffer(ids, dtype=torch.int32) if ids else
@@ -98,21 +100,33 @@ def tokenize_chats(chats: Sequence[Conversation], tokenizer: Phi3Tokenizer, max_
                          torch.tensor([0, *accumulate(lengths)], dtype=torch.int64)), truncated
 
 
+def add_targets(targets: bytearray, length: int, ranges: Ranges) -> None:
+    """Append a conversation's ``length`` mask bytes: 1 inside the ranges (cut to length)."""
+    offset = len(targets)
+    targets.extend(bytes(length))
+    for first, last in ranges:
+        if first >= length:
+            break
+        last = min(last, length)
+        targets[offset + first:offset + last] = b"\x01" * (last - first)
+
+
 def encode_chunk(chunk: Sequence[Conversation], tokenizer: Phi3Tokenizer,
-                 encoder: Optional[ChatEncoder], max_seq_len: int):
-    """(ids, mask, truncated) per conversation; texts are encoded whole, every token a target."""
+                 encoder: Optional[ChatEncoder], max_tokens: int) -> List[Tuple[list, Ranges]]:
+    """(ids, target ranges) per conversation, cut to ``max_tokens``; a text is encoded whole
+    (up to what can reach max_tokens), every token a target."""
     chats = [c for c in chunk if not isinstance(c, str)]
-    texts = [c[:2 * (max_seq_len + 1) * tokenizer.longest_token] for c in chunk
-             if isinstance(c, str)]
-    encoded = iter(encoder.encode(chats, max_seq_len + 1) if chats else [])
-    plain = iter(tokenizer.encode_batch_with_offsets(texts))
+    texts = [c[:2 * max_tokens * tokenizer.longest_token] for c in chunk if isinstance(c, str)]
+    encoded = iter(encoder.encode_ranges(chats, max_tokens) if chats else [])
+    plain = iter(tokenizer.encode_batch(texts))
+    rows = []
     for conversation in chunk:
         if isinstance(conversation, str):
-            tokens = next(plain).ids
-            mask = b"\x01" * min(len(tokens), max_seq_len)
+            ids = next(plain)[:max_tokens]
+            rows.append((ids, [(0, len(ids))]))
         else:
-            tokens, mask = next(encoded)
-        yield tokens[:max_seq_len], bytes(mask[:max_seq_len]), len(tokens) > max_seq_len
+            rows.append(next(encoded))
+    return rows
 
 
 @dataclass
