@@ -24,6 +24,7 @@ import re
 from datetime import datetime
 from functools import lru_cache
 from itertools import accumulate
+from operator import itemgetter
 from typing import List, Optional, Sequence, Tuple
 
 from .tokenizer import Phi3Tokenizer, load_tokenizer
@@ -236,8 +237,8 @@ def _parse_template(source: str):
 def _layout_key(messages: Sequence[dict]) -> Tuple:
     """What a verbatim template's layout depends on: each message's keys other than content
     (most often the role alone)."""
-    return tuple(m["role"] if len(m) == 2 and "content" in m else _message_key(m)
-                 for m in messages)
+    return tuple([m["role"] if len(m) == 2 and "content" in m else _message_key(m)
+                  for m in messages])
 
 
 def _message_key(message: dict) -> Tuple:
@@ -321,7 +322,7 @@ class ChatEncoder:
         """(ids, the mask as ascending (first, last) token ranges) per conversation: what
         ``encode`` gives, without a mask per conversation (train.py flattens the ranges)."""
         cut = [self.cut(messages, max_tokens) for messages in conversations]
-        contents = [[m["content"] for m in messages] for messages in cut]
+        contents = [list(map(itemgetter("content"), messages)) for messages in cut]
         plans = [self._plan(messages) for messages in cut]
         texts = [plan.full.fill(text) if self.verbatim else plan.full.text
                  for (plan, _), text in zip(plans, contents)]
@@ -334,7 +335,7 @@ class ChatEncoder:
         if max_tokens is None:
             return messages
         budget = 2 * max_tokens * self.tokenizer.longest_token
-        if sum(len(m["content"]) for m in messages) <= budget:
+        if sum(map(len, map(itemgetter("content"), messages))) <= budget:
             return messages
         kept = []
         for message in messages:
