@@ -148,8 +148,8 @@ HELP = {
     "data_format": "auto (from each dataset's keys), messages, sharegpt, alpaca, "
                    "prompt-completion or text",
     "data_field": "the column holding the messages (messages and sharegpt formats)",
-    "data_cache": "where tokenized data is kept between runs: auto (the Hugging Face cache), "
-                  "none, or a folder",
+    "data_cache": "where tokenized data is kept between runs: auto (the Hugging Face datasets "
+                  "cache, $HF_DATASETS_CACHE), none, or a folder",
     "eval_data": "held-out chats for loss and perplexity (same sources as --data)",
     "eval_split": "evaluate on this split of --data",
     "eval_fraction": "evaluate on a seeded fraction of --data, held out of training",

@@ -5,6 +5,7 @@ the same data skips tokenizing and any change (data, tokenizer, template, --max-
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,13 +19,15 @@ CACHE_VERSION = 1  # raised when the layout of the file or the tokenization rule
 
 
 def cache_directory(choice: str) -> Optional[Path]:
-    """--data-cache: auto (the Hugging Face cache's lorakernels/tokenized), none, or a folder."""
+    """--data-cache: auto (lorakernels-tokenized in the Hugging Face datasets cache, beside the
+    datasets library's own: $HF_DATASETS_CACHE, default $HF_HOME/datasets), none, or a folder."""
     if choice == "none":
         return None
     if choice == "auto":
         from huggingface_hub import constants
 
-        return Path(constants.HF_HOME) / "lorakernels" / "tokenized"
+        datasets_cache = os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets"
+        return Path(datasets_cache) / "lorakernels-tokenized"
     return Path(choice)
 
 
