@@ -17,6 +17,7 @@ from model.chat import ChatEncoder, Ranges
 from model.tokenizer import Phi3Tokenizer
 
 from .data_cache import cache_directory, cache_key, load_cached, save_cached
+from . import data_sources
 from .data_sources import Conversation, Dataset, DataSource, read_dataset
 
 IGNORE = -100  # label of tokens that are not predicted
@@ -82,17 +83,17 @@ def tokenize_chats(chats: Sequence[Conversation], tokenizer: Phi3Tokenizer, max_
     more than the work)."""
     encoder = ChatEncoder(tokenizer) if any(not isinstance(c, str) for c in chats) else None
     ids, targets, lengths, truncated = array("i"), bytearray(), [], 0
-    bar = tqdm(total=len(chats), desc="tokenize", unit="conv", disable=not progress, delay=2)
-    for start in range(0, len(chats), ENCODE_CHUNK):
-        chunk = chats[start:start + ENCODE_CHUNK]
-        for tokens, ranges in encode_chunk(chunk, tokenizer, encoder, max_seq_len + 1):
-            length = min(len(tokens), max_seq_len)
-            truncated += len(tokens) > max_seq_len
-            add_targets(targets, length, [(0, length)] if train_on_prompt else ranges)
-            ids.fromlist(tokens if len(tokens) == length else tokens[:length])
-            lengths.append(length)
-        bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(chats), desc="tokenize", unit="conv", disable=not progress,
+              delay=data_sources.PROGRESS_DELAY_S) as bar:
+        for start in range(0, len(chats), ENCODE_CHUNK):
+            chunk = chats[start:start + ENCODE_CHUNK]
+            for tokens, ranges in encode_chunk(chunk, tokenizer, encoder, max_seq_len + 1):
+                length = min(len(tokens), max_seq_len)
+                truncated += len(tokens) > max_seq_len
+                add_targets(targets, length, [(0, length)] if train_on_prompt else ranges)
+                ids.fromlist(tokens if len(tokens) == length else tokens[:length])
+                lengths.append(length)
+            bar.update(len(chunk))
     return TokenizedData(torch.frombuffer(ids, dtype=torch.int32) if ids else
                          torch.zeros(0, dtype=torch.int32),
                          torch.frombuffer(targets, dtype=torch.bool) if targets else
@@ -291,13 +292,14 @@ def data_source(config, path: str, split: Optional[str] = None) -> DataSource:
 def read_train_and_eval(config, log=print) -> Tuple[Dataset, Optional[Dataset]]:
     """The training records and the held-out ones (--eval-data, --eval-split or
     --eval-fraction), read and validated: a bad record stops here, before the model loads."""
-    train = read_dataset(data_source(config, config.data))
+    train = read_dataset(data_source(config, config.data), progress=True)
     log(f"data: {len(train.conversations)} {train.format} records from {config.data}")
     evaluation = None
     if config.eval_data:
-        evaluation = read_dataset(data_source(config, config.eval_data))
+        evaluation = read_dataset(data_source(config, config.eval_data), progress=True)
     elif config.eval_split:
-        evaluation = read_dataset(data_source(config, config.data, config.eval_split))
+        evaluation = read_dataset(data_source(config, config.data, config.eval_split),
+                                  progress=True)
     elif config.eval_fraction:
         train, evaluation = held_out(train, config.eval_fraction, config.seed)
     if evaluation is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
+from tqdm import tqdm
+
 from model.chat import validate_messages
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt-completion", "text")
@@ -25,6 +27,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "system": "system"}
 ONE_PER_LINE = 'JSON Lines holds one whole {"messages": [...]} object per line'
 INSTALL_DATASETS = 'pip install -e ".[datasets]"'
+PROGRESS_DELAY_S = 2  # reading or tokenizing that takes longer shows a progress bar on stderr
 
 Conversation = Union[List[dict], str]  # messages, or a plain text ("text" format)
 
@@ -52,24 +55,27 @@ class Dataset:
     digest: str
 
 
-def read_dataset(source: DataSource) -> Dataset:
-    """Every record of ``source`` as a conversation; the first bad one stops with where it is."""
+def read_dataset(source: DataSource, progress: bool = False) -> Dataset:
+    """Every record of ``source`` as a conversation; the first bad one stops with where it is.
+    ``progress``: a bar on stderr once reading has taken PROGRESS_DELAY_S."""
     if source.format not in FORMATS:
         raise ValueError(f"--data-format must be one of {', '.join(FORMATS)}, got {source.format!r}")
     records, digest = open_records(source)
     conversations, chosen = [], None
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: a record must be a JSON object, got "
-                             f"{type(record).__name__}")
-        found = source.format if source.format != "auto" else detect_format(record, source.field,
-                                                                             where)
-        if chosen is None:
-            chosen = found
-        elif found != chosen:
-            raise ValueError(f"{where}: a {found} record in a {chosen} dataset (keys: "
-                             f"{', '.join(map(str, record))}); give --data-format")
-        conversations.append(to_conversation(record, chosen, source.field, where))
+    with tqdm(records, desc="read data", unit="rec", disable=not progress,
+              delay=PROGRESS_DELAY_S) as shown:  # closed on an error too: its line comes after
+        for where, record in shown:
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: a record must be a JSON object, got "
+                                 f"{type(record).__name__}")
+            found = (source.format if source.format != "auto"
+                     else detect_format(record, source.field, where))
+            if chosen is None:
+                chosen = found
+            elif found != chosen:
+                raise ValueError(f"{where}: a {found} record in a {chosen} dataset (keys: "
+                                 f"{', '.join(map(str, record))}); give --data-format")
+            conversations.append(to_conversation(record, chosen, source.field, where))
     if not conversations:
         raise ValueError(f"{source.path}: no conversations")
     return Dataset(source, conversations, chosen, digest)
