@@ -16,8 +16,8 @@ from tqdm import tqdm
 from model.chat import ChatEncoder, Ranges
 from model.tokenizer import Phi3Tokenizer
 
-from .data_cache import cache_directory, cache_key, load_cached, save_cached
 from . import data_sources
+from .data_cache import cache_directory, cache_key, load_cached, save_cached
 from .data_sources import Conversation, Dataset, DataSource, read_dataset
 
 IGNORE = -100  # label of tokens that are not predicted
