@@ -1,10 +1,13 @@
 """train.py's data sources and formats (training.data_sources), the held-out slice, the
 tokenized-data cache, and records built to break the reader."""
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
+import train as train_script
 from model.tokenizer import load_tokenizer
 from training import data as data_module
 from training.config import TrainConfig
@@ -12,6 +15,7 @@ from training.data import held_out, prepare_rows, read_train_and_eval, tokenize_
 from training.data_sources import DataSource, read_dataset
 
 TOKENIZER = load_tokenizer()
+README = Path(__file__).resolve().parents[1] / "README.md"
 MESSAGES = [{"role": "user", "content": "What is 2 plus 2?"},
             {"role": "assistant", "content": "2 plus 2 is 4."}]
 RECORDS = {
@@ -120,6 +124,21 @@ def test_model_card_recipe_offline_through_a_hub_layout(tmp_path, monkeypatch):
     assert len(evaluation.conversations) == 2
     with pytest.raises(ValueError, match="no split 'nope'"):
         read_dataset(DataSource(str(root), split="nope"))
+
+
+def test_readme_recipe_runs_as_written_on_a_hub_layout(tmp_path, monkeypatch):
+    """The README's model card line, its hub ids swapped for the tiny preset and a local
+    directory laid out as the dataset's repo (offline)."""
+    pytest.importorskip("datasets")
+    recipe = "python train.py --model microsoft/Phi-3-mini-4k-instruct --data HuggingFaceH4/"
+    [line] = [line for line in README.read_text().splitlines() if line.startswith(recipe)]
+    local = {"microsoft/Phi-3-mini-4k-instruct": "phi3-tiny",
+             "HuggingFaceH4/ultrachat_200k": str(ultrachat_directory(tmp_path / "ultrachat"))}
+    argv = [local.get(word, word) for word in shlex.split(line)[2:]]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert train_script.main(argv + ["--output", str(tmp_path / "run"), "--device", "cpu",
+                                     "--max-steps", "1", "--data-cache", "none"]) == 0
+    assert (tmp_path / "run" / "final").is_dir()
 
 
 def test_uncached_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
