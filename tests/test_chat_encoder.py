@@ -6,7 +6,7 @@ import time
 import pytest
 from test_chat_templates import CONVERSATIONS, FAMILIES, save_family
 
-from model.chat import ChatEncoder, content_is_verbatim, tokenize_chat
+from model.chat import ChatEncoder, content_is_verbatim, mask_of, ranges_of, tokenize_chat
 from model.tokenizer import load_tokenizer
 
 
@@ -90,3 +90,11 @@ def test_long_conversations_are_cut_before_rendering_their_turns():
         assert len(ids) == 256 and any(mask) and time.perf_counter() - started < 5
     assert as_lists(ChatEncoder(tokenizer).encode([many[:40]], 256)[0]) == \
         tuple(part[:256] for part in tokenize_chat(tokenizer, many[:40]))
+
+
+@pytest.mark.parametrize("mask", [[], [0], [1], [1, 1, 0, 1], [0, 0, 1, 1, 1, 0, 0, 1, 1]])
+def test_ranges_and_masks_convert_both_ways(mask):
+    """A conversation tokenize_chat masks itself comes back as ranges, as the batch path's do."""
+    ranges = ranges_of([bool(m) for m in mask])
+    assert all(first < last for first, last in ranges)
+    assert list(mask_of(len(mask), ranges)) == mask
