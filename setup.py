@@ -23,9 +23,11 @@ setup(
     ],
     extras_require={
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
+        "datasets": ["datasets"],  # --data as parquet/CSV/arrow files or a Hugging Face dataset id
         "plot": ["matplotlib"],  # scripts/plot_metrics.py
         # Reference implementations, used only by the tests to check parity and interchange;
         # and the optional extras above, so that the tests cover them.
-        "test": ["pytest", "transformers", "peft", "loralib==0.1.2", "tensorboard", "matplotlib"],
+        "test": ["pytest", "transformers", "peft", "loralib==0.1.2", "tensorboard", "matplotlib",
+                 "datasets"],
     },
 )

@@ -27,7 +27,7 @@ from model import Phi3Config
 from model.build import load_model
 from training.config import TrainConfig
 from training.data import collate
-from training.loop import prepare_rows
+from training.data import prepare_rows
 
 DATA = ROOT / "examples" / "chat.jsonl"
 PROVIDERS = ("masked", "conversations", "flex", "causal")

@@ -84,7 +84,7 @@ def our_batches(base: str, data: str, batch_size: int, max_seq_len: int, steps: 
     from model.tokenizer import load_tokenizer
     from training.config import TrainConfig
     from training.data import MicroBatches
-    from training.loop import prepare_rows
+    from training.data import prepare_rows
 
     tokenizer = load_tokenizer(base)
     config = TrainConfig(data=data, max_seq_len=max_seq_len)

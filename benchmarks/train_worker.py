@@ -27,7 +27,7 @@ from model.build import load_model, resolve_dtype
 from model.tokenizer import load_tokenizer
 from training import loop  # called as loop.<name>, so that a test can watch what runs
 from training.config import TrainConfig
-from training.data import MicroBatches
+from training.data import MicroBatches, prepare_rows
 
 LR = 2e-4  # bench_cli.py's --lr (train.py's default for a checkpoint)
 LORA_B_STD = 0.01
@@ -96,7 +96,7 @@ class Trainer:
 
 def packed_batches(config: TrainConfig, tokenizer, device: torch.device) -> MicroBatches:
     """train.py's training batches for ``config``."""
-    rows, _ = loop.prepare_rows(config.data, tokenizer, config)
+    rows, _ = prepare_rows(config.data, tokenizer, config)
     return MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
                         pad_to=loop.batch_length_rule(config, device))
 

@@ -77,6 +77,7 @@ class Phi3Tokenizer:
         self.chat_template = chat_template
         self.template_source = template_source  # where the template came from, for errors
         self.extra_eos_ids = tuple(eos_ids)
+        self._longest_token: Optional[int] = None
 
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Phi3Tokenizer":
@@ -138,6 +139,24 @@ class Phi3Tokenizer:
         """
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if add_bos else ids
+
+    def encode_batch_with_offsets(self, texts: Sequence[str]) -> list:
+        """``tokenizers.Encoding`` of each text (ids and character offsets), encoded in parallel
+        by the Rust library; no BOS/EOS added, as ``encode``."""
+        return self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text, as ``encode``, encoded in parallel without character offsets
+        (faster)."""
+        return [e.ids for e in self._tokenizer.encode_batch_fast(list(texts),
+                                                                 add_special_tokens=False)]
+
+    @property
+    def longest_token(self) -> int:
+        """Characters in the vocabulary's longest token text: no token covers more."""
+        if self._longest_token is None:
+            self._longest_token = max(len(t) for t in self._tokenizer.get_vocab(True))
+        return self._longest_token
 
     def save(self, path: Union[str, Path]) -> None:
         """Write tokenizer.json, e.g. beside a merged checkpoint."""

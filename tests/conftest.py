@@ -1,8 +1,10 @@
 """Without a GPU, Triton kernels run in its interpreter (must be set before triton decorates them)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The datasets library's cache and train.py's tokenized-data cache (--data-cache auto) in a
+# temporary folder, for this process and the train.py processes tests start: the suite writes
+# nothing into the real Hugging Face cache.
+TEST_DATASETS_CACHE = tempfile.mkdtemp(prefix="lorakernels-datasets-cache-")
+os.environ["HF_DATASETS_CACHE"] = TEST_DATASETS_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(TEST_DATASETS_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,8 @@ def train_py_batches(spec: dict):
     (with the tiny tokenizer, which the benchmark's base carries)."""
     from model.tokenizer import load_tokenizer
     from training.data import MicroBatches
-    from training.loop import batch_length_rule, prepare_rows
+    from training.data import prepare_rows
+    from training.loop import batch_length_rule
 
     config = load_benchmark("train_worker").train_config(spec)
     assert config.packing and config.grad_accum == 1  # train.py's defaults

@@ -87,7 +87,7 @@ def test_data_encoding_and_layout(tmp_path):
     latin.write_bytes(CHAT.encode() + CHAT.replace("Hello", "Caf\xe9").encode("latin-1"))
     with pytest.raises(ValueError, match=f"{latin}:2: not UTF-8 \\(byte 0xe9 at column"):
         read_chats(latin)
-    pretty = tmp_path / "pretty.json"
+    pretty = tmp_path / "pretty.jsonl"  # a .json file is read as JSON
     pretty.write_text(json.dumps(json.loads(CHAT), indent=2))
     with pytest.raises(ValueError, match=f"{pretty}:1: not JSON .*one whole .* per line .*pretty-printed"):
         read_chats(pretty)

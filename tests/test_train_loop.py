@@ -12,7 +12,7 @@ import training.loop as loop
 from model.build import load_model
 from model.lora import apply_lora
 from training.config import TrainConfig
-from training.data import collate
+from training.data import collate, prepare_rows
 from training.loop import train
 from conftest import use_settings
 
@@ -71,7 +71,7 @@ def test_accumulation_equals_a_larger_batch(data):
     cfg = config(data, "unused", lora_dropout=0.0, packing=False)
     model, tokenizer = load_model(cfg.model, torch.float32, torch.device("cpu"), cfg.seed)
     apply_lora(model, r=4, lora_alpha=8)
-    rows = loop.prepare_rows(data, tokenizer, cfg)[0][:4]
+    rows = prepare_rows(data, tokenizer, cfg)[0][:4]
     small_batches = [collate([row], tokenizer.pad_id) for row in rows]
     big_batch = collate(rows, tokenizer.pad_id)
 
@@ -171,7 +171,7 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients(data):
     cfg = config(data, "unused", lora_dropout=0.0)
     model, tokenizer = tiny_lora_model(cfg)
-    batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
+    batch = collate(prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     grads = []
     for enabled in (False, True):
         model.zero_grad()
@@ -198,7 +198,7 @@ def test_trains_from_a_checkpoint_directory(data, tmp_path):
 def test_chunked_loss_equals_full_logits_loss(data, targets):
     cfg = config(data, "unused", lora_dropout=0.0)
     model, tokenizer = tiny_lora_model(cfg, targets=targets)
-    batch = collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
+    batch = collate(prepare_rows(data, tokenizer, cfg)[0][:2], tokenizer.pad_id)
     chunked = loop.token_loss_sum(model, batch)
     logits = model(batch["input_ids"], batch["position_ids"], batch["segment_ids"])
     full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
@@ -222,7 +222,7 @@ def test_bf16_training_on_the_gpu_kernels(data, tmp_path, quantize):
 def test_gpu_kernels_match_eager_in_bf16(data, monkeypatch):
     cfg = config(data, "unused", device="cuda", lora_dropout=0.0)
     model, tokenizer = tiny_lora_model(cfg, torch.bfloat16, "cuda")
-    batch = {k: v.cuda() for k, v in collate(loop.prepare_rows(data, tokenizer, cfg)[0][:2],
+    batch = {k: v.cuda() for k, v in collate(prepare_rows(data, tokenizer, cfg)[0][:2],
                                              tokenizer.pad_id).items()}
     losses = {}
     for backend in ("eager", "triton"):

@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from model.chat import tokenize_chat
 from model.tokenizer import load_tokenizer
 from training.config import TrainConfig, parse_config
 from training.data import IGNORE, MicroBatches, collate, pack, read_chats, target_tokens, tokenize_chats
@@ -59,6 +60,21 @@ def test_packing_restarts_positions_and_never_predicts_across_conversations():
 def test_truncation_is_counted():
     examples, truncated = tokenize_chats([CHAT, CHAT[1:3]], TOKENIZER, 40, train_on_prompt=False)
     assert truncated == 1 and [len(e.input_ids) for e in examples] == [40, 24]
+
+
+def test_flat_arrays_equal_tokenize_chat_cut_at_every_length():
+    """Mixed chats and texts, cut at every length (inside replies too): the flat ids and
+    targets are tokenize_chat's (or the text's, all targets), cut, end to end."""
+    text = "Plain text, every token trained."
+    ids, mask = tokenize_chat(TOKENIZER, CHAT)
+    text_ids = TOKENIZER.encode(text)
+    for limit in range(1, len(ids) + 2):
+        data, truncated = tokenize_chats([CHAT, text, CHAT[1:3]], TOKENIZER, limit, False)
+        short_ids, short_mask = tokenize_chat(TOKENIZER, CHAT[1:3])
+        assert data.ids.tolist() == ids[:limit] + text_ids[:limit] + short_ids[:limit]
+        assert data.targets.tolist() == (mask[:limit] + [True] * len(text_ids[:limit])
+                                         + short_mask[:limit])
+        assert truncated == (len(ids) > limit) + (len(text_ids) > limit) + (len(short_ids) > limit)
 
 
 def test_collate_pads_as_its_own_untrained_segment():

@@ -70,10 +70,12 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def run_fingerprint(config, global_batch: int) -> dict:
-    """What makes two runs the same run: the data's contents and the options that change the math."""
+def run_fingerprint(config, global_batch: int, data_digest: Optional[str] = None) -> dict:
+    """What makes two runs the same run: the data's contents (``data_digest``, by default the
+    --data file's sha256) and the options that change the math."""
     fingerprint = {name: getattr(config, name) for name in FINGERPRINT_OPTIONS}
-    fingerprint.update(global_batch=global_batch, data_sha256=file_sha256(config.data))
+    fingerprint.update(global_batch=global_batch,
+                       data_sha256=data_digest or file_sha256(config.data))
     return fingerprint
 
 

@@ -29,7 +29,15 @@ class TrainConfig:
     """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on CPU."""
 
     data: str = "examples/chat.jsonl"
+    data_split: str = "train"
+    data_config: Optional[str] = None
+    data_revision: Optional[str] = None
+    data_format: str = "auto"
+    data_field: Optional[str] = None
+    data_cache: str = "auto"
     eval_data: Optional[str] = None
+    eval_split: Optional[str] = None
+    eval_fraction: Optional[float] = None
     model: str = "phi3-tiny"
     tokenizer: Optional[str] = None
     output: str = "runs/phi3-lora"
@@ -129,8 +137,22 @@ class TrainConfig:
         if self.use_dora and "embed_tokens" in self.target_modules:
             raise ValueError("--use-dora applies to linear targets only: drop embed_tokens from "
                              "--target-modules")
+        self.check_data_options()
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
             raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
+
+    def check_data_options(self) -> None:
+        from .data_sources import FORMATS
+
+        if self.data_format not in FORMATS:
+            raise ValueError(f"--data-format must be one of {', '.join(FORMATS)}, "
+                             f"got {self.data_format!r}")
+        held_out = [name for name in ("eval_data", "eval_split", "eval_fraction")
+                    if getattr(self, name) is not None]
+        if len(held_out) > 1:
+            raise ValueError(f"give one of {', '.join('--' + flag(n) for n in held_out)}")
+        if self.eval_fraction is not None and not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
 
 
     def lora_targets(self) -> Union[str, List[str]]:
@@ -166,8 +188,19 @@ def check_environment(config: TrainConfig) -> None:
 
 
 HELP = {
-    "data": "training chats, JSON Lines of {\"messages\": [{\"role\", \"content\"}, ...]}",
-    "eval_data": "held-out chats for loss and perplexity",
+    "data": "training data: a .jsonl/.json file, .parquet/.csv/.arrow files (or their folder) or "
+            "a Hugging Face dataset id (docs/data.md)",
+    "data_split": "the split of --data to train on (datasets and hub ids)",
+    "data_config": "the configuration (subset) of a hub dataset",
+    "data_revision": "the revision (branch, tag or commit) of a hub dataset",
+    "data_format": "auto (from each dataset's keys), messages, sharegpt, alpaca, "
+                   "prompt-completion or text",
+    "data_field": "the column holding the messages (messages and sharegpt formats)",
+    "data_cache": "where tokenized data is kept between runs: auto (the Hugging Face datasets "
+                  "cache, $HF_DATASETS_CACHE), none, or a folder",
+    "eval_data": "held-out chats for loss and perplexity (same sources as --data)",
+    "eval_split": "evaluate on this split of --data",
+    "eval_fraction": "evaluate on a seeded fraction of --data, held out of training",
     "model": "a preset (phi3-tiny, phi3-mini-4k, ...), a checkpoint directory or a hub id",
     "tokenizer": "tokenizer.json or its directory (default: a checkpoint's own; for a preset, "
                  "the shipped phi3-tiny tokenizer, model/assets/phi3-tiny/)",

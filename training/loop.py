@@ -19,8 +19,8 @@ from model.lora import apply_lora
 from .checkpoint import (TrainingState, prune_checkpoints, resume, run_fingerprint,
                          save_checkpoint)
 from .config import TrainConfig, check_environment
-from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, pack, read_chats,
-                   require_targets, target_tokens, tokenize_chats)
+from .data import (IGNORE, MicroBatches, batches_in_order, bucketed_length, prepare_rows,
+                   read_train_and_eval, target_tokens)
 from .distributed import Distributed
 from .divergence import check_finite, check_finite_weights
 from .interrupts import StopOnInterrupt, stopping_signals
@@ -151,13 +151,6 @@ def evaluate(step_loss, rows, batch_size: int, pad_id: int, device, pad_to=None)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": tokens}
 
 
-def prepare_rows(path: str, tokenizer, config: TrainConfig):
-    """Packed rows of a data file, and how many conversations were truncated."""
-    examples, truncated = tokenize_chats(read_chats(path), tokenizer, config.max_seq_len,
-                                         config.train_on_prompt)
-    rows = pack(examples, config.max_seq_len, config.packing)
-    require_targets(rows, path, config.max_seq_len, truncated)
-    return rows, truncated
 
 
 class StepLoss(torch.nn.Module):
@@ -232,6 +225,7 @@ class Run:
     eval_rows: Optional[list]
     pad_to: Optional[Callable[[int], int]]
     total_steps: int
+    data_digest: str  # the training data's content hash: part of resume's fingerprint
 
     @property
     def state(self) -> TrainingState:
@@ -239,19 +233,17 @@ class Run:
 
 
 def start_run(config: TrainConfig, dist: Distributed, log) -> Run:
-    """Data, model, LoRA, optimizer and schedule for ``config``; every data file is read and
-    checked before the model is built, so a bad line stops the run before anything slow."""
+    """Data, model, LoRA, optimizer and schedule for ``config``; all data is read and checked
+    before the model is built, so a bad record stops the run before anything slow."""
     device = dist.device(config.device)
-    read_chats(config.data)
-    if config.eval_data:
-        read_chats(config.eval_data)
+    train_data, eval_data = read_train_and_eval(config, log)
     model, tokenizer = load_model(config.model, resolve_dtype(config.dtype, device), device,
                                   config.seed, config.quantize, config.tokenizer)
-    rows, truncated = prepare_rows(config.data, tokenizer, config)
+    rows, truncated = prepare_rows(train_data, tokenizer, config, log)
     pad_to = batch_length_rule(config, device)
     batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
                            dist.rank, dist.world_size, pad_to)
-    eval_rows = prepare_rows(config.eval_data, tokenizer, config)[0] if config.eval_data else None
+    eval_rows = prepare_rows(eval_data, tokenizer, config, log)[0] if eval_data else None
     log(f"data: {len(rows)} sequences of up to {config.max_seq_len} tokens, "
         f"{truncated} conversations truncated; {dist.world_size} process(es), global batch "
         f"{batches.global_batch} × {config.grad_accum} accumulation")
@@ -264,7 +256,7 @@ def start_run(config: TrainConfig, dist: Distributed, log) -> Run:
         config.epochs * batches.per_epoch / config.grad_accum)
     optimizer, scheduler = optimizer_and_schedule(params, config, total_steps)
     return Run(config, dist, Path(config.output), device, model, tokenizer, step_loss, params,
-               optimizer, scheduler, batches, eval_rows, pad_to, total_steps)
+               optimizer, scheduler, batches, eval_rows, pad_to, total_steps, train_data.digest)
 
 
 def _train(config: TrainConfig, dist: Distributed, log) -> dict:
@@ -272,7 +264,7 @@ def _train(config: TrainConfig, dist: Distributed, log) -> dict:
     if config.strategy == "fsdp" and not dist.enabled:
         log("--strategy fsdp shards over processes started by torchrun; this is one process")
     run = start_run(config, dist, log)
-    fingerprint = run_fingerprint(config, run.batches.global_batch)
+    fingerprint = run_fingerprint(config, run.batches.global_batch, run.data_digest)
     start_step = 0
     if config.resume:
         start_step, finished = resume(config, run.output, run.total_steps, fingerprint,
