@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from model.build import (base_config, load_model, preset_seed, resolve_base_model, resolve_device,
-                         resolve_dtype)
+from adapter_base import preset_seed, resolve_base_model
+from model.build import ArgumentError, base_config, load_model, resolve_device, resolve_dtype
 from model.chat import tokenize_chat
 from model.config import DTYPE_CHOICES, QUANTIZE_CHOICES
 
@@ -70,8 +70,8 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
     try:
         resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    except ArgumentError as error:
+        parser.error(error.as_flag())
 
 
 def note(message: str) -> None:
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
             answer = reply(model, tokenizer, messages, args, device)
             messages.append({"role": "assistant", "content": answer})
             print(f"assistant: {answer}")
+    except ArgumentError as error:
+        parser.exit(2, f"generate.py: error: {error.as_flag()}\n")
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"generate.py: error: {error}\n")
     except OSError as error:

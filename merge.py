@@ -14,8 +14,8 @@ from pathlib import Path
 
 from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
-from model.build import (TRAINER_STATE, load_model, preset_seed, resolve_base_model,
-                         resolve_device, resolve_dtype)
+from adapter_base import TRAINER_STATE, preset_seed, resolve_base_model
+from model.build import ArgumentError, load_model, resolve_device, resolve_dtype
 from model.config import DTYPE_CHOICES
 
 
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     check_output(parser, args.output, args.adapter, args.overwrite)
     try:
         device = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    except ArgumentError as error:
+        parser.error(error.as_flag())
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     try:  # the dense base: merging into 4-bit weights is refused
         args.model = resolve_base_model(args.model, args.adapter, args.allow_base_mismatch,
@@ -91,6 +91,8 @@ def main(argv=None) -> int:
         merge_lora(model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)  # with its chat template and stop ids
         replace_directory(tmp, args.output)
+    except ArgumentError as error:
+        parser.exit(2, f"merge.py: error: {error.as_flag()}\n")
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"merge.py: error: {error}\n")
     except OSError as error:  # disk full, read-only: nothing half-written is left

@@ -27,11 +27,15 @@ def main(argv=None) -> int:
     from training.loop import out_of_memory_message, train
     from training.memory_plan import PlanFailed, run_plan
 
+    from model.build import ArgumentError
+
     try:
         if config.plan_memory:
             run_plan(config, config.plan_json)
             return 0
         summary = train(config)
+    except ArgumentError as error:  # a --model or --device the machine cannot serve
+        fail(2, error.as_flag())
     except (ValueError, FileNotFoundError) as error:  # bad data, paths or settings: one line
         fail(2, str(error))
     except (TrainingDiverged, PlanFailed, OSError) as error:  # runtime failures, not usage

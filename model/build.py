@@ -4,14 +4,12 @@ and the benchmarks need no download); anything else is a checkpoint directory or
 """
 import dataclasses
 import difflib
-import json
-import re
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 
-from lorakernels.adapters import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, recorded_base_model
+from lorakernels.adapters import ADAPTER_WEIGHTS_FILE
 from lorakernels.nf4_layers import NF4Layer
 from lorakernels.weight_files import open_safetensors
 
@@ -25,9 +23,21 @@ from .tokenizer import Phi3Tokenizer, load_tokenizer, read_eos_ids
 INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of that spread
 
 
+class ArgumentError(ValueError):
+    """A build argument (``argument``: model, device, ...) whose value cannot work; the
+    command-line tools say it as their flag (``as_flag``)."""
+
+    def __init__(self, argument: str, value, reason: str):
+        super().__init__(f"{argument} {value}: {reason}")
+        self.argument, self.value, self.reason = argument, value, reason
+
+    def as_flag(self) -> str:
+        return f"--{self.argument.replace('_', '-')} {self.value}: {self.reason}"
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked against
-    the GPUs this machine has, so a bad --device stops before any work, naming the flag."""
+    """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked
+    against the GPUs this machine has, so a bad device stops before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -35,11 +45,12 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+        raise ArgumentError("device", name, "unknown device; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu or auto")
+        raise ArgumentError("device", name, "no CUDA GPU is visible to PyTorch here; use cpu or "
+                                            "auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
+        raise ArgumentError("device", name, f"there are only {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -50,8 +61,8 @@ def check_model_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.75)
     if close and not in_hub_cache(name):
-        raise ValueError(f"--model {name}: not a preset, a directory or a model in the hub cache "
-                         f"(did you mean {close[0]}?)")
+        raise ArgumentError("model", name, "not a preset, a directory or a model in the hub "
+                            f"cache (did you mean {close[0]}?)")
 
 
 def hub_cached_config(repo_id: str) -> Optional[str]:
@@ -67,10 +78,6 @@ def hub_cached_config(repo_id: str) -> Optional[str]:
 
 def in_hub_cache(repo_id: str) -> bool:
     return hub_cached_config(repo_id) is not None
-
-
-DEFAULT_MODEL = "phi3-tiny"
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 def recorded_name(model: str) -> str:
@@ -100,7 +107,7 @@ def config_differences(a: Phi3Config, b: Phi3Config) -> List[str]:
 
 
 def base_differences(model: str, recorded: str) -> Optional[List[str]]:
-    """How --model differs from the base an adapter records: [] for the same base, None when
+    """How ``model`` differs from the base an adapter records: [] for the same base, None when
     the recorded one cannot be read here. A preset (random weights) is only itself."""
     if model == recorded:
         return []
@@ -117,65 +124,11 @@ def base_differences(model: str, recorded: str) -> Optional[List[str]]:
     return config_differences(mine, other)
 
 
-def resolve_base_model(model: Optional[str], adapter: Optional[Union[str, Path]],
-                       allow_mismatch: bool = False, log: Callable[[str], None] = print) -> str:
-    """--model for ``adapter``: by default the base it records (a preset, a directory here or a
-    hub id); a given --model whose architecture differs from that base is refused, naming
-    both, before any weights are built (``allow_mismatch``: a note instead)."""
-    recorded = recorded_base_model(adapter) if adapter is not None else None
-    where = f"{Path(adapter) / ADAPTER_CONFIG_FILE}" if adapter is not None else ""
-    if model is None:
-        return default_base(recorded, where, log)
-    if recorded is None:
-        return model
-    differences = base_differences(model, recorded)
-    if differences is None:
-        log(f"note: {where} records base {recorded}, whose config.json is not here: "
-            f"--model {model} cannot be checked against it")
-    elif differences and not allow_mismatch:
-        raise ValueError(f"--model {model} is not the base the adapter was trained on: {where} "
-                         f"records {recorded} ({'; '.join(differences[:3])}); pass --model "
-                         f"{recorded}, or --allow-base-mismatch to use {model} anyway")
-    elif differences:
-        log(f"note: --allow-base-mismatch: using --model {model}, not the recorded {recorded}")
-    return model
-
-
-def default_base(recorded: Optional[str], where: str, log: Callable[[str], None]) -> str:
-    """The recorded base when it can be loaded from here; phi3-tiny when none is recorded."""
-    if recorded is None:
-        if where:
-            log(f"note: {where} records no base model: using {DEFAULT_MODEL} (pass --model)")
-        return DEFAULT_MODEL
-    if recorded in PRESETS or Path(recorded).expanduser().is_dir() or HUB_ID.fullmatch(recorded):
-        return recorded
-    raise ValueError(f"{where} records base {recorded}, which is not a preset, a directory "
-                     f"here or a hub id: pass --model")
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 base weights on GPU, fp32 on CPU; otherwise torch's dtype name."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
-
-
-DEFAULT_SEED = 42
-TRAINER_STATE = "trainer_state.json"  # train.py writes it into every checkpoint, final/ included
-
-
-def preset_seed(model: str, adapter: Optional[Union[str, Path]], seed: Optional[int]) -> int:
-    """The seed to rebuild a preset's random base: ``seed`` when given, else the training seed
-    recorded in the adapter's directory (a different seed is a different base), else 42."""
-    if seed is not None:
-        return seed
-    state = Path(adapter) / TRAINER_STATE if adapter is not None else None
-    if model in PRESETS and state is not None and state.is_file():
-        try:
-            return int(json.loads(state.read_text())["config"]["seed"])
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{state}: no training seed recorded (damaged?); pass --seed") from None
-    return DEFAULT_SEED
 
 
 def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torch.device],

@@ -10,7 +10,8 @@ import generate
 import merge
 import model.build as build
 from lorakernels.adapters import save_peft_adapter
-from model.build import random_model, recorded_name, resolve_base_model
+from adapter_base import resolve_base_model
+from model.build import random_model, recorded_name
 from model.config import Phi3Config
 from model.lora import DEFAULT_TARGETS, apply_lora
 

@@ -13,7 +13,7 @@ import merge
 import train as train_cli
 import training.loop as loop
 from lorakernels.weight_files import atomic_write
-from model.build import preset_seed
+from adapter_base import preset_seed
 from training.config import TrainConfig
 from training.data import read_chats
 from training.loop import train

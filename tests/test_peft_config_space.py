@@ -237,7 +237,8 @@ def test_pissa_loads_once_converted_by_peft(tmp_path):
 def test_train_py_options_are_written_back_for_peft(tmp_path):
     """train.py with a path-suffix list, layers_to_transform, rank and alpha patterns: PEFT
     rebuilds the same layers from final/ over the same base, with the same logits."""
-    from model.build import load_model, preset_seed
+    from adapter_base import preset_seed
+    from model.build import load_model
     from training.config import parse_config
     from training.loop import train
 
