@@ -26,8 +26,8 @@ INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked against
-    the GPUs this machine has, so a bad --device stops before any work, naming the flag."""
+    """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked
+    against the GPUs this machine has, so a bad --device stops before any work, naming the flag."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -37,8 +37,10 @@ def resolve_device(name: str) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to PyTorch here; "
+                         "use --device cpu or auto")
+    if (device.type == "cuda" and device.index is not None
+            and device.index >= torch.cuda.device_count()):
         raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s)")
     return device
 
@@ -174,14 +176,15 @@ def preset_seed(model: str, adapter: Optional[Union[str, Path]], seed: Optional[
         try:
             return int(json.loads(state.read_text())["config"]["seed"])
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{state}: no training seed recorded (damaged?); pass --seed") from None
+            raise ValueError(f"{state}: no training seed recorded (damaged?); "
+                             "pass --seed") from None
     return DEFAULT_SEED
 
 
 def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torch.device],
                  seed: int, quantize: Optional[str] = None) -> Phi3ForCausalLM:
-    """Random weights (norms 1, the rest normal with std INIT_STD), the same for a seed on any device
-    and with or without ``quantize``.
+    """Random weights (norms 1, the rest normal with std INIT_STD), the same for a seed on any
+    device and with or without ``quantize``.
 
     Built on the meta device and drawn tensor by tensor on the CPU, so memory peaks at
     the model plus one fp32 tensor; ``quantize="nf4"`` quantises each decoder linear
@@ -218,8 +221,10 @@ def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torc
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
                quantize: Optional[str] = None, tokenizer: Optional[str] = None,
-               adapter: Optional[Union[str, Path]] = None) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
-    """A preset (random weights from ``seed``) with the tiny tokenizer, or a checkpoint with its own.
+               adapter: Optional[Union[str, Path]] = None
+               ) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
+    """A preset (random weights from ``seed``) with the tiny tokenizer, or a checkpoint with its
+    own.
 
     ``tokenizer``: a tokenizer.json or its directory instead of the default one.
     ``adapter``: a PEFT adapter directory whose LoRA layers and weights are added.
