@@ -71,7 +71,8 @@ def file_sha256(path) -> str:
 
 
 def run_fingerprint(config, global_batch: int) -> dict:
-    """What makes two runs the same run: the data's contents and the options that change the math."""
+    """What makes two runs the same run: the data's contents and the options that change the
+    math."""
     fingerprint = {name: getattr(config, name) for name in FINGERPRINT_OPTIONS}
     fingerprint.update(global_batch=global_batch, data_sha256=file_sha256(config.data))
     return fingerprint
@@ -128,7 +129,8 @@ def save_checkpoint(directory: Path, state: TrainingState, step: int, config: di
     """
     directory = Path(directory)
     model, optimizer, scheduler = state
-    lora = full_tensors({name: p.detach() for name, p in model.named_parameters() if "lora_" in name})
+    lora = full_tensors({name: p.detach() for name, p in model.named_parameters()
+                         if "lora_" in name})
     tensors, param_groups = _optimizer_tensors(optimizer)
     if not is_main:
         return directory
@@ -170,7 +172,8 @@ def read_state(directory: Path) -> dict:
 
 
 def verify_checkpoint(directory: Path) -> dict:
-    """Its state, once every file resume reads is whole; else a ValueError naming the damaged file."""
+    """Its state, once every file resume reads is whole; else a ValueError naming the damaged
+    file."""
     state = read_state(directory)
     path = directory / STATE_FILE
     if not isinstance(state.get("scheduler"), dict) or "last_epoch" not in state["scheduler"]:

@@ -1,4 +1,5 @@
-"""TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that order."""
+"""TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that
+order."""
 import argparse
 import dataclasses
 import math
@@ -26,7 +27,8 @@ MAX_SEED = 2**32
 
 @dataclass
 class TrainConfig:
-    """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on CPU."""
+    """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on
+    CPU."""
 
     data: str = "examples/chat.jsonl"
     eval_data: Optional[str] = None
@@ -81,8 +83,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
-        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
-                    "log_every")
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r",
+                    "lora_alpha", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -109,7 +111,8 @@ class TrainConfig:
             raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}, "
                              f"got {self.attention!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise ValueError("--dtype must be auto, float32, bfloat16 or float16, "
+                             f"got {self.dtype!r}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, "
                              f"got {self.quantize!r}")
@@ -128,8 +131,10 @@ class TrainConfig:
         if self.use_dora and "embed_tokens" in self.target_modules:
             raise ValueError("--use-dora applies to linear targets only: drop embed_tokens from "
                              "--target-modules")
-        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
-            raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
+        if (self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0
+                or self.eval_every < 0):
+            raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every "
+                             "must be >= 0")
 
 
     def lora_targets(self) -> Union[str, List[str]]:
@@ -181,7 +186,8 @@ HELP = {
     "max_seq_len": "tokens per packed sequence; longer chats are truncated (and counted)",
     "packing": "pack several chats per sequence (attention never crosses them)",
     "train_on_prompt": "also train on system and user turns (default: assistant replies only)",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "LoRA dropout",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)",
+    "lora_dropout": "LoRA dropout",
     "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head "
                       "embed_tokens, or path suffixes), all-linear, or one regex over the module "
                       "path (PEFT's target_modules)",
