@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", type=Path, help="a PEFT adapter directory (e.g. runs/x/final)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="use --model even where it is not the base the adapter records")
-    parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--prompt", help="one user message to answer")
     parser.add_argument("--system", help="an optional system message")
     parser.add_argument("--chat", action="store_true", help="interactive chat on stdin")
@@ -40,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0, help="in (0, 1]; 1: off (default)")
     parser.add_argument("--seed", type=int,
-                        help="sampling seed; for a preset, also the seed its random base was built with "
-                             "(default: the training --seed recorded beside the adapter, else 42)")
+                        help="sampling seed; for a preset, also the seed its random base was "
+                             "built with (default: the training --seed recorded beside the "
+                             "adapter, else 42)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                         help="auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16 or float16 "
                              "(default: auto)")
@@ -114,7 +116,8 @@ def main(argv=None) -> int:
         model, tokenizer, device = load(args)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         if args.prompt:
-            print(reply(model, tokenizer, messages + [{"role": "user", "content": args.prompt}], args, device))
+            turns = messages + [{"role": "user", "content": args.prompt}]
+            print(reply(model, tokenizer, turns, args, device))
             return 0
         print("chat: an empty line ends it")
         for line in sys.stdin:

@@ -1,4 +1,5 @@
-"""Merge a LoRA adapter into its base model and save a plain checkpoint (safetensors, Phi3ForCausalLM).
+"""Merge a LoRA adapter into its base model and save a plain checkpoint (safetensors,
+Phi3ForCausalLM).
 
     python merge.py --adapter runs/phi3-lora/final --output merged/
 
@@ -20,17 +21,20 @@ from model.config import DTYPE_CHOICES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.split("\n")[0])
+    # The first paragraph (argparse refills it onto one line).
+    parser = argparse.ArgumentParser(prog="merge.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="preset, checkpoint directory or hub id (default: the "
                                          "base the adapter records)")
     parser.add_argument("--adapter", type=Path, required=True, help="a PEFT adapter directory")
     parser.add_argument("--output", type=Path, required=True,
                         help="directory for the merged model: new or empty (see --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty --output (swapped in whole once the merge is written)")
+                        help="replace a non-empty --output (swapped in whole once the merge is "
+                             "written)")
     parser.add_argument("--allow-base-mismatch", action="store_true",
                         help="use --model even where it is not the base the adapter records")
-    parser.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the model's)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.json or its directory (default: the model's)")
     parser.add_argument("--seed", type=int,
                         help="for a preset: its random base's seed (default: the training --seed "
                              "recorded beside the adapter, else 42)")

@@ -3,10 +3,12 @@ from setuptools import find_packages, setup
 setup(
     name="lorakernels",
     version="0.1.0",
-    description="Fused Triton LoRA kernels and a hand-written Phi-3 for fast, lean LoRA fine-tuning",
+    description=("Fused Triton LoRA kernels and a hand-written Phi-3 for fast, lean LoRA "
+                 "fine-tuning"),
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*", "training"]),
+    packages=find_packages(include=["lorakernels", "lorakernels.*", "model", "model.*",
+                                    "training"]),
     # The embedded default's tokenizer and the LongRoPE presets' factors.
     package_data={"model": ["assets/*.json", "assets/phi3-tiny/*.json"]},
     python_requires=">=3.10",

@@ -137,7 +137,7 @@ def bench_case(layout: str, length: int, rows: int, providers, dtype, repeats: i
                 check_against(reference, attention(q, k, v, plan), REL_TOL[dtype], provider,
                               f"{layout} T {length}")
         plan_ms = 0.0 if provider == "causal" else timed_plan_ms(
-            lambda: plan_for(provider, segments, window, length))
+            lambda provider=provider: plan_for(provider, segments, window, length))
         for mode in MODES:
             if mode == "both" and provider == "flex" and not ON_CUDA:
                 continue  # no FlexAttention backward on CPU

@@ -353,8 +353,8 @@ def make_inputs(M: int, weight: torch.Tensor, r: int, dropout_p: float,
 
 def fused(t: Inputs, scaling: float) -> torch.Tensor:
     """Our layer: lorakernels.ops.lora_linear.fused_lora_linear (Triton), no bias."""
-    return fused_lora_linear(t.x, t.weight, None, LoRACall(t.lora_A, t.lora_B, scaling, t.dropout_p),
-                             SEED)
+    return fused_lora_linear(t.x, t.weight, None,
+                             LoRACall(t.lora_A, t.lora_B, scaling, t.dropout_p), SEED)
 
 
 def check_fused(t: Inputs, dense_weight: torch.Tensor, scaling: float, name: str,

@@ -23,12 +23,13 @@ model = nn.Sequential(
 # 2. Only LoRA parameters train.
 lora.mark_only_lora_as_trainable(model)
 trainable = [p for p in model.parameters() if p.requires_grad]
-print(f"trainable parameters: {sum(p.numel() for p in trainable)} of {sum(p.numel() for p in model.parameters())}")
+print(f"trainable parameters: {sum(p.numel() for p in trainable)} "
+      f"of {sum(p.numel() for p in model.parameters())}")
 
 # Learn a random linear map for a few steps.
 target = nn.Linear(64, 64)
 optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-for step in range(50):
+for _ in range(50):
     x = torch.randn(32, 64)
     loss = nn.functional.mse_loss(model(x), target(x).detach())
     optimizer.zero_grad()
@@ -41,7 +42,8 @@ with tempfile.TemporaryDirectory() as tmp:
     path = Path(tmp) / "lora.safetensors"
     save_file({k: v.contiguous() for k, v in lora.lora_state_dict(model).items()}, path)
     restored = model.load_state_dict(load_file(path), strict=False)
-    print(f"LoRA checkpoint: {path.stat().st_size} bytes, unexpected keys: {restored.unexpected_keys}")
+    print(f"LoRA checkpoint: {path.stat().st_size} bytes, "
+          f"unexpected keys: {restored.unexpected_keys}")
 
 # eval() merges the low-rank update into the frozen weights: no extra cost at inference.
 model.eval()

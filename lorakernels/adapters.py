@@ -57,13 +57,15 @@ def _peft_lora_layers(model: nn.Module) -> Dict[str, LoRALayer]:
     """The LoRA layers, refusing any that PEFT's LoRA format cannot hold."""
     layers = _lora_layers(model)
     if not layers:
-        raise ValueError("the model has no LoRA layers (apply LoRA first, e.g. model.lora.apply_lora)")
+        raise ValueError("the model has no LoRA layers "
+                         "(apply LoRA first, e.g. model.lora.apply_lora)")
     other = [name for name, m in layers.items() if not isinstance(m, (Linear, Embedding))]
     if other:
         raise ValueError("PEFT's format holds LoRA Linear and Embedding layers only, not: "
                          + ", ".join(other))
     per_part = [name for name, m in layers.items()
-                if isinstance(m, Linear) and m.lora_parts is not None and len(m.lora_parts.split_sizes) > 1]
+                if isinstance(m, Linear) and m.lora_parts is not None
+                and len(m.lora_parts.split_sizes) > 1]
     if per_part:
         raise ValueError(
             f"per-part LoRA on fused projections ({', '.join(per_part)}) has no PEFT equivalent: "
@@ -128,8 +130,8 @@ def _shared_hyperparameters(layers: Dict[str, LoRALayer]) -> Dict[str, object]:
             groups.setdefault(value, []).append(name)
         if len(groups) > 1:
             listing = "; ".join(f"{value!r}: {', '.join(names)}" for value, names in groups.items())
-            raise ValueError(f"LoRA layers differ in {option} ({listing}); PEFT's adapter_config.json "
-                             "holds one value for all layers")
+            raise ValueError(f"LoRA layers differ in {option} ({listing}); PEFT's "
+                             "adapter_config.json holds one value for all layers")
         shared[option] = next(iter(groups), 0.0)  # 0.0: only embeddings, which have no dropout
     return shared
 
@@ -160,7 +162,8 @@ def _rank_and_alpha(layers: Dict[str, LoRALayer], layout: Optional["AdapterLayou
 
 
 def _matches(patterns: TargetModules, path: str) -> bool:
-    """PEFT's rule: a string is a regex matched against the whole path, a list names path suffixes."""
+    """PEFT's rule: a string is a regex matched against the whole path, a list names path
+    suffixes."""
     if isinstance(patterns, str):
         return re.fullmatch(patterns, path) is not None
     return path in patterns or any(path.endswith(f".{p}") for p in patterns)
@@ -276,7 +279,8 @@ class AdapterLayout:
 
 def _check_targets(model: nn.Module, layers: Dict[str, LoRALayer], layout: "AdapterLayout",
                    source: str, strict: bool) -> None:
-    """PEFT puts LoRA on exactly the Linear/Embedding modules the config targets: same set as ours?"""
+    """PEFT puts LoRA on exactly the Linear/Embedding modules the config targets: same set as
+    ours?"""
     targeted = {
         path for path, module in model.named_modules()
         if isinstance(module, (nn.Linear, nn.Embedding)) and layout.selects(path)
@@ -296,7 +300,7 @@ def _report(message: str, strict: bool) -> None:
     """A mismatch is an error, or with ``strict=False`` a warning: never silent."""
     if strict:
         raise ValueError(message)
-    warnings.warn(message)
+    warnings.warn(message, stacklevel=2)
 
 
 def _copy_into(model: nn.Module, tensors: Dict[str, torch.Tensor]) -> None:
@@ -402,7 +406,8 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
+        "base_model_name_or_path": (None if base_model_name_or_path is None
+                                    else str(base_model_name_or_path)),
         "revision": None,
         "inference_mode": True,
         **_rank_and_alpha(layers, layout),
@@ -415,7 +420,8 @@ def save_peft_adapter(model: nn.Module, directory: PathLike,
         "use_dora": shared["use_dora"],
     }
     atomic_write(directory / ADAPTER_CONFIG_FILE,
-                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True)
+                                                   + "\n"))
 
 
 def recorded_base_model(directory: PathLike) -> Optional[str]:
@@ -532,7 +538,8 @@ def _check_peft_config(config: dict, model: nn.Module, layers: Dict[str, LoRALay
 
 
 def load_peft_adapter(model: nn.Module, directory: PathLike, strict: bool = True) -> None:
-    """Load a PEFT LoRA adapter directory (ours or PEFT's) into a model that already has LoRA layers.
+    """Load a PEFT LoRA adapter directory (ours or PEFT's) into a model that already has LoRA
+    layers.
 
     Each layer's r and lora_alpha (rank_pattern/alpha_pattern included), use_rslora, use_dora,
     lora_bias and the targets must match the model's layers, and every key and shape the
@@ -585,7 +592,8 @@ def save_lora_state_dict(model: nn.Module, path: PathLike, bias: str = "none",
 
 def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
     """Load a file from ``save_lora_state_dict``: every LoRA key of the model must be there with its
-    shape; besides them only bias keys of the model are accepted (``bias="all"``/``"lora_only"``)."""
+    shape; besides them only bias keys of the model are accepted (``bias="all"``/
+    ``"lora_only"``)."""
     path = _lora_file(path)
     state = _tensor_state(model)
     expected = set(lora_state_dict(model))
@@ -603,7 +611,8 @@ def load_lora_state_dict(model: nn.Module, path: PathLike) -> None:
 def _plain_twin(layer: LoRALayer) -> nn.Module:
     """The torch layer ``layer`` adapts, built on meta and given ``layer``'s own weight and bias."""
     if isinstance(layer, Embedding):
-        plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+        plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim,
+                             padding_idx=layer.padding_idx,
                              max_norm=layer.max_norm, norm_type=layer.norm_type,
                              scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse,
                              device="meta")
@@ -634,13 +643,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
         raise ValueError(f"merge_lora cannot merge into 4-bit (NF4) weights ({quantized[0]}, ...): "
                          "load the base without quantisation, apply the adapter, then merge")
     if any(m.fan_in_fan_out for m in layers.values() if isinstance(m, Linear)):
-        raise ValueError("merge_lora does not support fan_in_fan_out layers: nn.Linear holds [out, in]")
+        raise ValueError("merge_lora does not support fan_in_fan_out layers: "
+                         "nn.Linear holds [out, in]")
     names_of: Dict[int, List[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
-    tied = [names_of[id(m.weight)] for m in layers.values() if m.has_lora and len(names_of[id(m.weight)]) > 1]
+    tied = [names_of[id(m.weight)] for m in layers.values()
+            if m.has_lora and len(names_of[id(m.weight)]) > 1]
     if tied:
-        raise ValueError(f"cannot merge LoRA into tied weights ({'; '.join(' = '.join(n) for n in tied)}): "
+        listing = "; ".join(" = ".join(n) for n in tied)
+        raise ValueError(f"cannot merge LoRA into tied weights ({listing}): "
                          "the update would change every module sharing the weight")
     for name, layer in layers.items():
         if layer.has_lora:

@@ -72,7 +72,8 @@ class LiveBytes(TorchDispatchMode):
     # ----------------------------------------------------------------- labelling
 
     def track(self, tensors: Iterable, category: str) -> None:
-        """Count ``tensors``' storages (made before counting began, e.g. weights) as ``category``."""
+        """Count ``tensors``' storages (made before counting began, e.g. weights) as
+        ``category``."""
         for storage in _storages(tensors):
             self._label(self._add(storage), category)
 
@@ -138,7 +139,8 @@ class LiveBytes(TorchDispatchMode):
         kwargs = kwargs or {}
         self._enter_phase()
         phase = self.context or ("backward" if self._in_backward else "forward")
-        name = func.name() if isinstance(func, HigherOrderOperator) else func.overloadpacket.__name__
+        name = (func.name() if isinstance(func, HigherOrderOperator)
+                else func.overloadpacket.__name__)
         self._last_op = f"{name} in {phase}"
         out = self._run(func, args, kwargs)
         for storage in _storages(tree_leaves(out)):

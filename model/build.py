@@ -49,7 +49,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("device", name, "no CUDA GPU is visible to PyTorch here; use cpu or "
                                             "auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+    if (device.type == "cuda" and device.index is not None
+            and device.index >= torch.cuda.device_count()):
         raise ArgumentError("device", name, f"there are only {torch.cuda.device_count()} GPU(s)")
     return device
 
@@ -133,8 +134,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torch.device],
                  seed: int, quantize: Optional[str] = None) -> Phi3ForCausalLM:
-    """Random weights (norms 1, the rest normal with std INIT_STD), the same for a seed on any device
-    and with or without ``quantize``.
+    """Random weights (norms 1, the rest normal with std INIT_STD), the same for a seed on any
+    device and with or without ``quantize``.
 
     Built on the meta device and drawn tensor by tensor on the CPU, so memory peaks at
     the model plus one fp32 tensor; ``quantize="nf4"`` quantises each decoder linear
@@ -171,8 +172,10 @@ def random_model(config: Phi3Config, dtype: torch.dtype, device: Union[str, torc
 
 def load_model(name_or_path: str, dtype: torch.dtype, device: torch.device, seed: int = 0,
                quantize: Optional[str] = None, tokenizer: Optional[str] = None,
-               adapter: Optional[Union[str, Path]] = None) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
-    """A preset (random weights from ``seed``) with the tiny tokenizer, or a checkpoint with its own.
+               adapter: Optional[Union[str, Path]] = None
+               ) -> Tuple[Phi3ForCausalLM, Phi3Tokenizer]:
+    """A preset (random weights from ``seed``) with the tiny tokenizer, or a checkpoint with its
+    own.
 
     ``tokenizer``: a tokenizer.json or its directory instead of the default one.
     ``adapter``: a PEFT adapter directory whose LoRA layers and weights are added.

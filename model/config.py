@@ -41,7 +41,8 @@ class Phi3Config:
     # RoPE rotates the first int(head_dim · factor) dims of each head, the rest pass through
     # (Phi-4-mini: 0.75, so 96 of 128).
     partial_rotary_factor: float = 1.0
-    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (rotary_dim/2 each).
+    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]}
+    # (rotary_dim/2 each).
     rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = 2047
     rms_norm_eps: float = 1e-5
@@ -63,9 +64,10 @@ class Phi3Config:
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Phi-3 uses silu)")
         if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or self.rotary_dim == 0:
-            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} must give an even "
-                             f"number of rotated dims from 2 to head_dim {self.head_dim}, got "
-                             f"int({self.head_dim} * {self.partial_rotary_factor}) = {self.rotary_dim}")
+            raise ValueError(f"partial_rotary_factor {self.partial_rotary_factor} must give an "
+                             f"even number of rotated dims from 2 to head_dim {self.head_dim}, "
+                             f"got int({self.head_dim} * {self.partial_rotary_factor}) = "
+                             f"{self.rotary_dim}")
         if self.rope_scaling is not None:
             self.rope_scaling = dict(self.rope_scaling)
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
@@ -78,10 +80,10 @@ class Phi3Config:
                 for key in ("short_factor", "long_factor"):
                     count = len(self.rope_scaling.get(key, ()))
                     if count != half:
-                        raise ValueError(f"rope_scaling.{key} must have rotary_dim/2 = {half} values "
-                                         f"(head_dim {self.head_dim} × partial_rotary_factor "
-                                         f"{self.partial_rotary_factor} = {self.rotary_dim} rotated "
-                                         f"dims), got {count}")
+                        raise ValueError(f"rope_scaling.{key} must have rotary_dim/2 = {half} "
+                                         f"values (head_dim {self.head_dim} × "
+                                         f"partial_rotary_factor {self.partial_rotary_factor} = "
+                                         f"{self.rotary_dim} rotated dims), got {count}")
 
     def _check_types(self) -> None:
         """Sizes are positive integers, eps and theta positive numbers, rope_scaling a mapping;
@@ -189,7 +191,8 @@ class Phi3Config:
                 "torch_dtype": dtype}
 
 
-LONGROPE_FACTORS = json.loads((Path(__file__).parent / "assets" / "longrope_factors.json").read_text())
+LONGROPE_FACTORS = json.loads(
+    (Path(__file__).parent / "assets" / "longrope_factors.json").read_text())
 LONG_CONTEXT = dict(max_position_embeddings=131072, original_max_position_embeddings=4096,
                     sliding_window=262144)
 

@@ -1,4 +1,5 @@
-"""Text generation with a KV cache: greedy, temperature and top-p sampling, the checkpoint's stop ids."""
+"""Text generation with a KV cache: greedy, temperature and top-p sampling, the checkpoint's stop
+ids."""
 from typing import Iterable, Optional
 
 import torch
@@ -24,7 +25,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: Optional[Iterable[int]] = None,
-             pad_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             pad_id: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Continue ``input_ids`` [B, T]; returns [B, T + n] with n <= max_new_tokens.
 
     A sequence ends at its first stop id (kept in the output) and is padded with
@@ -36,9 +38,11 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 256, temperat
     if stop_ids is None:
         stop_ids = () if config.eos_token_id is None else (config.eos_token_id,)
     if pad_id is None:
-        pad_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id or 0
+        pad_id = (config.pad_token_id if config.pad_token_id is not None
+                  else config.eos_token_id or 0)
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [batch, tokens] with tokens > 0, got {tuple(input_ids.shape)}")
+        raise ValueError("input_ids must be [batch, tokens] with tokens > 0, "
+                         f"got {tuple(input_ids.shape)}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     was_training = model.training

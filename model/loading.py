@@ -23,7 +23,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path], revision: Optional[str] = None) -> Path:
+def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path],
+                           revision: Optional[str] = None) -> Path:
     """A local directory as is; otherwise a hub repo id through huggingface_hub's cache.
 
     ``HF_HUB_OFFLINE=1`` makes the hub path use only what is cached.
@@ -40,10 +41,11 @@ def resolve_checkpoint_dir(path_or_repo_id: Union[str, Path], revision: Optional
             str(path_or_repo_id), revision=revision,
             allow_patterns=["*.json", "*.safetensors", "tokenizer.model"],
         ))
-    except Exception as error:  # offline, no such repo, gated, not a repo id: one line, not a traceback
+    except Exception as error:
+        # offline, no such repo, gated, not a repo id: one line, not a traceback
         reason = (str(error).strip().splitlines() or [""])[0]
-        raise ValueError(f"{path_or_repo_id}: not a local directory, and the Hugging Face hub did not "
-                         f"provide it ({type(error).__name__}: {reason})") from None
+        raise ValueError(f"{path_or_repo_id}: not a local directory, and the Hugging Face hub "
+                         f"did not provide it ({type(error).__name__}: {reason})") from None
 
 
 def shard_files(directory: Path) -> List[Path]:
@@ -157,8 +159,8 @@ def save_safetensors_checkpoint(state: Dict[str, torch.Tensor], config: Phi3Conf
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
             atomic_write(directory / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata))
             weight_map.update({key: name for key in shard})
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": weight_map}
+        total_size = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
         atomic_write(directory / INDEX_FILE,
                       lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2) + "\n"))
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(

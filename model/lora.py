@@ -140,9 +140,10 @@ def _save_whole(model: nn.Module, layout: AdapterLayout) -> List[str]:
     return paths
 
 
-def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
-               targets: Targets = DEFAULT_TARGETS, use_rslora: bool = False,
-               per_part: bool = False, use_dora: bool = False) -> Phi3ForCausalLM:
+def apply_lora(model: Phi3ForCausalLM, r: int = 16, lora_alpha: float = 32,
+               lora_dropout: float = 0.0, targets: Targets = DEFAULT_TARGETS,
+               use_rslora: bool = False, per_part: bool = False,
+               use_dora: bool = False) -> Phi3ForCausalLM:
     """Swap every module ``targets`` selects for its LoRA twin, then train only LoRA parameters
     (and the modules saved whole).
 
@@ -184,7 +185,8 @@ def _combined(old: Optional[AdapterLayout], new: AdapterLayout) -> Optional[Adap
 
 
 def apply_peft_adapter(model: Phi3ForCausalLM, directory: Union[str, Path]) -> Phi3ForCausalLM:
-    """The LoRA layers a PEFT adapter directory's adapter_config.json describes, with its weights."""
+    """The LoRA layers a PEFT adapter directory's adapter_config.json describes, with its
+    weights."""
     directory = Path(directory)
     settings = read_peft_config(directory / ADAPTER_CONFIG_FILE)
     apply_lora(model, r=settings["r"], lora_alpha=settings["lora_alpha"],

@@ -209,7 +209,8 @@ def tokenizer_config() -> dict:
 def generation_config(tokenizer: Tokenizer) -> dict:
     """Phi-3's generation_config.json (eos 32000, 32001, 32007: <|endoftext|>, <|assistant|>,
     <|end|>) with the tiny tokenizer's ids of the same tokens."""
-    ids = {token: tokenizer.token_to_id(token) for token in ("<s>", "<|endoftext|>", "<|assistant|>", "<|end|>")}
+    ids = {token: tokenizer.token_to_id(token)
+           for token in ("<s>", "<|endoftext|>", "<|assistant|>", "<|end|>")}
     return {"bos_token_id": ids["<s>"],
             "eos_token_id": [ids["<|endoftext|>"], ids["<|assistant|>"], ids["<|end|>"]],
             "pad_token_id": ids["<|endoftext|>"]}

@@ -19,7 +19,8 @@ def read_metrics(run: Path) -> list:
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such file (is {run} a train.py --output directory?)") from None
+        raise ValueError(f"{path}: no such file "
+                         f"(is {run} a train.py --output directory?)") from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -47,7 +48,8 @@ def figure_class():
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError('plotting needs the matplotlib package: pip install -e ".[plot]"') from None
+        raise ValueError('plotting needs the matplotlib package: '
+                         'pip install -e ".[plot]"') from None
     return Figure
 
 

@@ -1,4 +1,5 @@
-"""Without a GPU, Triton kernels run in its interpreter (must be set before triton decorates them)."""
+"""Without a GPU, Triton kernels run in its interpreter (must be set before triton decorates
+them)."""
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def data(tmp_path_factory):
     """A small chat file: the first 48 example conversations."""
-    lines = (Path(__file__).resolve().parents[1] / "examples" / "chat.jsonl").read_text().splitlines()
+    chat = Path(__file__).resolve().parents[1] / "examples" / "chat.jsonl"
+    lines = chat.read_text().splitlines()
     path = tmp_path_factory.mktemp("data") / "chat.jsonl"
     path.write_text("\n".join(lines[:48]) + "\n")
     return str(path)

@@ -40,14 +40,14 @@ BLOCK_R = 64
 # Each kernel's runtime arguments as a launch passes them: pointer dtypes, or int values.
 KERNEL_ARGS = {
     "_lora_shrink_kernel": dict(
-        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", mask_ptr="i32", M=M, K=K, R=R, stride_xm=K, stride_xk=1,
-        stride_ar=K, stride_ak=1, seed=12345, M_BUCKET=M),
+        x_ptr="bf16", a_ptr="fp32", s_ptr="fp32", mask_ptr="i32", M=M, K=K, R=R, stride_xm=K,
+        stride_xk=1, stride_ar=K, stride_ak=1, seed=12345, M_BUCKET=M),
     "_gemm_lowrank_kernel": dict(
         x_ptr="bf16", w_ptr="bf16", absmax_q_ptr="bf16", absmax_scale_ptr="bf16", out_ptr="bf16",
-        p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32", bias_ptr="bf16", mask_ptr="i32",
-        col_scale_ptr="fp32", k_scale_ptr="fp32", M=M, N=N, K=K, R=R, Q_RANK=RANK, scaling=2.0, absmax_offset=0.01, M_BUCKET=M,
-        stride_xm=K, stride_xk=1, stride_wk=1, stride_wn=K, stride_om=N, stride_on=1,
-        stride_q_row=RANK, stride_q_rank=1),
+        p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32", bias_ptr="bf16",
+        mask_ptr="i32", col_scale_ptr="fp32", k_scale_ptr="fp32", M=M, N=N, K=K, R=R, Q_RANK=RANK,
+        scaling=2.0, absmax_offset=0.01, M_BUCKET=M, stride_xm=K, stride_xk=1, stride_wk=1,
+        stride_wn=K, stride_om=N, stride_on=1, stride_q_row=RANK, stride_q_rank=1),
     "_lora_grad_s_b_kernel": dict(
         dy_ptr="bf16", s_ptr="fp32", b_ptr="fp32", b_row_ptr="i32", b_off_ptr="i32", ds_ptr="fp32",
         db_ptr="fp32", col_scale_ptr="fp32", y_ptr="bf16", bias_ptr="bf16", dm_ptr="fp32", M=M, N=N,
@@ -59,8 +59,8 @@ KERNEL_ARGS = {
     # The cuBLAS path's epilogue, as F2 adds s·S·B̂ᵀ into y (B2 below: D⊙(dS·A) into dx).
     "_lowrank_epilogue_kernel": dict(
         out_ptr="bf16", p_ptr="fp32", q_ptr="fp32", q_row_ptr="i32", q_off_ptr="i32",
-        mask_ptr="i32", col_scale_ptr="fp32", bias_ptr="bf16", M=M, N=N, R=R, Q_RANK=RANK, scaling=2.0, M_BUCKET=M, stride_om=N,
-        stride_on=1, stride_q_row=RANK, stride_q_rank=1),
+        mask_ptr="i32", col_scale_ptr="fp32", bias_ptr="bf16", M=M, N=N, R=R, Q_RANK=RANK,
+        scaling=2.0, M_BUCKET=M, stride_om=N, stride_on=1, stride_q_row=RANK, stride_q_rank=1),
     # Row-wise fused ops at Phi-3-mini's shapes: hidden 3072, intermediate 8192, q/k as
     # transposed views of qkv [B, T, 9216] (32 heads of 96), cos/sin [B, T, 96].
     "_rms_norm_forward_kernel": dict(
@@ -91,7 +91,8 @@ KERNEL_ARGS = {
         n_blocks=N * K // 64, absmax_offset=0.01),
 }
 COMMON_CONSTEXPRS = dict(P=0.05, HAS_DROPOUT=True, HAS_BIAS=True, GATHER_Q=True, GATHER_B=True,
-                         HAS_LOWRANK=True, W_NF4=False, CAST_FP32=False, PRECISION="tf32", BLOCK_R=BLOCK_R,
+                         HAS_LOWRANK=True, W_NF4=False, CAST_FP32=False, PRECISION="tf32",
+                         BLOCK_R=BLOCK_R,
                          EMULATE_BF16_RTNE=False, COMPUTE_DW=True, DETERMINISTIC=False,
                          HAS_COL_SCALE=False, HAS_K_SCALE=False, DORA=False)
 
@@ -245,7 +246,8 @@ def check(kernel, variant_name, variant, config, gemm, arch, limit) -> dict:
     record["seconds"] = round(time.perf_counter() - start, 2)
     problems = [p for p, bad in [
         ("shared memory over the device's", record["shared"] > limit),
-        ("shared memory over the estimate", estimate is not None and record["dynamic_shared"] > estimate),
+        ("shared memory over the estimate",
+         estimate is not None and record["dynamic_shared"] > estimate),
         ("spills", kernel in SPILL_FREE and record["stack_bytes"] > 0),
     ] if bad]
     record.update(ok=not problems, problems=problems)
@@ -262,7 +264,8 @@ def step_compilations(records) -> list:
     """Lines estimating what a Phi-3-mini training step compiles, from sm_90's records."""
     variants = {(next_block(R), parts > 1) for _, parts, R in PHI3_MINI_PROJECTIONS}
     configs = {role: len({r["config"] for r in records if r["sm"] == 90 and r["variant"] == name})
-               for role, name in zip(LORA_ROLES, ("F1 dropout", "F2", "B1", "B2 dropout", "B3 dropout"))}
+               for role, name in zip(LORA_ROLES,
+                                     ("F1 dropout", "F2", "B1", "B2 dropout", "B3 dropout"))}
     lora = [r for r in records if r["sm"] == 90 and r["kernel"] in {k.__name__ for k in SPILL_FREE}
             and "seconds" in r]
     if not lora or not all(configs.values()):

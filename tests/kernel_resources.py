@@ -49,7 +49,8 @@ def cubin_resources(cubin: bytes, dynamic_shared: int) -> dict:
     ops = opcode_counts(sass)
     tensor_core = "/".join(kind for kind in ("HGMMA", "HMMA") if ops[kind]) or "none"
     return dict(
-        registers=regs, stack_bytes=stack + local, shared=dynamic_shared + static, dynamic_shared=dynamic_shared,
+        registers=regs, stack_bytes=stack + local, shared=dynamic_shared + static,
+        dynamic_shared=dynamic_shared,
         sass=sum(ops.values()), spill_stores=ops["STL"], spill_loads=ops["LDL"],
         tensor_core=tensor_core, mma=ops["HGMMA"] + ops["HMMA"],
         atomics=sum(ops[op] for op in ATOMICS), fences=len(_FENCE.findall(sass)),

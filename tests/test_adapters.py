@@ -36,7 +36,8 @@ def checkpoint(tmp_path):
 
 @pytest.fixture()
 def ids():
-    return torch.randint(0, SMALL["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, SMALL["vocab_size"], (2, 10),
+                         generator=torch.Generator().manual_seed(1))
 
 
 def randomise_lora(model: nn.Module, seed: int = 0) -> None:
@@ -84,7 +85,8 @@ def key_warnings(caught):
     (DEFAULT_TARGETS, False, 0.05),
     (ALL_TARGETS, True, 0.0),
 ], ids=["default-targets", "all-targets-rslora"])
-def test_our_adapter_loads_in_peft_unchanged(checkpoint, tmp_path, ids, targets, use_rslora, dropout):
+def test_our_adapter_loads_in_peft_unchanged(checkpoint, tmp_path, ids, targets, use_rslora,
+                                             dropout):
     model = ours(checkpoint, targets, seed=0, use_rslora=use_rslora, lora_dropout=dropout)
     save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=checkpoint)
 
@@ -110,7 +112,8 @@ def test_our_adapter_loads_in_peft_unchanged(checkpoint, tmp_path, ids, targets,
     result = peft_model.load_adapter(tmp_path / "adapter", adapter_name="again")
     assert result.missing_keys == [] and result.unexpected_keys == []
     peft_qkv = peft_model.base_model.model.model.layers[0].self_attn.qkv_proj
-    assert peft_qkv.scaling["default"] == pytest.approx(model.model.layers[0].self_attn.qkv_proj.scaling)
+    assert peft_qkv.scaling["default"] == pytest.approx(
+        model.model.layers[0].self_attn.qkv_proj.scaling)
     model.eval()  # no dropout, as in PEFT's inference mode
     torch.testing.assert_close(logits(model, ids), logits(peft_model, ids), rtol=1e-4, atol=1e-4)
 
@@ -118,10 +121,12 @@ def test_our_adapter_loads_in_peft_unchanged(checkpoint, tmp_path, ids, targets,
 @pytest.mark.parametrize("targets", [DEFAULT_TARGETS, ALL_TARGETS], ids=["default", "all"])
 def test_peft_adapter_loads_in_ours(checkpoint, tmp_path, ids, targets):
     peft_model = peft.get_peft_model(hf_base(checkpoint), peft.LoraConfig(
-        r=R, lora_alpha=ALPHA, target_modules=list(targets), use_rslora=True, task_type="CAUSAL_LM"))
+        r=R, lora_alpha=ALPHA, target_modules=list(targets), use_rslora=True,
+        task_type="CAUSAL_LM"))
     randomise_lora(peft_model, seed=3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True" when embeddings are targets
+        # "Setting save_embedding_layers to True" when embeddings are targets
+        warnings.simplefilter("ignore")
         peft_model.save_pretrained(tmp_path / "peft")
     model = ours(checkpoint, targets, use_rslora=True)
     load_peft_adapter(model, tmp_path / "peft")
@@ -135,7 +140,8 @@ def test_keys_with_peft_adapter_name_load(checkpoint, tmp_path, ids):
     state = load_file(weights)
     renamed = {k.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default.")
                .replace("lora_embedding_A", "lora_embedding_A.default")
-               .replace("lora_embedding_B", "lora_embedding_B.default"): v for k, v in state.items()}
+               .replace("lora_embedding_B", "lora_embedding_B.default"): v
+               for k, v in state.items()}
     assert "base_model.model.model.embed_tokens.lora_embedding_A.default" in renamed
     save_file(renamed, weights)
     model = ours(checkpoint, ALL_TARGETS)
@@ -156,7 +162,8 @@ def test_rslora_round_trip_keeps_scaling(checkpoint, tmp_path, ids):
 
 def test_rank_mismatch_raises(checkpoint, tmp_path):
     save_peft_adapter(ours(checkpoint, seed=0), tmp_path / "adapter")
-    with pytest.raises(ValueError, match=r"adapter_config\.json does not match .* file r 4, .*model r 8"):
+    with pytest.raises(ValueError,
+                       match=r"adapter_config\.json does not match .* file r 4, .*model r 8"):
         load_peft_adapter(ours(checkpoint, r=8), tmp_path / "adapter")
 
 
@@ -189,7 +196,8 @@ def test_misshaped_and_unexpected_keys_are_named(checkpoint, tmp_path):
     state["base_model.model.model.layers.0.self_attn.extra.lora_A.weight"] = torch.zeros(R, 64)
     save_file(state, weights)
     with pytest.raises(ValueError, match=rf"unexpected \(1\): .*extra\.lora_A\.weight[\s\S]*"
-                                         rf"mis-shaped \(1\): {bad}: file \(4, 63\), model \(4, 64\)"):
+                                         rf"mis-shaped \(1\): {bad}: "
+                                         r"file \(4, 63\), model \(4, 64\)"):
         load_peft_adapter(ours(checkpoint), tmp_path / "adapter", strict=False)
 
 
@@ -206,7 +214,8 @@ def test_lora_state_dict_round_trip_into_merged_model(checkpoint, tmp_path, ids)
     path = save_lora_state_dict(source, tmp_path)
     assert path == tmp_path / "lora.safetensors"
     assert set(load_file(path)) == set(lora.lora_state_dict(source))
-    model = merged_for_eval(ours(checkpoint, ALL_TARGETS, seed=1))  # base weight holds seed 1's update
+    # base weight holds seed 1's update
+    model = merged_for_eval(ours(checkpoint, ALL_TARGETS, seed=1))
     load_lora_state_dict(model, path)
     torch.testing.assert_close(logits(model, ids), logits(source, ids), rtol=1e-5, atol=1e-5)
     model.train()  # unmerging takes out the loaded update, not seed 1's
@@ -217,7 +226,8 @@ def test_lora_state_dict_checks_keys(checkpoint, tmp_path):
     path = save_lora_state_dict(ours(checkpoint, seed=0), tmp_path / "lora.safetensors")
     with pytest.raises(ValueError, match=r"missing \(4\): .*lm_head\.lora_A"):
         load_lora_state_dict(ours(checkpoint, ALL_TARGETS), path)
-    with pytest.raises(ValueError, match=r"unexpected \(16\): model\.layers\.0\.mlp\.down_proj\.lora_A"):
+    with pytest.raises(ValueError,
+                       match=r"unexpected \(16\): model\.layers\.0\.mlp\.down_proj\.lora_A"):
         load_lora_state_dict(ours(checkpoint, ["lm_head"]), path)
     with pytest.raises(ValueError, match=r"\.safetensors only"):
         save_lora_state_dict(ours(checkpoint), tmp_path / "lora.pt")
@@ -249,7 +259,8 @@ def test_merge_lora_after_eval_merges_once(checkpoint, ids):
 def test_merge_lora_refuses_tied_weights():
     model = Phi3ForCausalLM(Phi3Config(**SMALL, tie_word_embeddings=True))
     apply_lora(model, r=R, targets=["lm_head"])
-    with pytest.raises(ValueError, match=r"tied weights \(model\.embed_tokens\.weight = lm_head\.weight\)"):
+    with pytest.raises(ValueError,
+                       match=r"tied weights \(model\.embed_tokens\.weight = lm_head\.weight\)"):
         merge_lora(model)
 
 
@@ -263,5 +274,6 @@ def test_per_part_lora_is_refused_for_peft(checkpoint, tmp_path):
 def test_layers_must_share_hyperparameters(checkpoint, tmp_path):
     model = ours(checkpoint, ["o_proj"])
     apply_lora(model, r=8, lora_alpha=ALPHA, lora_dropout=0.1, targets=["down_proj"])
-    with pytest.raises(ValueError, match=r"differ in lora_dropout \(0.0: .*o_proj; 0.1: .*down_proj"):
+    with pytest.raises(ValueError,
+                       match=r"differ in lora_dropout \(0.0: .*o_proj; 0.1: .*down_proj"):
         save_peft_adapter(model, tmp_path / "adapter")

@@ -91,7 +91,8 @@ def test_smoke_run_writes_rows_with_agreeing_losses(tmp_path):
     assert reference["check_data_tokens"] == data_tokens(batches[0])
 
     markdown = json_path.with_suffix(".md").read_text()
-    assert "| provider | grad ckpt | data tokens/s | ms/step |" in markdown and "--smoke" in markdown
+    assert "| provider | grad ckpt | data tokens/s | ms/step |" in markdown
+    assert "--smoke" in markdown
     assert "PASSED" in markdown
 
 
@@ -109,9 +110,11 @@ def test_ours_times_train_py_step_on_train_py_batches(tmp_path, monkeypatch):
     calls = []
     real = training.loop.training_step
 
-    def watched(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm, *args, **kwargs):
+    def watched(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm, *args,
+                **kwargs):
         calls.append((optimizer, scheduler, [dict(b) for b in micro_batches], max_grad_norm))
-        return real(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm, *args, **kwargs)
+        return real(step_loss, params, optimizer, scheduler, micro_batches, max_grad_norm, *args,
+                    **kwargs)
 
     monkeypatch.setattr(training.loop, "training_step", watched)
     result = worker.train_provider(spec)

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=4, device="cpu",
-                      max_seq_len=128, lora_r=4, seed=5), log=lambda _: None)
+    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=4,
+                      device="cpu", max_seq_len=128, lora_r=4, seed=5), log=lambda _: None)
     return out / "final"
 
 
@@ -50,8 +50,8 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
 
 def test_generate_answers_a_prompt(adapter):
     # Sampled: greedy decoding of a base trained 4 steps may repeat a space, which prints as "".
-    result = run("generate.py", "--adapter", adapter, "--seed", 5, "--device", "cpu", "--prompt", "What is 2 plus 3?",
-                 "--max-new-tokens", 8, "--temperature", 0.7)
+    result = run("generate.py", "--adapter", adapter, "--seed", 5, "--device", "cpu",
+                 "--prompt", "What is 2 plus 3?", "--max-new-tokens", 8, "--temperature", 0.7)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
 

@@ -1,5 +1,6 @@
 """One line naming the file or flag for every user error; exit 2 for usage and data, 1 for runtime
-failures, 130 for Ctrl-C; merge.py's outputs whole, with the umask's permissions and the run's seed."""
+failures, 130 for Ctrl-C; merge.py's outputs whole, with the umask's permissions and the run's
+seed."""
 import json
 import os
 import signal
@@ -19,14 +20,15 @@ from training.data import read_chats
 from training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAT = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+CHAT = ('{"messages": [{"role": "user", "content": "Hi"}, '
+        '{"role": "assistant", "content": "Hello"}]}\n')
 
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=2, device="cpu",
-                      max_seq_len=64, lora_r=4, seed=5), log=lambda _: None)
+    train(TrainConfig(data=str(ROOT / "examples" / "chat.jsonl"), output=str(out), max_steps=2,
+                      device="cpu", max_seq_len=64, lora_r=4, seed=5), log=lambda _: None)
     return out / "final"
 
 
@@ -89,7 +91,8 @@ def test_data_encoding_and_layout(tmp_path):
         read_chats(latin)
     pretty = tmp_path / "pretty.jsonl"  # a .json file is read as JSON
     pretty.write_text(json.dumps(json.loads(CHAT), indent=2))
-    with pytest.raises(ValueError, match=f"{pretty}:1: not JSON .*one whole .* per line .*pretty-printed"):
+    with pytest.raises(ValueError,
+                       match=f"{pretty}:1: not JSON .*one whole .* per line .*pretty-printed"):
         read_chats(pretty)
 
 
@@ -100,12 +103,13 @@ def test_damaged_files_are_named(capsys, tmp_path, data, adapter):
         (damaged / f.name).write_bytes(f.read_bytes())
     weights = damaged / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:50])
-    code, err = exits(capsys, generate.main, "--adapter", damaged, "--prompt", "hi", "--device", "cpu")
+    code, err = exits(capsys, generate.main, "--adapter", damaged, "--prompt", "hi",
+                      "--device", "cpu")
     assert code == 2 and f"{weights}: damaged, not a whole safetensors file" in err
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text("{not json")
-    status, err = train_main(capsys, "--data", data, "--output", tmp_path / "out", "--device", "cpu",
-                             "--tokenizer", tokenizer)
+    status, err = train_main(capsys, "--data", data, "--output", tmp_path / "out",
+                             "--device", "cpu", "--tokenizer", tokenizer)
     assert status == 2 and f"{tokenizer}: not a readable tokenizer.json" in err
 
 
@@ -152,7 +156,8 @@ def test_ctrl_c_in_chat_exits_130(capsys, adapter, monkeypatch):
 
 
 def test_merge_writes_a_whole_checkpoint_with_the_runs_seed(capsys, tmp_path, adapter):
-    assert preset_seed("phi3-tiny", adapter, None) == 5 and preset_seed("phi3-tiny", adapter, 7) == 7
+    assert preset_seed("phi3-tiny", adapter, None) == 5
+    assert preset_seed("phi3-tiny", adapter, 7) == 7
     output = tmp_path / "merged"
     output.mkdir()
     stale = ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]

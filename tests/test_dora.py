@@ -90,7 +90,8 @@ def our_twin(layer, dropout: float) -> lora.Linear:
     ours.weight, ours.bias = base.weight, base.bias
     ours.lora_A = nn.Parameter(layer.lora_A["default"].weight.detach().clone())
     ours.lora_B = nn.Parameter(layer.lora_B["default"].weight.detach().clone())
-    ours.lora_magnitude = nn.Parameter(layer.lora_magnitude_vector["default"].weight.detach().clone())
+    ours.lora_magnitude = nn.Parameter(
+        layer.lora_magnitude_vector["default"].weight.detach().clone())
     return ours
 
 
@@ -119,7 +120,8 @@ def test_linear_matches_peft_forward_and_gradients(monkeypatch, dropout, bias, d
     actual = forward_backward(ours, x, [ours.lora_A, ours.lora_B, ours.lora_magnitude], seed=5)
     for name, a, e in zip(("y", "dx", "dA", "dB", "dm"), actual, expected):
         assert a.dtype == e.dtype, name
-        torch.testing.assert_close(a, e, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, e, rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_magnitude_starts_at_the_weight_norm_as_peft():
@@ -250,7 +252,8 @@ def test_peft_dora_adapter_loads_in_ours(checkpoint, tmp_path, ids):
         r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), use_dora=True, task_type="CAUSAL_LM"))
     move_off_init(theirs, seed=3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Setting save_embedding_layers to True": lm_head is a target
+        # "Setting save_embedding_layers to True": lm_head is a target
+        warnings.simplefilter("ignore")
         theirs.save_pretrained(tmp_path / "peft")
     model = dora_model(checkpoint)
     load_peft_adapter(model, tmp_path / "peft")
@@ -323,6 +326,7 @@ def test_resume_with_dora_is_exact(data, tmp_path):
     with safe_open(str(tmp_path / "straight" / "final" / "lora.safetensors"), "pt") as expected, \
             safe_open(str(tmp_path / "resumed" / "final" / "lora.safetensors"), "pt") as resumed:
         keys = list(expected.keys())
-        assert any(key.endswith("lora_magnitude") for key in keys) and set(keys) == set(resumed.keys())
+        assert any(key.endswith("lora_magnitude") for key in keys)
+        assert set(keys) == set(resumed.keys())
         for key in keys:
             assert torch.equal(expected.get_tensor(key), resumed.get_tensor(key)), key

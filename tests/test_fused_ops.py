@@ -205,7 +205,8 @@ def test_swiglu_equals_phi3_mlp(dtype):
         xi = leaf(x)
         y = forward(xi)
         y.square().sum().backward()
-        outputs.append((y.detach(), xi.grad, mlp.gate_up_proj.weight.grad, mlp.down_proj.weight.grad))
+        outputs.append((y.detach(), xi.grad, mlp.gate_up_proj.weight.grad,
+                        mlp.down_proj.weight.grad))
         mlp.zero_grad(set_to_none=True)
     with torch.no_grad():
         gate_up = mlp.gate_up_proj(x)
@@ -234,8 +235,10 @@ def rotary(config, position_ids, dtype):
 
 def run_rope(q, k, cos, sin):
     # Incoming gradients [B, H, T, D] as transposed [B, T, H, D] buffers, as SDPA's may be.
-    dq_out = randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, seed=5).transpose(1, 2)
-    dk_out = randn(k.shape[0], k.shape[2], k.shape[1], k.shape[3], dtype=k.dtype, seed=6).transpose(1, 2)
+    dq_out = randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype,
+                   seed=5).transpose(1, 2)
+    dk_out = randn(k.shape[0], k.shape[2], k.shape[1], k.shape[3], dtype=k.dtype,
+                   seed=6).transpose(1, 2)
     results = []
     for fn, cast in ((apply_rope, None), (apply_rope_reference, None),
                      (apply_rope_reference, torch.float64)):
@@ -346,7 +349,8 @@ def test_bad_shapes():
         apply_rope(q, randn(1, 2, 4, 8), randn(1, 3, 8), randn(1, 3, 8))
     with pytest.raises(ValueError, match=r"cos must be \[B, T, R\]"):
         apply_rope(q, q, randn(3, 8), randn(1, 3, 8))
-    with pytest.raises(ValueError, match="even number of dims from 2 to the head dim 8; cos/sin have 10"):
+    with pytest.raises(ValueError,
+                       match="even number of dims from 2 to the head dim 8; cos/sin have 10"):
         apply_rope(q, q, randn(1, 3, 10), randn(1, 3, 10))
     with pytest.raises(ValueError, match=r"sin must be \[B, T, R\] = \[1, 3, 6\]"):
         apply_rope(q, q, randn(1, 3, 6), randn(1, 3, 8))

@@ -64,5 +64,6 @@ def test_steps_without_enough_time_left_are_skipped_and_recorded():
     durations = {s.name: 10_000 for s in gpu_check.steps()}
     calls, results, written = run_fake(200, durations)
     assert sum(timeout for _, timeout in calls) <= 200
-    assert results[-1]["returncode"] == "skipped" and "left of the budget" in results[-1]["last_line"]
+    assert results[-1]["returncode"] == "skipped"
+    assert "left of the budget" in results[-1]["last_line"]
     assert len(written) == len(gpu_check.steps())  # every step recorded, run or not

@@ -18,7 +18,8 @@ RESOURCES = ("registers", "stack_bytes", "shared", "sass", "tensor_core", "atomi
 def test_every_kernel_config_compiles_without_spills_for_hopper_and_consumer_gpus():
     pytest.importorskip("triton.backends.nvidia")
     # The full config sets, whatever LORAKERNELS_AUTOTUNE the suite runs under.
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LORAKERNELS_AUTOTUNE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "LORAKERNELS_AUTOTUNE")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
                             env=env, timeout=subprocess_timeout(900))

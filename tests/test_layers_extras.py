@@ -45,7 +45,8 @@ def test_phi3_medium_qkv_shapes():
 def test_rslora_scaling():
     assert lora.Linear(8, 8, r=16, lora_alpha=32).scaling == 2.0
     assert lora.Linear(8, 8, r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
-    assert lora.MergedLinear(8, 8, r=4, lora_alpha=2, enable_lora=[True], use_rslora=True).scaling == 1.0
+    assert lora.MergedLinear(8, 8, r=4, lora_alpha=2, enable_lora=[True],
+                             use_rslora=True).scaling == 1.0
 
 
 @pytest.mark.parametrize(
@@ -55,10 +56,14 @@ def test_rslora_scaling():
         (lambda: lora.Embedding(4, 4, r=-2), "r must be a non-negative integer"),
         (lambda: lora.Linear(4, 4, r=2, lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
         (lambda: lora.Linear(4, 4, r=2, lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
-        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, False, True]), "must divide out_features"),
-        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[4, 4]), "sum to 8, not out_features"),
-        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[5, 4, 1]), "same length"),
-        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[12, -2]), "positive"),
+        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, False, True]),
+         "must divide out_features"),
+        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[4, 4]),
+         "sum to 8, not out_features"),
+        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[5, 4, 1]),
+         "same length"),
+        (lambda: lora.MergedLinear(4, 10, r=2, enable_lora=[True, True], split_sizes=[12, -2]),
+         "positive"),
         (lambda: lora.Conv2d(2, 2, (3, 3), r=1), "kernel_size must be an int"),
     ],
 )
@@ -75,7 +80,8 @@ def test_unknown_bias_mode_is_a_value_error(helper):
 
 def test_reference_matches_the_formula_with_a_dropout_mask():
     torch.manual_seed(0)
-    x, w, b = torch.randn(7, 12, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    x, w, b = (torch.randn(7, 12, dtype=torch.float64), torch.randn(5, 12, dtype=torch.float64),
+               torch.randn(5, dtype=torch.float64))
     a, bb = torch.randn(3, 12, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     mask = (torch.rand(7, 12) > 0.25).double() / 0.75
     y = lora_linear_reference(x, w, b, a, bb, 0.5, lora_input=x * mask)

@@ -13,19 +13,47 @@ loralib = pytest.importorskip("loralib")  # not on the GPU image: skip, do not f
 # (our class, loralib class, constructor kwargs, input maker)
 LINEAR_IN = lambda: torch.randn(3, 5, 10)  # noqa: E731
 LAYER_CASES = {
-    "linear": (lora.Linear, loralib.Linear, dict(in_features=10, out_features=7, r=4, lora_alpha=8), LINEAR_IN),
-    "linear_no_bias": (lora.Linear, loralib.Linear, dict(in_features=10, out_features=7, r=4, lora_alpha=8, bias=False), LINEAR_IN),
-    "linear_fan_in_fan_out": (lora.Linear, loralib.Linear, dict(in_features=10, out_features=7, r=2, lora_alpha=3, fan_in_fan_out=True), LINEAR_IN),
-    "merged_qv": (lora.MergedLinear, loralib.MergedLinear, dict(in_features=10, out_features=12, r=3, lora_alpha=6, enable_lora=[True, False, True]), LINEAR_IN),
-    "merged_all": (lora.MergedLinear, loralib.MergedLinear, dict(in_features=10, out_features=12, r=2, lora_alpha=2, enable_lora=[True, True, True]), LINEAR_IN),
-    "merged_fan_in_fan_out": (lora.MergedLinear, loralib.MergedLinear, dict(in_features=10, out_features=8, r=2, lora_alpha=4, enable_lora=[False, True], fan_in_fan_out=True), LINEAR_IN),
-    "embedding": (lora.Embedding, loralib.Embedding, dict(num_embeddings=20, embedding_dim=6, r=3, lora_alpha=6), lambda: torch.randint(0, 20, (4, 7))),
-    "embedding_padding": (lora.Embedding, loralib.Embedding, dict(num_embeddings=20, embedding_dim=6, r=2, padding_idx=0), lambda: torch.randint(0, 20, (4, 7))),
-    "conv2d": (lora.Conv2d, loralib.Conv2d, dict(in_channels=3, out_channels=4, kernel_size=3, r=2, lora_alpha=4), lambda: torch.randn(2, 3, 8, 8)),
-    "conv2d_groups": (lora.Conv2d, loralib.Conv2d, dict(in_channels=4, out_channels=6, kernel_size=3, r=2, groups=2, padding=1), lambda: torch.randn(2, 4, 6, 6)),
+    "linear": (lora.Linear, loralib.Linear,
+               dict(in_features=10, out_features=7, r=4, lora_alpha=8), LINEAR_IN),
+    "linear_no_bias": (lora.Linear, loralib.Linear,
+                       dict(in_features=10, out_features=7, r=4, lora_alpha=8, bias=False),
+                       LINEAR_IN),
+    "linear_fan_in_fan_out": (lora.Linear, loralib.Linear,
+                              dict(in_features=10, out_features=7, r=2, lora_alpha=3,
+                                   fan_in_fan_out=True),
+                              LINEAR_IN),
+    "merged_qv": (lora.MergedLinear, loralib.MergedLinear,
+                  dict(in_features=10, out_features=12, r=3, lora_alpha=6,
+                       enable_lora=[True, False, True]),
+                  LINEAR_IN),
+    "merged_all": (lora.MergedLinear, loralib.MergedLinear,
+                   dict(in_features=10, out_features=12, r=2, lora_alpha=2,
+                        enable_lora=[True, True, True]),
+                   LINEAR_IN),
+    "merged_fan_in_fan_out": (lora.MergedLinear, loralib.MergedLinear,
+                              dict(in_features=10, out_features=8, r=2, lora_alpha=4,
+                                   enable_lora=[False, True], fan_in_fan_out=True),
+                              LINEAR_IN),
+    "embedding": (lora.Embedding, loralib.Embedding,
+                  dict(num_embeddings=20, embedding_dim=6, r=3, lora_alpha=6),
+                  lambda: torch.randint(0, 20, (4, 7))),
+    "embedding_padding": (lora.Embedding, loralib.Embedding,
+                          dict(num_embeddings=20, embedding_dim=6, r=2, padding_idx=0),
+                          lambda: torch.randint(0, 20, (4, 7))),
+    "conv2d": (lora.Conv2d, loralib.Conv2d,
+               dict(in_channels=3, out_channels=4, kernel_size=3, r=2, lora_alpha=4),
+               lambda: torch.randn(2, 3, 8, 8)),
+    "conv2d_groups": (lora.Conv2d, loralib.Conv2d,
+                      dict(in_channels=4, out_channels=6, kernel_size=3, r=2, groups=2,
+                           padding=1),
+                      lambda: torch.randn(2, 4, 6, 6)),
     # loralib's Conv1d/Conv3d only work with kernel_size 1.
-    "conv1d_k1": (lora.Conv1d, loralib.Conv1d, dict(in_channels=3, out_channels=5, kernel_size=1, r=2), lambda: torch.randn(2, 3, 9)),
-    "conv3d_k1": (lora.Conv3d, loralib.Conv3d, dict(in_channels=3, out_channels=5, kernel_size=1, r=2), lambda: torch.randn(2, 3, 4, 4, 4)),
+    "conv1d_k1": (lora.Conv1d, loralib.Conv1d,
+                  dict(in_channels=3, out_channels=5, kernel_size=1, r=2),
+                  lambda: torch.randn(2, 3, 9)),
+    "conv3d_k1": (lora.Conv3d, loralib.Conv3d,
+                  dict(in_channels=3, out_channels=5, kernel_size=1, r=2),
+                  lambda: torch.randn(2, 3, 4, 4, 4)),
 }
 
 
@@ -181,7 +209,8 @@ def test_lora_state_dict_matches_loralib(bias):
     ours, theirs = twin_models()
     randomise_lora(theirs)
     ours.load_state_dict(theirs.state_dict())
-    ours_sd, theirs_sd = lora.lora_state_dict(ours, bias=bias), loralib.lora_state_dict(theirs, bias=bias)
+    ours_sd = lora.lora_state_dict(ours, bias=bias)
+    theirs_sd = loralib.lora_state_dict(theirs, bias=bias)
     assert list(ours_sd) == list(theirs_sd)
     for key in theirs_sd:
         assert torch.equal(ours_sd[key], theirs_sd[key]), key

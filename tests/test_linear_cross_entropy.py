@@ -29,7 +29,8 @@ GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 def assert_rel_close(actual, expected, rel, what):
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (f"{what}: shape {tuple(actual.shape)} "
+                                            f"vs {tuple(expected.shape)}")
     error = (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
     scale = expected.double().abs().max().item() if expected.numel() else 0.0
     assert error <= rel * scale + 1e-7, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
@@ -37,11 +38,13 @@ def assert_rel_close(actual, expected, rel, what):
 
 def make_case(N=50, H=24, V=70, dtype=torch.float32, weight_grad=False, rank=0, seed=0,
               ignore_every=4, device="cpu"):
-    """hidden [N, H], weight [V, H] in ``dtype``; fp32 LoRA factors when rank > 0 (as apply_lora makes them)."""
+    """hidden [N, H], weight [V, H] in ``dtype``; fp32 LoRA factors when rank > 0 (as apply_lora
+    makes them)."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N, H, generator=g).to(device, dtype).requires_grad_()
     # Logits of order a few units, as at an LM head: a peaked but not one-hot softmax.
-    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(device, dtype).requires_grad_(weight_grad)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 2).to(device, dtype)
+    weight.requires_grad_(weight_grad)
     labels = torch.randint(0, V, (N,), generator=g)
     if ignore_every:
         labels[::ignore_every] = IGNORE
@@ -72,8 +75,10 @@ def loss_and_grads(fn, hidden, weight, labels, lora, **kwargs):
 
 def check_against_reference(case, chunk_size, dtype, loss_tol=1e-5):
     hidden, weight, labels, lora = case
-    loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, labels, lora, chunk_size=chunk_size)
-    ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels, lora)
+    loss, grads = loss_and_grads(linear_cross_entropy, hidden, weight, labels, lora,
+                                 chunk_size=chunk_size)
+    ref_loss, ref_grads = loss_and_grads(linear_cross_entropy_reference, hidden, weight, labels,
+                                         lora)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_rel_close(loss, ref_loss, loss_tol, "loss")
     for name, ref_grad in ref_grads.items():
@@ -81,7 +86,8 @@ def check_against_reference(case, chunk_size, dtype, loss_tol=1e-5):
         assert_rel_close(grads[name], ref_grad, GRAD_TOL[dtype], f"grad {name}")
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 50, 64, None])  # 7 leaves a last chunk of 1; 64 > N
+# 7 leaves a last chunk of 1; 64 > N
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 50, 64, None])
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_fp32_matches_reference(chunk_size, weight_grad):
     check_against_reference(make_case(weight_grad=weight_grad), chunk_size, torch.float32)
@@ -99,11 +105,13 @@ def test_low_precision_matches_reference(dtype, chunk_size, weight_grad):
 @pytest.mark.parametrize("chunk_size", [9, 128])
 def test_lora_head_matches_reference(dtype, weight_grad, chunk_size):
     case = make_case(dtype=dtype, weight_grad=weight_grad, rank=4)
-    check_against_reference(case, chunk_size, dtype, loss_tol=1e-5 if dtype == torch.float32 else 1e-2)
+    check_against_reference(case, chunk_size, dtype,
+                            loss_tol=1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_gradcheck_float64():
-    """Gradients against finite differences, not against the reference (fp64 accumulates in fp64)."""
+    """Gradients against finite differences, not against the reference (fp64 accumulates in
+    fp64)."""
     hidden, weight, labels, lora = make_case(N=11, H=5, V=9, dtype=torch.float64, weight_grad=True,
                                              ignore_every=3)
     g = torch.Generator().manual_seed(1)
@@ -117,7 +125,8 @@ def test_gradcheck_float64():
 
 
 def test_tolerance_catches_a_wrong_gradient():
-    """The fp32 comparison fails when one row's gradient is wrong, e.g. an ignored row left unmasked."""
+    """The fp32 comparison fails when one row's gradient is wrong, e.g. an ignored row left
+    unmasked."""
     hidden, weight, labels, lora = make_case()
     _, grads = loss_and_grads(linear_cross_entropy, hidden, weight, labels, lora, chunk_size=16)
     unmasked = labels.clone()
@@ -165,7 +174,8 @@ def test_backward_scales_by_grad_output_and_can_run_twice(dtype):
     assert torch.equal(scaled[0], (once[0].float() * torch.tensor(scale)).to(dtype))
     for a, b, c in zip(once, scaled, again):
         # The others are kept in fp32 and rounded after scaling: within one rounding.
-        assert_rel_close(b, a.float() * scale, 1e-6 if b.dtype == torch.float32 else 2**-7, "scaled")
+        assert_rel_close(b, a.float() * scale, 1e-6 if b.dtype == torch.float32 else 2**-7,
+                         "scaled")
         assert torch.equal(a, c)  # saved gradients are not scaled in place
 
 
@@ -195,9 +205,11 @@ def test_shape_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"share a dtype"):
         linear_cross_entropy(hidden, weight.double(), labels)
     with pytest.raises(ValueError, match=r"lora_A must be \[r, H\] with H = 4, got \(2, 3\)"):
-        linear_cross_entropy(hidden, weight, labels, lora=(torch.zeros(2, 3), torch.zeros(5, 2), 1.0))
+        linear_cross_entropy(hidden, weight, labels,
+                             lora=(torch.zeros(2, 3), torch.zeros(5, 2), 1.0))
     with pytest.raises(ValueError, match=r"lora_B must be \[V, r\] = \[5, 2\].*got \(4, 2\)"):
-        linear_cross_entropy(hidden, weight, labels, lora=(torch.zeros(2, 4), torch.zeros(4, 2), 1.0))
+        linear_cross_entropy(hidden, weight, labels,
+                             lora=(torch.zeros(2, 4), torch.zeros(4, 2), 1.0))
     with pytest.raises(ValueError, match="chunk_size"):
         linear_cross_entropy(hidden, weight, labels, chunk_size=0)
     bad = torch.tensor([0, 1, 5, IGNORE, 2, 3])
@@ -223,7 +235,8 @@ def peak_cpu_bytes(fn, trace_path) -> int:
 
 
 def test_peak_memory_is_one_chunk_not_the_logits(tmp_path):
-    """Forward + backward: the reference holds several [N, V] fp32 tensors, we hold one [c, V] chunk."""
+    """Forward + backward: the reference holds several [N, V] fp32 tensors, we hold one [c, V]
+    chunk."""
     N, H, V, chunk = 512, 32, 4000, 64
     hidden, weight, labels, _ = make_case(N=N, H=H, V=V)
     logits_bytes, chunk_bytes = N * V * 4, chunk * V * 4
@@ -232,7 +245,8 @@ def test_peak_memory_is_one_chunk_not_the_logits(tmp_path):
         hidden.grad = None
         fn(hidden, weight, labels, **kwargs).backward()
 
-    ours = peak_cpu_bytes(lambda: step(linear_cross_entropy, chunk_size=chunk), tmp_path / "ours.json")
+    ours = peak_cpu_bytes(lambda: step(linear_cross_entropy, chunk_size=chunk),
+                          tmp_path / "ours.json")
     reference = peak_cpu_bytes(lambda: step(linear_cross_entropy_reference), tmp_path / "ref.json")
     assert reference >= 2 * logits_bytes  # the measurement sees the logits and their gradient
     # By design: grad_hidden and the returned gradient ([N, H] each), the chunk's logits
@@ -243,7 +257,8 @@ def test_peak_memory_is_one_chunk_not_the_logits(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_phi3_mini_head_memory_on_gpu():
-    """N=8192 tokens, V=32064, H=3072 bf16, frozen head: same loss and grad, a fraction of the memory."""
+    """N=8192 tokens, V=32064, H=3072 bf16, frozen head: same loss and grad, a fraction of the
+    memory."""
     N, H, V = 8192, 3072, 32064
     torch.manual_seed(0)
     hidden = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -265,7 +280,8 @@ def test_phi3_mini_head_memory_on_gpu():
     ref_loss, ref_grad, reference = measure(linear_cross_entropy_reference)
     chunk_fp32 = default_chunk_size(V, "cuda") * V * 4  # ≤ 256 MB
     print(f"peak above inputs: ours {ours / 2**20:.0f} MiB, reference {reference / 2**20:.0f} MiB")
-    assert_rel_close(loss, ref_loss, 1e-3, "loss")  # cuBLAS may round a chunk's bf16 logits differently
+    # cuBLAS may round a chunk's bf16 logits differently
+    assert_rel_close(loss, ref_loss, 1e-3, "loss")
     assert_rel_close(grad, ref_grad, GRAD_TOL[torch.bfloat16], "grad hidden")
     assert reference > 2 * N * V * 4  # fp32 logits and their gradient, 1 GB each
     # grad_hidden, the returned gradient and .grad ([N, H] bf16 each) plus a chunk's

@@ -31,7 +31,8 @@ from conftest import subprocess_timeout, use_settings
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
-# name -> (out_features, parts); None = one A/B pair over the whole output (plain or PEFT-style fused).
+# name -> (out_features, parts); None = one A/B pair over the whole output (plain or PEFT-style
+# fused).
 VARIANTS = {
     "plain": (40, None),
     "qkv_q_and_v": (48, lora.LoRAParts((16, 16, 16), (True, False, True))),
@@ -135,7 +136,8 @@ def test_odd_inner_dimension():
 
 def test_same_seed_same_output_and_mask_rate():
     x = torch.randn(64, 64, device=DEVICE)
-    w, a, b = torch.randn(32, 64, device=DEVICE), torch.randn(8, 64, device=DEVICE), torch.randn(32, 8, device=DEVICE)
+    w, a, b = (torch.randn(32, 64, device=DEVICE), torch.randn(8, 64, device=DEVICE),
+               torch.randn(32, 8, device=DEVICE))
     lora = LoRACall(a, b, 1.0, 0.3)
     y1 = fused_lora_linear(x, w, None, lora, seed=7)
     y2 = fused_lora_linear(x, w, None, lora, seed=7)
@@ -174,7 +176,8 @@ def test_layers_route_through_the_kernels(monkeypatch, layer_kind):
         xi = x.clone().requires_grad_()
         y = layer(xi)
         y.square().sum().backward()
-        results[backend] = (y.detach(), xi.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        results[backend] = (y.detach(), xi.grad, layer.lora_A.grad.clone(),
+                            layer.lora_B.grad.clone())
         layer.zero_grad()
     for name, got, want in zip(("y", "dx", "dA", "dB"), results["triton"], results["eager"]):
         assert_rel_close(got, want, 1e-5, name)
@@ -240,7 +243,8 @@ def test_autotune_off_pins_one_config_per_role_and_seed_is_not_specialised():
             "print(all(k.params[k.arg_names.index('seed')].do_not_specialize for k in "
             "(l._lora_shrink_kernel, l._dropout_mask_kernel)))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    counts = [subprocess.run([sys.executable, "-c", code], env={**env, "LORAKERNELS_AUTOTUNE": value},
+    counts = [subprocess.run([sys.executable, "-c", code],
+                             env={**env, "LORAKERNELS_AUTOTUNE": value},
                              capture_output=True, text=True, check=True,
                              timeout=subprocess_timeout(120)).stdout.split()
               for value in ("0", "1")]
@@ -270,7 +274,8 @@ def test_deterministic_mode_reduces_dA_and_dB_from_partials(monkeypatch):
         torch.use_deterministic_algorithms(True)
         for _ in range(2):
             a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
-            fused_lora_linear(x, w, None, LoRACall(a, b, 0.5, 0.1), seed=3).square().sum().backward()
+            y = fused_lora_linear(x, w, None, LoRACall(a, b, 0.5, 0.1), seed=3)
+            y.square().sum().backward()
             grads.append((a.grad, b.grad))
     finally:
         torch.use_deterministic_algorithms(deterministic)

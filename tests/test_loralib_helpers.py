@@ -11,7 +11,7 @@ import lorakernels as lora
 def same_parameters(ours, theirs, seed=0):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in theirs.named_parameters():
+        for param in theirs.parameters():
             param.copy_(torch.randn(param.shape, generator=gen))
     ours.load_state_dict(theirs.state_dict())
 

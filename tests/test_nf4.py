@@ -8,7 +8,8 @@ from lorakernels.nf4 import (ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4_CODE_VALUES, NF4
                              nf4_nbytes, quantize_nf4)
 from lorakernels.ops.nf4_dequant import dequantize_nf4
 
-SHAPES = [(128, 192), (96, 64), (40, 64)]  # 384 blocks (two absmax groups), 96, 40 (a partial program)
+# 384 blocks (two absmax groups), 96, 40 (a partial program)
+SHAPES = [(128, 192), (96, 64), (40, 64)]
 
 
 def _weight(shape, dtype=torch.float32, seed=0):

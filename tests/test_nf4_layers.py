@@ -41,7 +41,8 @@ def test_nf4_linear_equals_the_dense_layer_on_the_dequantised_weight():
     torch.manual_seed(0)
     nf4_layer = lora.NF4Linear.from_linear(nn.Linear(64, 48), r=4, lora_alpha=8)
     assert nf4_layer.lora_A.dtype == torch.float32 and not nf4_layer.weight_packed.requires_grad
-    assert [n for n, p in nf4_layer.named_parameters() if p.requires_grad] == ["bias", "lora_A", "lora_B"]
+    assert [n for n, p in nf4_layer.named_parameters()
+            if p.requires_grad] == ["bias", "lora_A", "lora_B"]
     dense = _dense_twin(nf4_layer, lora.Linear(64, 48, r=4, lora_alpha=8))
     with torch.no_grad():
         dense.bias.copy_(nf4_layer.bias)
@@ -54,7 +55,9 @@ def test_nf4_merged_linear_per_part_equals_merged_linear():
                    bias=False)
     nf4_layer = NF4MergedLinear(64, 64, dtype=torch.float32, **options)
     nf4_layer.quantize_weight(torch.randn(64, 64) * 0.1, torch.float32)
-    _assert_same_outputs_and_grads(nf4_layer, _dense_twin(nf4_layer, lora.MergedLinear(64, 64, **options)), 64)
+    _assert_same_outputs_and_grads(nf4_layer,
+                                   _dense_twin(nf4_layer, lora.MergedLinear(64, 64, **options)),
+                                   64)
 
 
 def test_to_dtype_keeps_the_scales_exact_and_changes_the_products():

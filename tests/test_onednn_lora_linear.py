@@ -65,7 +65,8 @@ def test_matches_reference(variant, dropout_p, bias, train_weight):
         lora_input = x.masked_fill(dropped, 0.0) / (1 - dropout_p) if dropout_p > 0 else None
         if parts is None:
             return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, lora_input)
-        return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts, lora_input)
+        return merged_lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, parts,
+                                            lora_input)
 
     y_ref, grads_ref = forward_backward(reference, inputs, dy)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
@@ -90,7 +91,8 @@ def test_linear_fuses_bias_and_addend():
     torch.testing.assert_close(linear(x, weight.t().contiguous().t()), x @ weight.t())
     torch.testing.assert_close(linear(x[:0], weight), torch.zeros(0, 5))
     scale = torch.rand(5)  # DoRA's m/n as the post-op, after the bias
-    torch.testing.assert_close(linear(x, weight, bias, col_scale=scale), (x @ weight.t() + bias) * scale)
+    torch.testing.assert_close(linear(x, weight, bias, col_scale=scale),
+                               (x @ weight.t() + bias) * scale)
     with pytest.raises(ValueError, match="one post-op"):
         linear(x, weight, add=add, col_scale=scale)
 
@@ -100,5 +102,6 @@ def test_layer_in_bf16_falls_back_to_the_reference(monkeypatch):
     layer = lora.Linear(16, 8, r=2, lora_alpha=4).to(torch.bfloat16)
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 16, dtype=torch.bfloat16)
-    expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling)
+    expected = lora_linear_reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                     layer.scaling)
     torch.testing.assert_close(layer(x), expected)

@@ -84,9 +84,11 @@ def test_lm_head_and_embedding_targets(checkpoint):
     with torch.no_grad():
         before = model(ids)
     apply_lora(model, r=2, targets=["lm_head", "embed_tokens"])
-    assert isinstance(model.lm_head, lora.Linear) and isinstance(model.model.embed_tokens, lora.Embedding)
+    assert isinstance(model.lm_head, lora.Linear)
+    assert isinstance(model.model.embed_tokens, lora.Embedding)
     model(ids).sum().backward()
-    assert model.model.embed_tokens.lora_A.grad is not None and model.lm_head.lora_A.grad is not None
+    assert model.model.embed_tokens.lora_A.grad is not None
+    assert model.lm_head.lora_A.grad is not None
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before)
 
@@ -94,8 +96,10 @@ def test_lm_head_and_embedding_targets(checkpoint):
 def test_whole_model_on_the_triton_kernels_equals_eager(checkpoint, monkeypatch):
     """LORAKERNELS_BACKEND=triton routes LoRA linears, RMSNorm, RoPE and SwiGLU through the
     kernels (interpreted on CPU): logits and LoRA gradients equal the eager model's."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA or the interpreter
-    model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device=device),
+    # the kernels need CUDA or the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = apply_lora(Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                       device=device),
                        r=4, lora_alpha=8)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -43,7 +43,8 @@ def test_logits_match_transformers(case, seq_len, tmp_path):
     reference = hf_model(CASES[case], tmp_path)
     ours = Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert [n for n, _ in ours.named_parameters()] == [n for n, _ in reference.named_parameters()]
-    ids = torch.randint(0, SMALL["vocab_size"], (2, seq_len), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, seq_len),
+                        generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).logits
         got = ours(ids)
@@ -87,7 +88,8 @@ def test_bf16_loading_and_sharded_round_trip(tmp_path):
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     # transformers reads what we wrote.
-    hf_again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "sharded", dtype=torch.float32)
+    hf_again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "sharded",
+                                                            dtype=torch.float32)
     ids = torch.randint(0, 96, (1, 10))
     with torch.no_grad():
         torch.testing.assert_close(hf_again(ids).logits, ours.float()(ids), rtol=1e-4, atol=1e-4)
@@ -99,7 +101,8 @@ def test_mismatched_checkpoint_lists_the_names(tmp_path):
     config = json.loads((tmp_path / "gqa" / "config.json").read_text())
     config["num_key_value_heads"] = 4
     (tmp_path / "gqa" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"mis-shaped \(2\): model.layers.0.self_attn.qkv_proj.weight"):
+    with pytest.raises(ValueError,
+                       match=r"mis-shaped \(2\): model.layers.0.self_attn.qkv_proj.weight"):
         Phi3ForCausalLM.from_pretrained(tmp_path / "gqa", dtype=torch.float32)
 
 
@@ -110,13 +113,16 @@ def test_unknown_config_key_is_named():
 
 def test_presets():
     mini = Phi3Config.from_name("phi3-mini-4k")
-    assert (mini.hidden_size, mini.num_hidden_layers, mini.vocab_size, mini.sliding_window) == (3072, 32, 32064, 2047)
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.vocab_size,
+            mini.sliding_window) == (3072, 32, 32064, 2047)
     medium = Phi3Config.from_name("phi3-medium-4k")
     assert medium.qkv_split_sizes == (5120, 1280, 1280)
     for name in ("phi3-mini-128k", "phi3.5-mini"):
         long = Phi3Config.from_name(name)
-        assert long.max_position_embeddings == 131072 and len(long.rope_scaling["long_factor"]) == 48
-        assert abs(long.rope_attention_scaling - 1.1902380714238083) < 1e-12  # sqrt(1 + ln 32 / ln 4096)
+        assert long.max_position_embeddings == 131072
+        assert len(long.rope_scaling["long_factor"]) == 48
+        # sqrt(1 + ln 32 / ln 4096)
+        assert abs(long.rope_attention_scaling - 1.1902380714238083) < 1e-12
     with pytest.raises(ValueError, match="unknown preset 'phi5'"):
         Phi3Config.from_name("phi5")
 

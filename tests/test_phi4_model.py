@@ -22,8 +22,9 @@ from model.tokenizer import TINY_TOKENIZER_DIR
 from test_phi3_lora import peft_and_ours
 
 HEAD_DIM = 16
-PHI4_MINI = dict(vocab_size=128, hidden_size=6 * HEAD_DIM, intermediate_size=160, num_hidden_layers=2,
-                 num_attention_heads=6, num_key_value_heads=2, partial_rotary_factor=0.75,
+PHI4_MINI = dict(vocab_size=128, hidden_size=6 * HEAD_DIM, intermediate_size=160,
+                 num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                 partial_rotary_factor=0.75,
                  rope_scaling={"type": "longrope",
                                "short_factor": [1.0 + 0.05 * i for i in range(6)],
                                "long_factor": [1.5 + 2.0 * i for i in range(6)]},
@@ -95,7 +96,8 @@ def test_save_pretrained_of_a_tied_model_loads_in_transformers(tmp_path):
         assert "lm_head.weight" not in reader.keys()
     saved = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert saved["partial_rotary_factor"] == 0.75 and saved["tie_word_embeddings"] is True
-    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32).eval()
+    again = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "ours",
+                                                         dtype=torch.float32).eval()
     ids = torch.arange(20)[None]
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
@@ -118,7 +120,8 @@ def test_lora_on_the_tied_head_trains_apart_but_refuses_to_merge(tmp_path):
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
     with torch.no_grad():
         ours.lm_head.lora_B.normal_()
-    with pytest.raises(ValueError, match=r"tied weights \(model.embed_tokens.weight = lm_head.weight\)"):
+    with pytest.raises(ValueError,
+                       match=r"tied weights \(model.embed_tokens.weight = lm_head.weight\)"):
         merge_lora(ours)
 
 
@@ -130,47 +133,54 @@ def test_lm_head_loss_reads_the_tied_table():
     hidden = torch.randn(9, config.hidden_size)
     labels = torch.randint(0, config.vocab_size, (9,))
     loss = lm_head_loss(model.lm_head, hidden, labels)
-    expected = torch.nn.functional.cross_entropy(hidden @ model.model.embed_tokens.weight.t(), labels,
-                                                 reduction="sum")
+    expected = torch.nn.functional.cross_entropy(hidden @ model.model.embed_tokens.weight.t(),
+                                                 labels, reduction="sum")
     torch.testing.assert_close(loss, expected)
 
 
 def test_longrope_factor_count_follows_the_rotary_dims():
     layout = {**PHI4_MINI, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
                                             "long_factor": [1.0] * 8}}
-    with pytest.raises(ValueError, match=r"rope_scaling.short_factor must have rotary_dim/2 = 6 values "
-                                         r"\(head_dim 16 × partial_rotary_factor 0.75 = 12 rotated dims\), got 8"):
+    with pytest.raises(ValueError, match=r"rope_scaling.short_factor must have rotary_dim/2 = 6 "
+                                         r"values \(head_dim 16 × partial_rotary_factor 0.75 = "
+                                         r"12 rotated dims\), got 8"):
         Phi3Config(**layout)
-    with pytest.raises(ValueError, match=r"partial_rotary_factor 0.1 must give an even number .* int\(16 \* 0.1\) = 1"):
+    with pytest.raises(ValueError, match=r"partial_rotary_factor 0.1 must give an even number "
+                                         r".* int\(16 \* 0.1\) = 1"):
         Phi3Config(**{**PHI4, "partial_rotary_factor": 0.1})
 
 
 def test_transformers_5_rope_parameters_layout():
-    """transformers 5 writes partial_rotary_factor and the original context inside rope_parameters."""
+    """transformers 5 writes partial_rotary_factor and the original context inside
+    rope_parameters."""
     config = transformers.Phi3Config(**PHI4_MINI)
     ours = Phi3Config.from_dict(json.loads(config.to_json_string()))
-    assert (ours.partial_rotary_factor, ours.rotary_dim, ours.original_max_position_embeddings) == (0.75, 12, 16)
+    assert (ours.partial_rotary_factor, ours.rotary_dim,
+            ours.original_max_position_embeddings) == (0.75, 12, 16)
     assert ours.rope_scaling["long_factor"] == PHI4_MINI["rope_scaling"]["long_factor"]
 
 
 def test_presets_hold_the_public_numbers():
     phi4 = Phi3Config.from_name("phi4")
-    assert (phi4.hidden_size, phi4.num_hidden_layers, phi4.num_attention_heads, phi4.num_key_value_heads,
-            phi4.head_dim, phi4.intermediate_size, phi4.vocab_size, phi4.rope_theta,
+    assert (phi4.hidden_size, phi4.num_hidden_layers, phi4.num_attention_heads,
+            phi4.num_key_value_heads, phi4.head_dim, phi4.intermediate_size, phi4.vocab_size,
+            phi4.rope_theta,
             phi4.max_position_embeddings, phi4.rope_scaling, phi4.sliding_window,
             phi4.tie_word_embeddings) == (5120, 40, 40, 10, 128, 17920, 100352, 250000.0, 16384,
                                           None, None, False)
     assert phi4.qkv_split_sizes == (5120, 1280, 1280)
     mini = Phi3Config.from_name("phi4-mini")
-    assert (mini.hidden_size, mini.num_hidden_layers, mini.num_attention_heads, mini.num_key_value_heads,
-            mini.head_dim, mini.rotary_dim, mini.intermediate_size, mini.vocab_size,
-            mini.original_max_position_embeddings, mini.max_position_embeddings, mini.sliding_window,
+    assert (mini.hidden_size, mini.num_hidden_layers, mini.num_attention_heads,
+            mini.num_key_value_heads, mini.head_dim, mini.rotary_dim, mini.intermediate_size,
+            mini.vocab_size, mini.original_max_position_embeddings, mini.max_position_embeddings,
+            mini.sliding_window,
             mini.tie_word_embeddings) == (3072, 32, 24, 8, 128, 96, 8192, 200064, 4096, 131072,
                                           262144, True)
     assert mini.qkv_split_sizes == (3072, 1024, 1024)
     assert len(mini.rope_scaling["short_factor"]) == len(mini.rope_scaling["long_factor"]) == 48
     assert mini.rope_scaling["long_factor"][-1] == 47.77
-    assert abs(mini.rope_attention_scaling - 1.1902380714238083) < 1e-12  # sqrt(1 + ln 32 / ln 4096)
+    # sqrt(1 + ln 32 / ln 4096)
+    assert abs(mini.rope_attention_scaling - 1.1902380714238083) < 1e-12
     # transformers accepts the same numbers (it validates the factor count against the rotary dims).
     transformers.Phi3Config(**{k: v for k, v in mini.to_hf_dict().items()
                                if k not in ("architectures", "model_type", "torch_dtype")})

@@ -61,7 +61,8 @@ def test_base_linear_over_nf4(monkeypatch, nf4_path, backend, dtype):
     y_ref = torch.nn.functional.linear(xr, dense, br)
     y_ref.backward(dy.float())
     assert y.dtype == dtype
-    for name, got, want in (("y", y, y_ref), ("dx", xi.grad, xr.grad), ("dbias", bias.grad, br.grad)):
+    for name, got, want in (("y", y, y_ref), ("dx", xi.grad, xr.grad),
+                            ("dbias", bias.grad, br.grad)):
         assert_rel_close(got, want, REL_TOL[dtype], name)
 
 

@@ -41,13 +41,16 @@ def random_model(seed=0, dtype=torch.float32, **overrides) -> Phi3ForCausalLM:
     return model.to(dtype)
 
 
-def save_random(directory, seed=0, dtype=torch.float32, max_shard_bytes=None, **overrides) -> Path:
-    random_model(seed, dtype, **overrides).save_pretrained(directory, max_shard_bytes=max_shard_bytes)
+def save_random(directory, seed=0, dtype=torch.float32, max_shard_bytes=None,
+                **overrides) -> Path:
+    random_model(seed, dtype, **overrides).save_pretrained(directory,
+                                                           max_shard_bytes=max_shard_bytes)
     return Path(directory)
 
 
 def decoder_linear_names(model):
-    return [f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers) for name in LINEARS]
+    return [f"model.layers.{i}.{name}" for i in range(model.config.num_hidden_layers)
+            for name in LINEARS]
 
 
 def dense_decoder_tensors(model):
@@ -66,7 +69,8 @@ def rms(x):
 
 
 def ids_for(model, shape, seed=1):
-    return torch.randint(0, model.config.vocab_size, shape, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(0, model.config.vocab_size, shape,
+                         generator=torch.Generator().manual_seed(seed))
 
 
 # 1. Exact plumbing ---------------------------------------------------------------------------
@@ -74,10 +78,12 @@ def ids_for(model, shape, seed=1):
 @pytest.mark.parametrize("saved_dtype, max_shard_bytes", [
     (torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, 20_000),
 ], ids=["bf16", "fp32", "bf16-sharded"])
-def test_nf4_load_equals_dense_model_with_dequantised_weights(tmp_path, saved_dtype, max_shard_bytes):
+def test_nf4_load_equals_dense_model_with_dequantised_weights(tmp_path, saved_dtype,
+                                                              max_shard_bytes):
     directory = save_random(tmp_path / "base", dtype=saved_dtype, max_shard_bytes=max_shard_bytes)
     if max_shard_bytes:  # the checkpoint really is split, with decoder linears in several shards
-        weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        weight_map = index["weight_map"]
         assert len(set(weight_map.values())) >= 3
     quantized = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32, quantize="nf4")
     reference = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -88,7 +94,8 @@ def test_nf4_load_equals_dense_model_with_dequantised_weights(tmp_path, saved_dt
             layer.weight.copy_(dequantize_nf4_reference(quantize_nf4(layer.weight), torch.float32))
             loaded = quantized.get_submodule(name)
             assert isinstance(loaded, NF4Linear) and loaded.weight_dtype == torch.float32
-            assert torch.equal(dequantize_nf4_reference(loaded.nf4_weight, torch.float32), layer.weight)
+            assert torch.equal(dequantize_nf4_reference(loaded.nf4_weight, torch.float32),
+                               layer.weight)
     ids = ids_for(reference, (2, 12))
     # Same fp32 weights, same products: only F.linear versus x @ Ŵᵀ may sum in another order
     # (~1e-7 relative); a wrong block, nibble or orientation changes logits by ~1e-1.
@@ -97,10 +104,10 @@ def test_nf4_load_equals_dense_model_with_dequantised_weights(tmp_path, saved_dt
 
 def test_state_dict_of_a_quantised_model_round_trips(tmp_path):
     """load_state_dict from one 4-bit model into another of the same shape gives the same model."""
-    source = Phi3ForCausalLM.from_pretrained(save_random(tmp_path / "a", seed=0), dtype=torch.float32,
-                                             quantize="nf4")
-    target = Phi3ForCausalLM.from_pretrained(save_random(tmp_path / "b", seed=5), dtype=torch.float32,
-                                             quantize="nf4")
+    source = Phi3ForCausalLM.from_pretrained(save_random(tmp_path / "a", seed=0),
+                                             dtype=torch.float32, quantize="nf4")
+    target = Phi3ForCausalLM.from_pretrained(save_random(tmp_path / "b", seed=5),
+                                             dtype=torch.float32, quantize="nf4")
     target.load_state_dict(source.state_dict())
     for name in decoder_linear_names(source):
         torch.testing.assert_close(
@@ -149,7 +156,8 @@ def test_nf4_logit_error_is_that_of_gaussian_noise_of_the_same_size(tmp_path):
     noise_error = (sum(noise_errors) / len(noise_errors)) ** 0.5
     assert nf4_error <= 1.5 * noise_error, (nf4_error, noise_error)
     # Logit rms ~1 and error ~0.15 here: cosine ≈ 1 - 0.15²/2 ≈ 0.989; 0.97 allows error 0.25.
-    cosine = torch.nn.functional.cosine_similarity(logits(quantized, ids).flatten(), reference.flatten(), 0)
+    cosine = torch.nn.functional.cosine_similarity(logits(quantized, ids).flatten(),
+                                                   reference.flatten(), 0)
     assert cosine > 0.97
     assert nf4_error > 0  # really quantised, not a dense copy
 
@@ -157,7 +165,8 @@ def test_nf4_logit_error_is_that_of_gaussian_noise_of_the_same_size(tmp_path):
 # 3. Memory ---------------------------------------------------------------------------------
 
 def model_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    return sum(t.numel() * t.element_size()
+               for t in list(model.parameters()) + list(model.buffers()))
 
 
 def test_no_dense_decoder_weight_and_the_bytes_add_up(tmp_path):
@@ -179,7 +188,8 @@ def test_no_dense_decoder_weight_and_the_bytes_add_up(tmp_path):
         numel = layer.out_features * layer.in_features
         linear_numel += numel
         held = sum(b.numel() * b.element_size() for b in layer.buffers())
-        assert held + 4 == nf4_nbytes(numel), name  # nf4_nbytes counts the fp32 offset held as a float
+        # nf4_nbytes counts the fp32 offset held as a float
+        assert held + 4 == nf4_nbytes(numel), name
         nf4_bytes += held
     assert model_bytes(quantized) == model_bytes(dense) - 2 * linear_numel + nf4_bytes
     # 0.516 bytes a linear weight against 2:
@@ -193,7 +203,8 @@ def test_no_dense_decoder_weight_and_the_bytes_add_up(tmp_path):
     assert isinstance(qkv, NF4MergedLinear) and qkv.weight_packed is packed
     assert isinstance(quantized.model.layers[0].self_attn.o_proj, NF4Linear)
     left = [name for name, _ in dense_decoder_tensors(quantized)]
-    assert left and all(".lora_A" in name or ".lora_B" in name for name in left)  # only the LoRA factors
+    # only the LoRA factors
+    assert left and all(".lora_A" in name or ".lora_B" in name for name in left)
 
 
 def test_phi3_mini_in_nf4_is_under_0_3_of_bf16():
@@ -225,7 +236,8 @@ def test_loading_quantises_each_decoder_linear_as_it_is_read(tmp_path, monkeypat
         # No dense decoder weight exists at any point of the load, on meta or otherwise.
         assert dense_decoder_tensors(model) == [], name
         materialised.append(sum(t.numel() * t.element_size() for t in
-                                list(model.parameters()) + list(model.buffers()) if t.device.type != "meta"))
+                                list(model.parameters()) + list(model.buffers())
+                                if t.device.type != "meta"))
         events.append(("read", name))
         real_set_tensor(model, name, tensor, dtype)
 
@@ -239,7 +251,8 @@ def test_loading_quantises_each_decoder_linear_as_it_is_read(tmp_path, monkeypat
 
     names = decoder_linear_names(model)
     assert len([e for e in events if e[0] == "quantize"]) == len(names)
-    checkpoint_keys = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    checkpoint_keys = index["weight_map"]
     assert sorted(name for kind, name in events if kind == "read") == sorted(checkpoint_keys)
     for name in names:  # quantised right as its tensor is read, not after the whole checkpoint
         i = events.index(("read", f"{name}.weight"))
@@ -255,8 +268,9 @@ def test_loading_quantises_each_decoder_linear_as_it_is_read(tmp_path, monkeypat
 # 5. Training -------------------------------------------------------------------------------
 
 def train_config(data, output, **overrides):
-    options = dict(data=data, output=str(output), device="cpu", max_seq_len=64, batch_size=2, lr=3e-3,
-                   lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=6, seed=3, log_every=1)
+    options = dict(data=data, output=str(output), device="cpu", max_seq_len=64, batch_size=2,
+                   lr=3e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0, max_steps=6, seed=3,
+                   log_every=1)
     return TrainConfig(**{**options, **overrides})
 
 
@@ -273,7 +287,8 @@ def test_training_over_nf4_gives_a_peft_adapter_for_the_dense_base(data, tmp_pat
     train(train_config(data, tmp_path / "nf4", quantize="nf4"), log=lambda _: None)
     train(train_config(data, tmp_path / "dense", max_steps=1), log=lambda _: None)
     nf4_losses, dense_losses = run_losses(tmp_path / "nf4"), run_losses(tmp_path / "dense")
-    # Measured 7.03 → 6.3 over 6 steps at lr 3e-3 (dense alike); a frozen or broken LoRA stays ~7.03.
+    # Measured 7.03 → 6.3 over 6 steps at lr 3e-3 (dense alike); a frozen or broken LoRA stays
+    # ~7.03.
     assert len(nf4_losses) == 6 and sum(nf4_losses[-2:]) / 2 < sum(nf4_losses[:2]) / 2 - 0.2
     # Step 1 (B = 0: the base alone, same seed and batch) on CPU is deterministic, so the 4-bit
     # base shows as a small difference (measured 1e-3), and a run that ignored quantize as none.
@@ -288,12 +303,14 @@ def test_training_over_nf4_gives_a_peft_adapter_for_the_dense_base(data, tmp_pat
     for name in decoder_linear_names(nf4_base):
         expected = quantize_nf4(dense_base.get_submodule(name).weight)
         got = nf4_base.get_submodule(name).nf4_weight
-        assert torch.equal(got.packed, expected.packed) and torch.equal(got.absmax_q, expected.absmax_q)
+        assert torch.equal(got.packed, expected.packed)
+        assert torch.equal(got.absmax_q, expected.absmax_q)
 
     # The adapter file is a dense run's: same keys, shapes and fp32 dtype; B trained away from 0.
     adapter = load_file(str(tmp_path / "nf4" / "final" / "adapter_model.safetensors"))
     dense_adapter = load_file(str(tmp_path / "dense" / "final" / "adapter_model.safetensors"))
-    assert {k: v.shape for k, v in adapter.items()} == {k: v.shape for k, v in dense_adapter.items()}
+    assert ({k: v.shape for k, v in adapter.items()}
+            == {k: v.shape for k, v in dense_adapter.items()})
     assert len(adapter) == 2 * 4 * 4 and {v.dtype for v in adapter.values()} == {torch.float32}
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)
     settings = json.loads((tmp_path / "nf4" / "final" / "adapter_config.json").read_text())
@@ -303,7 +320,8 @@ def test_training_over_nf4_gives_a_peft_adapter_for_the_dense_base(data, tmp_pat
     hf = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
     hf = peft.PeftModel.from_pretrained(hf, tmp_path / "nf4" / "final").eval()
     ours = apply_lora(Phi3ForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
-                      r=settings["r"], lora_alpha=settings["lora_alpha"], targets=settings["target_modules"])
+                      r=settings["r"], lora_alpha=settings["lora_alpha"],
+                      targets=settings["target_modules"])
     load_peft_adapter(ours, tmp_path / "nf4" / "final")
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(0))
     # fp32 on both sides, as test_train_loop's PEFT check: only summation order differs.
@@ -319,7 +337,8 @@ def test_quantised_model_refuses_dense_saves_and_merges(tmp_path):
         model.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out" / "model.safetensors").exists()
     apply_lora(model, r=4, lora_alpha=8)
-    with pytest.raises(ValueError, match=r"merge_lora cannot merge into 4-bit \(NF4\).*without quantisation"):
+    with pytest.raises(ValueError, match=r"merge_lora cannot merge into 4-bit \(NF4\)"
+                                         r".*without quantisation"):
         merge_lora(model)
     qkv = model.model.layers[0].self_attn.qkv_proj
     with pytest.raises(ValueError, match="cannot merge LoRA into a 4-bit"):
@@ -339,7 +358,8 @@ def test_unknown_quantisation_and_fsdp_are_refused(tmp_path, capsys):
     with pytest.raises(ValueError, match="--quantize nf4 works with --strategy ddp, not fsdp"):
         TrainConfig(quantize="nf4", strategy="fsdp")
     with pytest.raises(SystemExit) as exit_info:
-        train_script.main(["--quantize", "nf4", "--strategy", "fsdp", "--output", str(tmp_path / "run")])
+        train_script.main(["--quantize", "nf4", "--strategy", "fsdp",
+                           "--output", str(tmp_path / "run")])
     assert exit_info.value.code == 2
     assert "not fsdp" in capsys.readouterr().err and not (tmp_path / "run").exists()
     TrainConfig(quantize="nf4", strategy="ddp")  # the supported combination
@@ -347,11 +367,13 @@ def test_unknown_quantisation_and_fsdp_are_refused(tmp_path, capsys):
 
 # 7. Triton path at model level, and generation ---------------------------------------------
 
-@pytest.mark.parametrize("fused_max_rows", [NF4_FUSED_MAX_ROWS, 4], ids=["4bit-k-loop", "dequantised"])
+@pytest.mark.parametrize("fused_max_rows", [NF4_FUSED_MAX_ROWS, 4],
+                         ids=["4bit-k-loop", "dequantised"])
 def test_quantised_lora_model_on_triton_equals_eager(tmp_path, monkeypatch, fused_max_rows):
     """1 layer, 8 tokens: ≤ 64 rows read the 4-bit tiles in the GEMM; with the threshold at 4 the
     same 8 rows take the dequantise-then-GEMM path (as > 64 rows do by default)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels need CUDA or the interpreter
+    # the kernels need CUDA or the interpreter
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     dequantised = {"n": 0}
     real_dequantize = nf4_ops.dequantize_nf4_to_scratch
 
@@ -361,7 +383,8 @@ def test_quantised_lora_model_on_triton_equals_eager(tmp_path, monkeypatch, fuse
 
     monkeypatch.setattr(nf4_ops, "dequantize_nf4_to_scratch", counting_dequantize)
     directory = save_random(tmp_path / "base", num_hidden_layers=1)
-    model = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32, device=device, quantize="nf4")
+    model = Phi3ForCausalLM.from_pretrained(directory, dtype=torch.float32, device=device,
+                                            quantize="nf4")
     apply_lora(model, r=4, lora_alpha=8, per_part=True)
     for layer in model.modules():
         if isinstance(layer, NF4Layer):

@@ -34,7 +34,8 @@ def train_cli(data, output, *flags):
 
 
 def steps(output):
-    return [json.loads(line)["step"] for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line)["step"]
+            for line in (Path(output) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_a_busy_output_stops_a_second_run_and_a_dead_holder_is_taken_over(data, tmp_path):
@@ -44,7 +45,8 @@ def test_a_busy_output_stops_a_second_run_and_a_dead_holder_is_taken_over(data, 
         assert holder.stdout.readline().strip() == "locked"
         result = train_cli(data, tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert f"--output {tmp_path} is in use by another run (process {holder.pid}" in result.stderr
+        assert (f"--output {tmp_path} is in use by another run (process {holder.pid}"
+                in result.stderr)
         assert not (tmp_path / "metrics.jsonl").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -77,7 +79,8 @@ def test_overwrite_replaces_only_the_runs_files_and_only_once_training_starts(da
     assert steps(tmp_path) == [1, 2, 3] and (tmp_path / "checkpoint-2").exists()
     train(config(data, tmp_path, overwrite=True), log=lambda _: None)
     assert steps(tmp_path) == [1, 2]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "final", "metrics.jsonl", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE, "final", "metrics.jsonl",
+                                                          "notes.txt"]
     with pytest.raises(ValueError, match="give one of them"):
         config(data, tmp_path, overwrite=True, resume="latest")
 

@@ -1,4 +1,5 @@
-"""--report-to tensorboard and scripts/plot_metrics.py: the same numbers as metrics.jsonl, each step once."""
+"""--report-to tensorboard and scripts/plot_metrics.py: the same numbers as metrics.jsonl, each
+step once."""
 import json
 import math
 import struct
@@ -35,7 +36,8 @@ def expected_scalars(rows) -> dict:
     for row in rows:
         for key, value in row.items():
             if key != "step":
-                expected.setdefault(tag(key), []).append((row["step"], pytest.approx(value, rel=1e-6)))
+                expected.setdefault(tag(key), []).append((row["step"],
+                                                          pytest.approx(value, rel=1e-6)))
     return expected
 
 
@@ -44,7 +46,8 @@ def event_scalars(output) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(Path(output) / "tensorboard"))
     events.Reload()
-    return {name: [(e.step, e.value) for e in events.Scalars(name)] for name in events.Tags()["scalars"]}
+    return {name: [(e.step, e.value) for e in events.Scalars(name)]
+            for name in events.Tags()["scalars"]}
 
 
 def served_steps(output) -> dict:
@@ -94,8 +97,8 @@ def test_report_to_is_checked(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main(["--report-to", "tensorboard"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == ('train.py: error: --report-to tensorboard needs the tensorboard '
-                                       'package: pip install -e ".[tensorboard]"\n')
+    assert capsys.readouterr().err == ('train.py: error: --report-to tensorboard needs the '
+                                       'tensorboard package: pip install -e ".[tensorboard]"\n')
 
 
 def write_run(directory: Path, steps: int, eval_every: int) -> Path:

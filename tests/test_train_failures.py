@@ -26,7 +26,8 @@ def metrics(output):
 
 def test_divergence_stops_keeps_the_last_checkpoint_and_writes_no_final(data, tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data", data, "--output", str(tmp_path),
-                             "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4", "--max-steps", "3",
+                             "--device", "cpu", "--max-seq-len", "64", "--lora-r", "4",
+                             "--max-steps", "3",
                              "--lr", "1e30", "--save-every", "1", "--warmup-ratio", "0"],
                             capture_output=True, text=True, cwd=ROOT,
                             timeout=subprocess_timeout(120))
@@ -65,6 +66,7 @@ def test_metrics_are_strict_json_without_clipping(data, tmp_path):
 
 
 def test_data_without_target_tokens_is_refused_naming_max_seq_len(data, tmp_path):
-    with pytest.raises(ValueError, match="no target tokens left after truncating .* --max-seq-len 8"):
+    with pytest.raises(ValueError,
+                       match="no target tokens left after truncating .* --max-seq-len 8"):
         train(config(data, tmp_path, max_seq_len=8), log=lambda _: None)
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "final").exists()

@@ -1,4 +1,5 @@
-"""train.py end to end on the tiny preset: falling loss, exact resume, accumulation, PEFT, safe saves."""
+"""train.py end to end on the tiny preset: falling loss, exact resume, accumulation, PEFT, safe
+saves."""
 import json
 import subprocess
 import sys
@@ -23,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def config(data, output, **overrides):
     # CPU and fp32 even on a GPU machine: these tests compare runs bit for bit, and the
     # GPU kernels reduce dB with atomics (not bitwise reproducible).
-    options = dict(data=data, output=str(output), device="cpu", max_seq_len=128, batch_size=2, lr=3e-3,
-                   lora_r=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, seed=3, log_every=1)
+    options = dict(data=data, output=str(output), device="cpu", max_seq_len=128, batch_size=2,
+                   lr=3e-3, lora_r=4, lora_alpha=8, lora_dropout=0.1, max_steps=6, seed=3,
+                   log_every=1)
     return TrainConfig(**{**options, **overrides})
 
 
@@ -44,14 +46,16 @@ def lora_weights(directory):
 
 
 def test_loss_falls_and_outputs_are_written(data, tmp_path):
-    summary = train(config(data, tmp_path, max_steps=30, eval_data=data, eval_every=10), log=lambda _: None)
+    summary = train(config(data, tmp_path, max_steps=30, eval_data=data, eval_every=10),
+                    log=lambda _: None)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     assert [r["step"] for r in rows if "eval_loss" in r] == [10, 20, 30]
     assert {"lr", "grad_norm", "tokens_per_s", "peak_memory_mb"} <= set(rows[0])
     final = tmp_path / "final"
-    assert {"adapter_model.safetensors", "adapter_config.json", "lora.safetensors"} <= {p.name for p in final.iterdir()}
+    assert ({"adapter_model.safetensors", "adapter_config.json", "lora.safetensors"}
+            <= {p.name for p in final.iterdir()})
     assert summary["step"] == 30 and summary["eval_ppl"] > 1
 
 
@@ -61,7 +65,8 @@ def test_resume_is_exact(data, tmp_path):
     # Pretend the run stopped after step 3: resume from that checkpoint.
     train(config(data, tmp_path / "resumed", resume=str(tmp_path / "split" / "checkpoint-3")),
           log=lambda _: None)
-    expected, resumed = lora_weights(tmp_path / "straight" / "final"), lora_weights(tmp_path / "resumed" / "final")
+    expected = lora_weights(tmp_path / "straight" / "final")
+    resumed = lora_weights(tmp_path / "resumed" / "final")
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
 
@@ -106,7 +111,8 @@ def test_interrupt_saves_and_resume_continues(data, tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
     monkeypatch.setattr(loop, "token_loss_sum", real)
     assert train(config(data, tmp_path, resume="latest"), log=lambda _: None)["step"] == 6
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # each step logged once across the interruption
     resumed = lora_weights(tmp_path / "final")
     train(config(data, tmp_path / "straight"), log=lambda _: None)
@@ -163,7 +169,8 @@ def test_cli_reports_bad_data_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", str(bad),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+                             "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
     assert f"{bad}:1: no assistant turn" in result.stderr and "Traceback" not in result.stderr
 
@@ -189,7 +196,8 @@ def test_trains_from_a_checkpoint_directory(data, tmp_path):
     tokenizer.save_pretrained(tmp_path / "base")  # tokenizer.json and its chat template
     summary = train(config(data, tmp_path / "run", model=str(tmp_path / "base"), max_steps=2),
                     log=lambda _: None)
-    assert summary["step"] == 2 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    assert summary["step"] == 2
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
     settings = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
     assert settings["base_model_name_or_path"] == str(tmp_path / "base")
 
@@ -209,10 +217,12 @@ def test_chunked_loss_equals_full_logits_loss(data, targets):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_bf16_training_on_the_gpu_kernels(data, tmp_path, quantize):
-    """The GPU path end to end: bf16 (or NF4) base, fp32 LoRA, fused LoRA/RMSNorm/RoPE/SwiGLU kernels."""
+    """The GPU path end to end: bf16 (or NF4) base, fp32 LoRA, fused LoRA/RMSNorm/RoPE/SwiGLU
+    kernels."""
     summary = train(config(data, tmp_path, device="cuda", dtype="bfloat16", max_steps=20,
                            lora_dropout=0.05, quantize=quantize), log=lambda _: None)
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(line)["loss"]
+              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(loss == loss for loss in losses)  # no NaN
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
     assert summary["step"] == 20 and (tmp_path / "final" / "adapter_model.safetensors").exists()

@@ -130,7 +130,8 @@ def save_checkpoint(directory: Path, state: TrainingState, step: int, config: di
     """
     directory = Path(directory)
     model, optimizer, scheduler = state
-    lora = full_tensors({name: p.detach() for name, p in model.named_parameters() if "lora_" in name})
+    lora = full_tensors({name: p.detach() for name, p in model.named_parameters()
+                         if "lora_" in name})
     tensors, param_groups = _optimizer_tensors(optimizer)
     if not is_main:
         return directory
@@ -172,7 +173,8 @@ def read_state(directory: Path) -> dict:
 
 
 def verify_checkpoint(directory: Path) -> dict:
-    """Its state, once every file resume reads is whole; else a ValueError naming the damaged file."""
+    """Its state, once every file resume reads is whole; else a ValueError naming the damaged
+    file."""
     state = read_state(directory)
     path = directory / STATE_FILE
     if not isinstance(state.get("scheduler"), dict) or "last_epoch" not in state["scheduler"]:

@@ -1,4 +1,5 @@
-"""TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that order."""
+"""TrainConfig: every train.py option, from defaults, a YAML file and kebab-case flags, in that
+order."""
 import argparse
 import dataclasses
 import math
@@ -26,7 +27,8 @@ MAX_SEED = 2**32
 
 @dataclass
 class TrainConfig:
-    """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on CPU."""
+    """Defaults train the embedded phi3-tiny on the shipped example chats in about a minute on
+    CPU."""
 
     data: str = "examples/chat.jsonl"
     data_split: str = "train"
@@ -89,8 +91,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
-        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r", "lora_alpha",
-                    "log_every")
+        positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r",
+                    "lora_alpha", "log_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -138,8 +140,10 @@ class TrainConfig:
             raise ValueError("--use-dora applies to linear targets only: drop embed_tokens from "
                              "--target-modules")
         self.check_data_options()
-        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0 or self.eval_every < 0:
-            raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every must be >= 0")
+        if (self.max_grad_norm < 0 or self.weight_decay < 0 or self.save_every < 0
+                or self.eval_every < 0):
+            raise ValueError("--max-grad-norm, --weight-decay, --save-every and --eval-every "
+                             "must be >= 0")
 
     def check_data_options(self) -> None:
         from .data_sources import FORMATS
@@ -215,7 +219,8 @@ HELP = {
     "max_seq_len": "tokens per packed sequence; longer chats are truncated (and counted)",
     "packing": "pack several chats per sequence (attention never crosses them)",
     "train_on_prompt": "also train on system and user turns (default: assistant replies only)",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)", "lora_dropout": "LoRA dropout",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha/r)",
+    "lora_dropout": "LoRA dropout",
     "target_modules": "modules that get LoRA (qkv_proj o_proj gate_up_proj down_proj lm_head "
                       "embed_tokens, or path suffixes), all-linear, or one regex over the module "
                       "path (PEFT's target_modules)",

@@ -61,7 +61,8 @@ class Distributed:
         dist.all_reduce(total)
         return total.item()
 
-    def wrap(self, step_loss: torch.nn.Module, device: torch.device, strategy: str) -> torch.nn.Module:
+    def wrap(self, step_loss: torch.nn.Module, device: torch.device,
+             strategy: str) -> torch.nn.Module:
         """``ddp``: each rank holds the model, only the LoRA gradients are averaged.
         ``fsdp``: FSDP2 ``fully_shard`` of every decoder layer and of the rest, so each rank
         holds 1/world_size of the base and LoRA weights and of the optimizer state."""

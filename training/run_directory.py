@@ -36,15 +36,16 @@ class RunLock:
             self.output.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a+")
         except OSError as error:
-            raise ValueError(f"--output {self.output}: cannot write there ({error.strerror})") from None
+            raise ValueError(f"--output {self.output}: cannot write there "
+                             f"({error.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._recorded_pid()
             self.file.close()
             raise ValueError(f"--output {self.output} is in use by another run (process "
-                             f"{holder or 'unknown'}, lock {path}); wait for it to finish or choose "
-                             f"another --output") from None
+                             f"{holder or 'unknown'}, lock {path}); wait for it to finish or "
+                             f"choose another --output") from None
         previous = self._recorded_pid()
         if previous and previous != os.getpid():
             log(f"note: took over {path} from process {previous}, which ended without releasing it")
@@ -100,7 +101,8 @@ def remove_previous_run(output: Path, log: Callable[[str], None]) -> None:
     for path in found:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if found:
-        log(f"--overwrite: removed the previous run's {', '.join(p.name for p in found)} from {output}")
+        names = ", ".join(p.name for p in found)
+        log(f"--overwrite: removed the previous run's {names} from {output}")
 
 
 def remove_stale_temporaries(output: Path, log: Callable[[str], None]) -> None:

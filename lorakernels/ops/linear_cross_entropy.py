@@ -8,7 +8,8 @@ dropout is live, takes the plain logits path: dropout is not drawn here)::
     loss_sum = linear_cross_entropy(hidden, weight, labels, lora=None, bias=None)
 
 ``loss_sum`` equals ``F.cross_entropy((hidden @ weight.T + bias).float(), labels,
-ignore_index=-100, reduction="sum")`` (``reference.linear_cross_entropy_reference``), as an fp32 scalar.
+ignore_index=-100, reduction="sum")`` (``reference.linear_cross_entropy_reference``), as an fp32
+scalar.
 
 How: an autograd.Function walks the rows in chunks of ``chunk_size``. For each
 chunk, forward computes the logits (matmul in the inputs' dtype, then fp32),
@@ -37,8 +38,8 @@ from .onednn_lora_linear import linear
 
 # Elements of one chunk's fp32 logits. GPU: 2**26 = 256 MB (2092 rows at V = 32064), large
 # enough that the chunk's GEMMs stay efficient. CPU: 2**23 = 32 MB (261 rows), measured
-# faster there than large chunks: at N=2048, V=32064, H=256 on 2 cores, forward+backward took 0.16 s in
-# bf16 (0.29 s as one 2048-row chunk) and 0.43 s in fp32 (0.48 s).
+# faster there than large chunks: at N=2048, V=32064, H=256 on 2 cores, forward+backward took
+# 0.16 s in bf16 (0.29 s as one 2048-row chunk) and 0.43 s in fp32 (0.48 s).
 DEFAULT_CHUNK_ELEMENTS = {"cuda": 2**26, "cpu": 2**23}
 
 
@@ -50,7 +51,8 @@ def default_chunk_size(vocab_size: int, device: Union[str, torch.device] = "cuda
 
 def _check_inputs(hidden, weight, labels, lora, chunk_size, bias) -> None:
     if hidden.dim() != 2:
-        raise ValueError(f"hidden must be [N, H] (flatten batch and time first), got shape {tuple(hidden.shape)}")
+        raise ValueError("hidden must be [N, H] (flatten batch and time first), "
+                         f"got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"weight must be [V, H] with H = hidden.shape[1] = {hidden.shape[1]}, "
@@ -64,7 +66,8 @@ def _check_inputs(hidden, weight, labels, lora, chunk_size, bias) -> None:
     if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}")
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+        raise ValueError("hidden and weight must share a dtype, "
+                         f"got {hidden.dtype} and {weight.dtype}")
     if not hidden.dtype.is_floating_point:
         raise ValueError(f"hidden must be floating point, got dtype {hidden.dtype}")
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != weight.dtype):
@@ -81,11 +84,13 @@ def _check_inputs(hidden, weight, labels, lora, chunk_size, bias) -> None:
             raise ValueError(f"lora_A must be [r, H] with H = {H}, got {tuple(lora_A.shape)}")
         if lora_B.dim() != 2 or lora_B.shape != (V, lora_A.shape[0]):
             raise ValueError(
-                f"lora_B must be [V, r] = [{V}, {lora_A.shape[0]}] for weight {tuple(weight.shape)} "
+                f"lora_B must be [V, r] = [{V}, {lora_A.shape[0]}] "
+                f"for weight {tuple(weight.shape)} "
                 f"and lora_A {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
             )
         if lora_A.dtype != lora_B.dtype:
-            raise ValueError(f"lora_A and lora_B must share a dtype, got {lora_A.dtype} and {lora_B.dtype}")
+            raise ValueError("lora_A and lora_B must share a dtype, "
+                             f"got {lora_A.dtype} and {lora_B.dtype}")
 
 
 def _check_label_range(labels: torch.Tensor, ignore_index: int, vocab_size: int) -> torch.Tensor:
@@ -134,7 +139,8 @@ def _chunk_loss_and_grad_logits(logits, target, valid):
     row_max = logits.amax(dim=1, keepdim=True)
     exps = logits.sub_(row_max).exp_()
     row_sum = exps.sum(dim=1, keepdim=True)
-    loss = torch.where(valid[:, None], row_max + row_sum.log() - picked, torch.zeros_like(picked)).sum()
+    loss = torch.where(valid[:, None], row_max + row_sum.log() - picked,
+                       torch.zeros_like(picked)).sum()
     keep = valid[:, None].to(exps.dtype)
     grad_logits = exps.mul_(keep / row_sum)
     grad_logits.scatter_add_(1, target[:, None], -keep)
@@ -185,16 +191,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         loss = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         # Every row of grad_hidden is written by its chunk (ignored rows with zeros).
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_hidden = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+                       if need_hidden else None)
         # Weight and adapter gradients accumulate over chunks, so in fp32 (or wider).
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        grad_weight = (torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+                       if need_weight else None)
         grad_bias = torch.zeros((V,), dtype=acc_dtype, device=weight.device) if need_bias else None
         grad_A = grad_B = None
         if lora is not None:
             lora_acc = torch.promote_types(lora_A.dtype, acc_dtype)
             A_acc, B_acc = lora_A.to(lora_acc), lora_B.to(lora_acc)
-            grad_A = torch.zeros(lora_A.shape, dtype=lora_acc, device=lora_A.device) if need_A else None
-            grad_B = torch.zeros(lora_B.shape, dtype=lora_acc, device=lora_B.device) if need_B else None
+            grad_A = (torch.zeros(lora_A.shape, dtype=lora_acc, device=lora_A.device)
+                      if need_A else None)
+            grad_B = (torch.zeros(lora_B.shape, dtype=lora_acc, device=lora_B.device)
+                      if need_B else None)
 
         for start in range(0, N, chunk_size):
             rows = slice(start, start + chunk_size)
@@ -225,7 +235,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias, grad_A, grad_B)
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype,
-                      None if lora is None else lora_A.dtype, None if lora is None else lora_B.dtype)
+                      None if lora is None else lora_A.dtype,
+                      None if lora is None else lora_B.dtype)
         ctx.chunk_size = chunk_size
         return loss
 
@@ -238,7 +249,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, grad_A, grad_B, None
 
 
-def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
+def _scaled(grad: torch.Tensor, grad_output: torch.Tensor, dtype: torch.dtype,
+            rows: int) -> torch.Tensor:
     """grad · grad_output in ``dtype``, multiplied in fp32 a block of rows at a time.
 
     Not ``grad * grad_output`` on a bf16 grad: on GPU that rounds the scale (e.g.
@@ -268,8 +280,9 @@ def linear_cross_entropy(
     ``(lora_A [r, H], lora_B [V, r], scaling)`` adds ``s·(hidden·Aᵀ)·Bᵀ`` to the logits;
     ``bias`` [V] (the head's, in the weight's dtype) is added to them too.
     ``chunk_size``: rows per chunk, default ``default_chunk_size(V, device)`` (fp32
-    logits of at most 256 MB on GPU, 32 MB on CPU). Returns a 0-d fp32 tensor (reduction="sum"); with all rows
-    ignored it is 0 and every gradient is zero. Never builds the [N, V] logits.
+    logits of at most 256 MB on GPU, 32 MB on CPU). Returns a 0-d fp32 tensor
+    (reduction="sum"); with all rows ignored it is 0 and every gradient is zero. Never builds
+    the [N, V] logits.
     """
     if chunk_size is None:
         chunk_size = default_chunk_size(weight.shape[0] if weight.dim() == 2 else 1, hidden.device)

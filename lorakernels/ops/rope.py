@@ -143,7 +143,8 @@ def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]
     if not is_fake(q):  # a memory plan: allocations only
         _rope_kernel[(B * T,)](
             q, k, cos, sin, q_rot, k_rot, T, Hq, Hk, R // 2,
-            *q.stride(), *k.stride(), *cos.stride(), *sin.stride(), *q_rot.stride(), *k_rot.stride(),
+            *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
+            *q_rot.stride(), *k_rot.stride(),
             BACKWARD=backward, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
         )
     return q_out, k_out
