@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from lorakernels import settings
 from lorakernels.memory_count import CATEGORIES, LiveBytes
-from lorakernels.planned_kernels import reset_scratch
+from lorakernels.ops.nf4_dequant import reset_scratch
 from lorakernels.weight_files import atomic_write
 from model.build import INIT_STD, resolve_dtype
 from model.config import PRESETS, Phi3Config
@@ -155,7 +155,10 @@ def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
              for _ in range(config.grad_accum)]
     with settings.override(device_path=path, attention=config.attention), \
             FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        count_step(config, model_cfg, dtype, micro, count)
+        try:
+            count_step(config, model_cfg, dtype, micro, count)
+        finally:
+            reset_scratch()
     # On CUDA the collated batches wait on the host before their copy to the GPU.
     host = sum(t.nbytes for batch in micro for t in batch.values()) if path == "cuda" else 0
     return MemoryPlan(count.peak_bytes, count.peak_op or "", count.breakdown(), host,
