@@ -259,6 +259,12 @@ def _b_index(parts: LoRAParts, rank: int,
     return b_row.to(device), b_off.to(device)
 
 
+def reset_b_index() -> None:
+    """Forget the cached B̂ gathers (a memory plan starts with none, as a new process, and
+    leaves no fake tensor behind)."""
+    _b_index.cache_clear()
+
+
 class _Layout:
     """What the kernels need to know about B: its expansion to output columns, per call."""
 
