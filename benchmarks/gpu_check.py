@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_check.py --budget 480      # --list names the steps, --only runs some
 
-Correctness of the fused layer, then bench_lora_linear, bench_train, bench_attention,
-bench_dora, the tests and bench_qlora, each step given at most its own limit and what is left
-of the budget. Logs: benchmarks/results/gpu_check_<device>/<step>.log; summary:
+Correctness of the fused layer, the memory plan against the GPU (plan vs
+torch.cuda.max_memory_allocated of gpu-mini's step), then bench_lora_linear, bench_train,
+bench_attention, bench_dora, the tests and bench_qlora, each step given at most its own limit
+and what is left of the budget. Logs: benchmarks/results/gpu_check_<device>/<step>.log; summary:
 benchmarks/results/gpu_check_<device>.json and .md, rewritten after every step.
 """
 import argparse
@@ -39,6 +40,7 @@ def steps() -> List[Step]:
     shapes = ["--shapes", "qkv", "o", "gate_up", "down", "--tokens", "4096", "16384"]
     return [
         Step("correctness", [py, "benchmarks/gpu_check.py", "--correctness"], 60),
+        Step("memory_plan", [py, "benchmarks/gpu_check.py", "--memory-plan"], 90),
         Step("bench_lora_linear", bench("bench_lora_linear", *shapes, "--dropout", "0.05"), 120),
         Step("bench_lora_linear_p0", bench("bench_lora_linear", *shapes, "--dropout", "0",
                                            "--out-dir", "benchmarks/results/dropout0"), 90),
@@ -111,6 +113,57 @@ def correctness() -> int:
     return 0 if all(e < 2e-2 for e in errors.values()) else 1
 
 
+def measured_step_peak(config) -> int:
+    """torch.cuda.max_memory_allocated over one optimizer step of ``config`` on the GPU, from
+    an empty device: random weights, the plan's batch. A first step runs before, untimed, so
+    that autotuning's and the GEMM path choice's trial launches are not counted; the
+    measured step then holds AdamW's state from its start (the plan's has it from the
+    optimizer step on)."""
+    from model.phi3 import Phi3ForCausalLM
+    from training.loop import StepLoss, add_lora, optimizer_and_schedule, training_step
+    from training.memory_plan import PLANNED_STEPS, model_config, planned_batch
+
+    cfg = model_config(config.model)
+    with torch.device("cuda"):
+        model = Phi3ForCausalLM(cfg).to(torch.bfloat16)
+    model.init_rotary("cuda")
+    add_lora(model, config)
+    model.set_gradient_checkpointing(config.grad_checkpointing)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = optimizer_and_schedule(params, config, PLANNED_STEPS)
+    micro = [planned_batch(config.batch_size, config.max_seq_len, cfg.vocab_size)]
+    step = lambda: training_step(StepLoss(model), params, optimizer, scheduler, micro,  # noqa: E731
+                                 config.max_grad_norm)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def memory_plan_check() -> int:
+    """gpu-mini (Phi-3-mini-4k, bf16, 4 x 2048, LoRA r 16), with and without checkpointing:
+    the plan (train.py --plan-memory --device cuda) next to the GPU's peak of the same step."""
+    from training.config import TrainConfig
+    from training.memory_plan import plan_memory
+
+    rows = []
+    for checkpointing in (False, True):
+        config = TrainConfig(model="phi3-mini-4k", device="cuda", dtype="bfloat16", batch_size=4,
+                             max_seq_len=2048, grad_checkpointing=checkpointing,
+                             plan_memory=True)
+        plan = plan_memory(config)
+        measured = measured_step_peak(config)
+        rows.append(dict(grad_checkpointing=checkpointing, plan_bytes=plan.peak_bytes,
+                         plan_optimizer_state_bytes=plan.categories["optimizer_state"],
+                         max_memory_allocated=measured, ratio=measured / plan.peak_bytes))
+        print(json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    return 0
+
+
 def write_summary(summary: dict, slug: str) -> None:
     results = ROOT / "benchmarks" / "results"
     (results / f"gpu_check_{slug}.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -133,6 +186,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the steps and exit")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps")
     parser.add_argument("--correctness", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-plan", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.list:
         for step in steps():
@@ -142,6 +196,8 @@ def main() -> int:
         sys.exit("gpu_check.py needs a CUDA GPU; on CPU run `python -m pytest -q` instead")
     if args.correctness:
         return correctness()
+    if args.memory_plan:
+        return memory_plan_check()
     chosen = [s for s in steps() if not args.only or s.name in args.only]
     if args.only and len(chosen) != len(args.only):
         sys.exit(f"unknown step in --only {args.only}; steps: {[s.name for s in steps()]}")

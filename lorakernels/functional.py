@@ -20,7 +20,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from . import settings
 from .dora import column_norm
@@ -60,10 +59,9 @@ def base_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.Tensor
     if _on_triton(x):
         from .ops.nf4_matmul import nf4_matmul
         from .ops.triton_utils import on_device
-        from .planned_kernels import planned_nf4_matmul
 
         with on_device(x):
-            return nf4_linear(x, weight, bias, planned_nf4_matmul if is_fake(x) else nf4_matmul)
+            return nf4_linear(x, weight, bias, nf4_matmul)
     return base_linear_reference(x, weight, bias)
 
 
@@ -76,10 +74,6 @@ def _fast_lora_linear(x: torch.Tensor, weight: BaseWeight, bias: Optional[torch.
     if (backend == "onednn" and dense and x.numel() > 0
             and uses_onednn(x, weight, lora.lora_A, lora.lora_B)):
         return onednn_lora_linear(x, weight, bias, lora)
-    if backend == "triton" and x.numel() > 0 and is_fake(x):  # a memory plan: allocations only
-        from .planned_kernels import planned_lora_linear
-
-        return planned_lora_linear(x, weight, bias, lora)
     if backend == "triton" and x.numel() > 0:
         from .ops.lora_linear import fused_lora_linear
 

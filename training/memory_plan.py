@@ -22,7 +22,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 from lorakernels import settings
 from lorakernels.memory_count import CATEGORIES, LiveBytes
-from lorakernels.planned_kernels import reset_scratch
+from lorakernels.ops.lora_linear import reset_b_index
+from lorakernels.ops.nf4_dequant import reset_scratch
 from lorakernels.weight_files import atomic_write
 from model.build import INIT_STD, resolve_dtype
 from model.config import PRESETS, Phi3Config
@@ -138,6 +139,13 @@ def count_step(config: TrainConfig, model_cfg: Phi3Config, dtype: torch.dtype, m
                      if isinstance(t, torch.Tensor)], "optimizer_state")
 
 
+def forget_process_caches() -> None:
+    """The kernels' per-process buffers (NF4 scratch, B̂ gathers): a plan starts without them,
+    as a new process would, and leaves no fake tensor in them."""
+    reset_scratch()
+    reset_b_index()
+
+
 def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
                 fake: bool = True) -> MemoryPlan:
     """The memory plan of ``config``'s run (one process; see the module docstring).
@@ -150,12 +158,15 @@ def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
     model_cfg = model_config(config.model)
     count = count or LiveBytes()
     torch.manual_seed(config.seed)
-    reset_scratch()
+    forget_process_caches()
     micro = [planned_batch(config.batch_size, config.max_seq_len, model_cfg.vocab_size)
              for _ in range(config.grad_accum)]
     with settings.override(device_path=path, attention=config.attention), \
             FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
-        count_step(config, model_cfg, dtype, micro, count)
+        try:
+            count_step(config, model_cfg, dtype, micro, count)
+        finally:
+            forget_process_caches()
     # On CUDA the collated batches wait on the host before their copy to the GPU.
     host = sum(t.nbytes for batch in micro for t in batch.values()) if path == "cuda" else 0
     return MemoryPlan(count.peak_bytes, count.peak_op or "", count.breakdown(), host,

@@ -12,7 +12,7 @@ kernel's exactly; only the rounding differs (out is rounded after the base GEMM 
 after the epilogue, where the fused kernel rounds once). Which of the two paths runs is
 ``gemm_path.py``'s choice.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
@@ -85,7 +85,21 @@ _lowrank_epilogue = triton.autotune(
 def add_lowrank(out: torch.Tensor, lowrank: LowRank, col_scale: Optional[torch.Tensor] = None,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out [M, N] = c⊙(out + s·(p·q̂ᵀ)⊙D) + bias in place (c = ``col_scale``, 1 when None)."""
+    add_lowrank_op(out, [*lowrank.tensors(), col_scale, bias],
+                   [lowrank.scaling, lowrank.dropout_p])
+    return out
+
+
+@torch.library.custom_op("lorakernels::add_lowrank", mutates_args=("out",))
+def add_lowrank_op(out: torch.Tensor, tensors: List[Optional[torch.Tensor]],
+                   scalars: List[float]) -> None:
+    """``add_lowrank`` with its arguments as tensors and numbers: tensors
+    [*LowRank.tensors(), col_scale, bias], scalars [scaling, dropout_p]."""
+    lowrank = LowRank.of(tensors[:5], *scalars)
+    col_scale, bias = tensors[5:]
     M, N = out.shape
+    if M == 0 or N == 0:
+        return
     p, q = lowrank.p, lowrank.q
     q_row, q_off = lowrank.q_index_pointers(q)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
@@ -103,7 +117,11 @@ def add_lowrank(out: torch.Tensor, lowrank: LowRank, col_scale: Optional[torch.T
         HAS_BIAS=bias is not None, CAST_FP32=INTERPRETING, PRECISION=dot_precision(out.dtype),
         BLOCK_R=lowrank.block_r,
     )
-    return out
+
+
+@add_lowrank_op.register_fake
+def _add_lowrank_fake(out, tensors, scalars) -> None:
+    """In place: it allocates nothing."""
 
 
 def cublas_plus_epilogue(x: torch.Tensor, w: torch.Tensor, lowrank: LowRank,

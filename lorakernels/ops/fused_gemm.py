@@ -12,7 +12,7 @@ inside the K-loop. The low-rank term (``LowRank``, ``lowrank_tile``) is ``lowran
 its dropout mask D is read back from the bits F1 wrote (``dropout_bits.py``).
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -239,9 +239,62 @@ def fused_gemm(x: torch.Tensor, w, lowrank: Optional[LowRank] = None,
     c [N] fp32 (DoRA's m/n in F2); ``k_scale``: [K] fp32 scaling x's columns (DoRA's m/n on
     dy in B2); None: 1.
     """
+    nf4 = w.weight if isinstance(w, NF4Operand) else None
+    w_data = nf4.packed if nf4 is not None else w
+    nf4_tensors = [nf4.absmax_q, nf4.absmax_scale] if nf4 is not None else [None, None]
+    lowrank_tensors = lowrank.tensors() if lowrank is not None else [None] * 5
+    scalars = ([float(nf4.absmax_offset) if nf4 is not None else 0.0]
+               + ([lowrank.scaling, lowrank.dropout_p] if lowrank is not None else [0.0, 0.0]))
+    nf4_shape = [*nf4.shape, int(w.transposed)] if nf4 is not None else []
+    return fused_gemm_op(x, w_data, [*nf4_tensors, *lowrank_tensors, bias, col_scale, k_scale],
+                         scalars, nf4_shape)
+
+
+def _unpacked(x: torch.Tensor, w_data: torch.Tensor, tensors: List[Optional[torch.Tensor]],
+              scalars: List[float], nf4_shape: List[int]):
+    """``fused_gemm``'s arguments back from the op's: (w, lowrank, bias, col_scale, k_scale)."""
+    absmax_q, absmax_scale, *lowrank_tensors = tensors[:7]
+    bias, col_scale, k_scale = tensors[7:]
+    offset, scaling, dropout_p = scalars
+    w = w_data
+    if nf4_shape:
+        n_w, k_w, transposed = nf4_shape
+        weight = NF4Weight(w_data, absmax_q, absmax_scale, offset, (n_w, k_w), x.dtype)
+        w = NF4Operand(weight, bool(transposed))
+    lowrank = None if lowrank_tensors[0] is None else LowRank.of(lowrank_tensors, scaling,
+                                                                  dropout_p)
+    return w, lowrank, bias, col_scale, k_scale
+
+
+def _gemm_output(x: torch.Tensor, w_data: torch.Tensor, tensors: List[Optional[torch.Tensor]],
+                 scalars: List[float], nf4_shape: List[int]) -> torch.Tensor:
+    """out [M, N] in x's dtype: what the kernel writes (and all a fake tensor gets)."""
+    w = _unpacked(x, w_data, tensors, scalars, nf4_shape)[0]
+    return torch.empty((x.shape[0], w.shape[1]), device=x.device, dtype=x.dtype)
+
+
+@torch.library.custom_op("lorakernels::fused_gemm", mutates_args=())
+def fused_gemm_op(x: torch.Tensor, w_data: torch.Tensor, tensors: List[Optional[torch.Tensor]],
+                  scalars: List[float], nf4_shape: List[int]) -> torch.Tensor:
+    """``fused_gemm`` with its arguments as tensors and numbers: w_data (a dense w, or an NF4
+    weight's codes), tensors [absmax_q, absmax_scale, *LowRank.tensors(), bias, col_scale,
+    k_scale], scalars [absmax_offset, scaling, dropout_p], nf4_shape [N_w, K_w, transposed]
+    (empty for a dense w)."""
+    out = _gemm_output(x, w_data, tensors, scalars, nf4_shape)
+    _launch_fused_gemm(x, out, *_unpacked(x, w_data, tensors, scalars, nf4_shape))
+    return out
+
+
+fused_gemm_op.register_fake(_gemm_output)
+
+
+def _launch_fused_gemm(x: torch.Tensor, out: torch.Tensor, w, lowrank: Optional[LowRank],
+                       bias: Optional[torch.Tensor], col_scale: Optional[torch.Tensor],
+                       k_scale: Optional[torch.Tensor]) -> None:
     M, K = x.shape
     N = w.shape[1]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if M == 0 or N == 0:
+        return
     nf4 = w.weight if isinstance(w, NF4Operand) else None
     w_data, absmax_q, absmax_scale, offset = (
         (nf4.packed, nf4.absmax_q, nf4.absmax_scale, nf4.absmax_offset) if nf4 is not None
@@ -273,4 +326,3 @@ def fused_gemm(x: torch.Tensor, w, lowrank: Optional[LowRank] = None,
         CAST_FP32=INTERPRETING, PRECISION=dot_precision(x.dtype),
         BLOCK_R=term.block_r if has_lowrank else NO_LOWRANK_BLOCK_R,
     )
-    return out

@@ -30,7 +30,7 @@ dequantised copy, by rows).
 """
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -259,38 +259,70 @@ def _b_index(parts: LoRAParts, rank: int,
     return b_row.to(device), b_off.to(device)
 
 
+def reset_b_index() -> None:
+    """Forget the cached B̂ gathers (a memory plan starts with none, as a new process, and
+    leaves no fake tensor behind)."""
+    _b_index.cache_clear()
+
+
 class _Layout:
     """What the kernels need to know about B: its expansion to output columns, per call."""
 
-    def __init__(self, lora: LoRACall):
-        self.R = lora.lora_A.shape[0]
-        self.block_r = next_block(self.R)
-        self.rank = lora.rank
-        self.b_index = (None if lora.parts is None
-                        else _b_index(lora.parts, self.rank, lora.lora_B.device))
+    def __init__(self, R: int, rank: int,
+                 b_index: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+        self.R = R
+        self.block_r = next_block(R)
+        self.rank = rank
+        self.b_index = b_index
+
+    @classmethod
+    def of(cls, lora: LoRACall) -> "_Layout":
+        b_index = (None if lora.parts is None
+                   else _b_index(lora.parts, lora.rank, lora.lora_B.device))
+        return cls(lora.lora_A.shape[0], lora.rank, b_index)
 
     def b_index_pointers(self, placeholder: torch.Tensor):
         """(b_row, b_off) for a kernel; any tensor stands in when there is nothing to gather."""
         return self.b_index if self.b_index is not None else (placeholder, placeholder)
 
 
-def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, layout: _Layout, dropout_p: float,
+def lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
                 seed: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """F1: S = (D⊙x)·Aᵀ, [M, R] fp32, and D's bits [M, ceil(K/32)] int32 (None without dropout)."""
+    s, mask = lora_shrink_op(x, lora_A, dropout_p, seed)
+    return s, mask if dropout_p > 0 else None
+
+
+def _shrink_outputs(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
+                    seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
     M, K = x.shape
-    s = torch.empty((M, layout.R), device=x.device, dtype=torch.float32)
-    mask = (torch.empty((M, triton.cdiv(K, 32)), device=x.device, dtype=torch.int32)
-            if dropout_p > 0 else None)
+    s = torch.empty((M, lora_A.shape[0]), device=x.device, dtype=torch.float32)
+    mask_shape = (M, triton.cdiv(K, 32)) if dropout_p > 0 else (0,)  # (0,): no bytes, no mask
+    return s, torch.empty(mask_shape, device=x.device, dtype=torch.int32)
+
+
+@torch.library.custom_op("lorakernels::lora_shrink", mutates_args=())
+def lora_shrink_op(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float,
+                   seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """F1 behind a torch op: (S, D's bits); the bits are an empty tensor without dropout."""
+    s, mask = _shrink_outputs(x, lora_A, dropout_p, seed)
+    if not (x.is_cuda or INTERPRETING):  # the real op only: fake tensors run no kernel
+        raise RuntimeError(_device_error([x, lora_A]))
+    M, K = x.shape
+    R = lora_A.shape[0]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _lora_shrink[grid](
-        x, lora_A, s, mask if mask is not None else s,  # pointers
-        M, K, layout.R,  # shapes
+        x, lora_A, s, mask if dropout_p > 0 else s,  # pointers
+        M, K, R,  # shapes
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),  # strides
         seed, m_bucket(M),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_R=layout.block_r,
+        BLOCK_R=next_block(R),
     )
     return s, mask
+
+
+lora_shrink_op.register_fake(_shrink_outputs)
 
 
 def _launch(autotuned, grid, *args, **kwargs):
@@ -321,31 +353,60 @@ def lora_grad_s_b(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor, layou
     dB is reduced over row blocks with atomics, or, in torch's deterministic mode, from
     per-row-block partials summed in a fixed order (bit-reproducible run to run).
     """
-    M, N = dy.shape
     deterministic = torch.are_deterministic_algorithms_enabled()
-    blocks = triton.cdiv(M, ROW_PINNED.kwargs["BLOCK_M"]) if deterministic else 1
-    ds = torch.empty((M, layout.R), device=dy.device, dtype=torch.float32)
-    db = torch.zeros((blocks, *lora_B.shape), device=dy.device, dtype=torch.float32)
-    dm = torch.zeros((blocks, N), device=dy.device, dtype=torch.float32) if dora else db
-    y = dora.output if dora else dy
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-    b_row, b_off = layout.b_index_pointers(lora_B)
-    has_bias = dora is not None and dora.bias is not None
-    _launch(
-        _lora_grad_s_b_dora if dora else _lora_grad_s_b, grid,
-        # Pointers (db stands in for DoRA's tensors without DoRA)
-        dy, s, lora_B, b_row, b_off, ds, db,
-        dora.col_scale if dora else db, y, dora.bias if has_bias else db, dm,
-        M, N, layout.R, layout.rank, scaling, m_bucket(M),  # shapes, scalars, autotune key
-        # Strides
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.numel(),
-        y.stride(0), y.stride(1),
-        GATHER_B=layout.b_index is not None, DETERMINISTIC=deterministic, DORA=dora is not None,
-        HAS_BIAS=has_bias, PRECISION=dot_precision(dy.dtype), BLOCK_R=layout.block_r,
-    )
+    b_row, b_off = layout.b_index if layout.b_index is not None else (None, None)
+    columns = [dora.col_scale, dora.output, dora.bias] if dora else [None, None, None]
+    ds, db, dm = lora_grad_s_b_op(dy, s, lora_B, [b_row, b_off, *columns], scaling, layout.rank,
+                                  deterministic)
     if deterministic:
         return ds, db.sum(0), dm.sum(0) if dora else None
     return ds, db[0], dm[0] if dora else None
+
+
+def _grad_s_b_outputs(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor,
+                      tensors: List[Optional[torch.Tensor]], scaling: float, rank: int,
+                      deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    M, N = dy.shape
+    blocks = triton.cdiv(M, ROW_PINNED.kwargs["BLOCK_M"]) if deterministic else 1
+    ds = torch.empty((M, s.shape[1]), device=dy.device, dtype=torch.float32)
+    db = torch.zeros((blocks, *lora_B.shape), device=dy.device, dtype=torch.float32)
+    dora = tensors[2] is not None
+    dm = torch.zeros((blocks, N) if dora else (0,), device=dy.device, dtype=torch.float32)
+    return ds, db, dm
+
+
+@torch.library.custom_op("lorakernels::lora_grad_s_b", mutates_args=())
+def lora_grad_s_b_op(dy: torch.Tensor, s: torch.Tensor, lora_B: torch.Tensor,
+                     tensors: List[Optional[torch.Tensor]], scaling: float, rank: int,
+                     deterministic: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B1 behind a torch op: tensors [b_row, b_off, col_scale, output, bias] (DoRA's three
+    None without DoRA) → (dS, dB's partials [blocks, N_lora, r], DoRA's Σ dy⊙(y − bias)
+    partials [blocks, N] or an empty tensor); one block unless ``deterministic``."""
+    ds, db, dm = _grad_s_b_outputs(dy, s, lora_B, tensors, scaling, rank, deterministic)
+    b_row, b_off, col_scale, output, bias = tensors
+    M, N = dy.shape
+    R = s.shape[1]
+    dora = col_scale is not None
+    y = output if dora else dy
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    gather = b_row is not None
+    has_bias = dora and bias is not None
+    _launch(
+        _lora_grad_s_b_dora if dora else _lora_grad_s_b, grid,
+        # Pointers (db stands in for DoRA's tensors without DoRA)
+        dy, s, lora_B, b_row if gather else lora_B, b_off if gather else lora_B, ds, db,
+        col_scale if dora else db, y, bias if has_bias else db, dm if dora else db,
+        M, N, R, rank, scaling, m_bucket(M),  # shapes, scalars, autotune key
+        # Strides
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.numel(),
+        y.stride(0), y.stride(1),
+        GATHER_B=gather, DETERMINISTIC=deterministic, DORA=dora,
+        HAS_BIAS=has_bias, PRECISION=dot_precision(dy.dtype), BLOCK_R=next_block(R),
+    )
+    return ds, db, dm
+
+
+lora_grad_s_b_op.register_fake(_grad_s_b_outputs)
 
 
 # B3's largest BLOCK_M and BLOCK_K: a split's rows are a multiple of every BLOCK_M.
@@ -374,18 +435,37 @@ def _b3_programs(device: torch.device) -> int:
 def lora_grad_a(ds: torch.Tensor, x: torch.Tensor, layout: _Layout, dropout_p: float,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
     """B3: dA = dSᵀ·(D⊙x), [R, K] fp32: split over M, the partials summed in order."""
+    partials = lora_grad_a_op(ds, x, dropout_p, mask)
+    return partials[0] if partials.shape[0] == 1 else partials.sum(0)
+
+
+def _grad_a_partials(ds: torch.Tensor, x: torch.Tensor, dropout_p: float,
+                     mask: Optional[torch.Tensor]) -> torch.Tensor:
+    M, K = x.shape
+    splits, _ = b3_splits(M, K, _b3_programs(x.device))
+    return torch.empty((splits, ds.shape[1], K), device=x.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("lorakernels::lora_grad_a", mutates_args=())
+def lora_grad_a_op(ds: torch.Tensor, x: torch.Tensor, dropout_p: float,
+                   mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """B3 behind a torch op: dA's partials [splits, R, K] fp32, one per split of M."""
+    partials = _grad_a_partials(ds, x, dropout_p, mask)
     M, K = x.shape
     splits, rows = b3_splits(M, K, _b3_programs(x.device))
-    partials = torch.empty((splits, layout.R, K), device=x.device, dtype=torch.float32)
+    R = ds.shape[1]
     grid = lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
     _launch(
         _lora_grad_a, grid,
         ds, x, mask if mask is not None else ds, partials,  # pointers
-        M, K, layout.R, x.stride(0), x.stride(1), rows, m_bucket(M),
+        M, K, R, x.stride(0), x.stride(1), rows, m_bucket(M),
         P=dropout_p, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_R=layout.block_r,
+        BLOCK_R=next_block(R),
     )
-    return partials[0] if splits == 1 else partials.sum(0)
+    return partials
+
+
+lora_grad_a_op.register_fake(_grad_a_partials)
 
 
 def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
@@ -403,6 +483,11 @@ def dropout_mask(rows: int, cols: int, dropout_p: float, seed: int,
 # ----------------------------------------------------------------------------- autograd
 
 
+def _device_error(tensors) -> str:
+    return ("the triton backend needs all tensors on one CUDA device (or CPU under "
+            f"TRITON_INTERPRET=1); got {sorted({str(t.device) for t in tensors})}")
+
+
 def _check_inputs(x, weight, bias, lora: LoRACall):
     lora_A, lora_B, parts = lora.lora_A, lora.lora_B, lora.parts
     if x.dtype not in SUPPORTED_DTYPES:
@@ -415,11 +500,8 @@ def _check_inputs(x, weight, bias, lora: LoRACall):
                         "float dtype")
     weight_data = weight.packed if isinstance(weight, NF4Weight) else weight
     tensors = [t for t in (x, weight_data, bias, lora_A, lora_B) if t is not None]
-    if not (x.is_cuda or INTERPRETING) or any(t.device != x.device for t in tensors):
-        raise RuntimeError(
-            "the triton backend needs all tensors on one CUDA device (or CPU under "
-            f"TRITON_INTERPRET=1); got {sorted({str(t.device) for t in tensors})}"
-        )
+    if any(t.device != x.device for t in tensors):
+        raise RuntimeError(_device_error(tensors))
     N, K = weight.shape
     n_lora = N if parts is None else parts.lora_out_features
     groups = 1 if parts is None else parts.num_enabled
@@ -489,7 +571,7 @@ class LoRALinearFunction(torch.autograd.Function):
         _check_inputs(x, weight, bias, lora)
         K, N = weight.shape[1], weight.shape[0]
         x2 = x.reshape(-1, K)
-        layout = _Layout(lora)
+        layout = _Layout.of(lora)
         dora = magnitude is not None
         col_scale = None
         if dora:
@@ -497,7 +579,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 raise ValueError("the fused DoRA path is for lora_dropout 0 (functional."
                                  "dora_linear runs dropout as (x − h)·Wᵀ plus DoRA of h)")
             col_scale = column_scale(magnitude, lora.norm)
-        s, mask = lora_shrink(x2, lora_A, layout, lora.dropout_p, seed)
+        s, mask = lora_shrink(x2, lora_A, lora.dropout_p, seed)
         f2 = LowRank(s, lora_B, lora.scaling, layout.b_index)
         y = gemm_on_chosen_path("F2", x2, gemm_operand(weight, x2.shape[0], True), f2, bias,
                                 col_scale=col_scale)

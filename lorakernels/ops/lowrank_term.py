@@ -5,7 +5,7 @@ its K-loop, the cuBLAS path's epilogue (``cublas_epilogue.py``) after torch's GE
 two paths' low-rank terms are the same code; only their rounding differs.
 """
 import dataclasses
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -45,6 +45,19 @@ class LowRank:
     def block_r(self) -> int:
         """The kernels' BLOCK_R: a power of two covering R."""
         return next_block(self.p.shape[1])
+
+    def tensors(self) -> List[Optional[torch.Tensor]]:
+        """[p, q, row, offset, mask]: what a torch custom op takes (no dataclass crosses it)."""
+        row, offset = self.q_index if self.q_index is not None else (None, None)
+        return [self.p, self.q, row, offset, self.mask]
+
+    @classmethod
+    def of(cls, tensors: List[Optional[torch.Tensor]], scaling: float,
+           dropout_p: float) -> "LowRank":
+        """The term back from ``tensors()`` and its two scalars."""
+        p, q, row, offset, mask = tensors
+        q_index = None if row is None else (row, offset)
+        return cls(p, q, scaling, q_index, dropout_p, mask)
 
     def q_index_pointers(self, placeholder: torch.Tensor):
         """(row, offset) for a kernel; any tensor stands in when there is nothing to gather."""

@@ -14,7 +14,6 @@ from typing import Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from ..nf4 import ABSMAX_BLOCK_SIZE, BLOCK_SIZE, NF4Weight
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
@@ -115,9 +114,6 @@ def nf4_dequant_settings() -> tuple:
 
 def _check_inputs(q: NF4Weight, out: torch.Tensor):
     device = q.packed.device
-    if not (q.packed.is_cuda or INTERPRETING or is_fake(q.packed)):
-        raise RuntimeError("dequantize_nf4 needs the NF4Weight on a CUDA device (or CPU under "
-                           f"TRITON_INTERPRET=1); it is on {device}")
     for name, t in (("absmax_q", q.absmax_q), ("absmax_scale", q.absmax_scale), ("out", out)):
         if t.device != device:
             raise RuntimeError(f"dequantize_nf4: {name} is on {t.device}, packed on {device}")
@@ -137,6 +133,28 @@ def _check_inputs(q: NF4Weight, out: torch.Tensor):
                          f"bytes, {n_blocks} absmax, {q.absmax_scale.numel()} scales")
 
 
+@torch.library.custom_op("lorakernels::nf4_dequantize", mutates_args=("out",))
+def nf4_dequantize(packed: torch.Tensor, absmax_q: torch.Tensor, absmax_scale: torch.Tensor,
+                   absmax_offset: float, out: torch.Tensor) -> None:
+    """An NF4 weight's codes and absmax (``NF4Weight``'s fields) dequantised into ``out``."""
+    if not (packed.is_cuda or INTERPRETING):
+        raise RuntimeError("dequantize_nf4 needs the NF4Weight on a CUDA device (or CPU under "
+                           f"TRITON_INTERPRET=1); it is on {packed.device}")
+    n_blocks = absmax_q.numel()
+    meta, warps = nf4_dequant_settings()
+    grid = (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
+    with on_device(out):
+        _nf4_dequant_kernel[grid](
+            packed, absmax_q, absmax_scale, out, n_blocks, absmax_offset,
+            EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, enable_fp_fusion=False, **meta,
+        )
+
+
+@nf4_dequantize.register_fake
+def _nf4_dequantize_fake(packed, absmax_q, absmax_scale, absmax_offset, out) -> None:
+    """It writes into ``out`` and allocates nothing."""
+
+
 def dequantize_nf4(q: NF4Weight, out: Optional[torch.Tensor] = None,
                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """NF4Weight → dense tensor of q.shape, written into ``out`` (contiguous) or a new
@@ -144,15 +162,7 @@ def dequantize_nf4(q: NF4Weight, out: Optional[torch.Tensor] = None,
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.packed.device)
     _check_inputs(q, out)
-    n_blocks = q.absmax_q.numel()
-    meta, warps = nf4_dequant_settings()
-    grid = (triton.cdiv(n_blocks, meta["BLOCKS_PER_PROGRAM"]),)
-    with on_device(out):
-        if not is_fake(out):  # a memory plan: allocations only
-            _nf4_dequant_kernel[grid](
-                q.packed, q.absmax_q, q.absmax_scale, out, n_blocks, float(q.absmax_offset),
-                EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, enable_fp_fusion=False, **meta,
-            )
+    nf4_dequantize(q.packed, q.absmax_q, q.absmax_scale, float(q.absmax_offset), out)
     return out
 
 
@@ -175,3 +185,9 @@ def dequantize_nf4_to_scratch(q: NF4Weight) -> torch.Tensor:
         _SCRATCH.pop(key, None)  # free the smaller buffer before allocating the larger
         buffer = _SCRATCH[key] = torch.empty(q.numel, dtype=q.dtype, device=device)
     return dequantize_nf4(q, out=buffer[:q.numel].view(q.shape))
+
+
+def reset_scratch() -> None:
+    """Forget the scratch buffers (a memory plan starts with none, as a new process, and
+    leaves no fake buffer behind)."""
+    _SCRATCH.clear()

@@ -14,12 +14,11 @@ Backward ``_rms_norm_backward_kernel``: a fixed number of programs (one per SM)
          partial sums are reduced by one torch ``sum`` (deterministic, no atomics).
 Saved for backward: x and the per-row rstd (fp32), plus a reference to w.
 """
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device, round_to
 
@@ -127,17 +126,25 @@ def _backward_programs(device: torch.device, n_tiles: int) -> int:
     return max(1, min(programs, n_tiles))
 
 
+def _forward_outputs(x: torch.Tensor, weight: torch.Tensor, eps: float
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    return y, torch.empty(M, device=x.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("lorakernels::rms_norm_forward", mutates_args=())
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] (any strides), weight [N] → y [M, N] in promote(x, w) dtype, rstd [M] fp32."""
+    y, rstd = _forward_outputs(x, weight, eps)
     M, N = x.shape
-    y = torch.empty((M, N), device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
-    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     if M == 0:
         return y, rstd
+    _check_device(x, weight)
     meta, warps = rms_norm_settings(N)
     grid = (triton.cdiv(M, meta["BLOCK_M"]),)
-    if not is_fake(x):  # a memory plan: allocations only
+    with on_device(x):
         _rms_norm_forward_kernel[grid](
             x, weight, y, rstd, M, N, eps, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
@@ -145,40 +152,68 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float
     return y, rstd
 
 
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-                      compute_dw: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """dy, x [M, N] (any strides), rstd [M] → dx [M, N] in x's dtype, dw [N] fp32 (or None)."""
+def _backward_programs_of(x: torch.Tensor) -> Tuple[int, int]:
+    """(programs, rows per program) of the backward for x [M, N]."""
+    M, N = x.shape
+    block_m = rms_norm_settings(N)[0]["BLOCK_M"]
+    n_tiles = triton.cdiv(M, block_m)
+    rows_per_program = triton.cdiv(n_tiles, _backward_programs(x.device, n_tiles)) * block_m
+    return triton.cdiv(M, rows_per_program), rows_per_program
+
+
+def _backward_outputs(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                      rstd: torch.Tensor, compute_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     M, N = x.shape
     dx = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0:
-        return dx, torch.zeros(N, device=x.device, dtype=torch.float32) if compute_dw else None
-    meta, warps = rms_norm_settings(N)
-    n_tiles = triton.cdiv(M, meta["BLOCK_M"])
-    programs = _backward_programs(x.device, n_tiles)
-    rows_per_program = triton.cdiv(n_tiles, programs) * meta["BLOCK_M"]
-    programs = triton.cdiv(M, rows_per_program)
+        return dx, torch.zeros((1, N) if compute_dw else (1,), device=x.device,
+                               dtype=torch.float32)
+    programs = _backward_programs_of(x)[0]
     partial = torch.empty((programs, N) if compute_dw else (1,), device=x.device,
                           dtype=torch.float32)
-    if not is_fake(x):  # a memory plan: allocations only
+    return dx, partial
+
+
+@torch.library.custom_op("lorakernels::rms_norm_backward", mutates_args=())
+def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                      compute_dw: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dy, x [M, N] (any strides), rstd [M] → dx [M, N] in x's dtype and dw's per-program
+    partial sums [programs, N] fp32 (a placeholder [1] without ``compute_dw``)."""
+    dx, partial = _backward_outputs(dy, x, weight, rstd, compute_dw)
+    M, N = x.shape
+    if M == 0:
+        return dx, partial
+    meta, warps = rms_norm_settings(N)
+    programs, rows_per_program = _backward_programs_of(x)
+    with on_device(x):
         _rms_norm_backward_kernel[(programs,)](
             dy, x, weight, rstd, dx, partial, M, N, rows_per_program,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
             COMPUTE_DW=compute_dw, EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
         )
-    return dx, partial.sum(0) if compute_dw else None
+    return dx, partial
+
+
+# Fake tensors (a memory plan, torch.compile's tracing): the outputs, allocated as above.
+rms_norm_forward.register_fake(_forward_outputs)
+rms_norm_backward.register_fake(_backward_outputs)
 
 
 # ----------------------------------------------------------------------------- autograd
+
+
+def _check_device(x: torch.Tensor, weight: torch.Tensor):
+    """Where the kernels run: checked by the real op only (fake tensors run nothing)."""
+    if not (x.is_cuda or INTERPRETING) or weight.device != x.device:
+        raise RuntimeError(
+            "rms_norm needs x and weight on one CUDA device (or CPU under TRITON_INTERPRET=1); "
+            f"got x on {x.device}, weight on {weight.device}")
 
 
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor):
     for name, t in (("x", x), ("weight", weight)):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"rms_norm supports float16, bfloat16 and float32; {name} is {t.dtype}")
-    if not (x.is_cuda or INTERPRETING or is_fake(x)) or weight.device != x.device:
-        raise RuntimeError(
-            "rms_norm needs x and weight on one CUDA device (or CPU under TRITON_INTERPRET=1); "
-            f"got x on {x.device}, weight on {weight.device}")
     if x.dim() == 0:
         raise ValueError("rms_norm needs x [..., N], got a scalar")
     if weight.dim() != 1 or x.shape[-1] != weight.shape[0]:
@@ -186,26 +221,24 @@ def _check_inputs(x: torch.Tensor, weight: torch.Tensor):
                          f"got weight {tuple(weight.shape)}")
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        _check_inputs(x, weight)
-        x2 = x.reshape(-1, x.shape[-1])
-        y, rstd = rms_norm_forward(x2, weight, eps)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.x_shape = x.shape
-        return y.view(x.shape)
+def _save_for_backward(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        need_dw = ctx.needs_input_grad[1]
-        dx, dw = rms_norm_backward(dy.reshape(x2.shape), x2, weight, rstd, compute_dw=need_dw)
-        return dx.view(ctx.x_shape), dw.to(weight.dtype) if need_dw else None, None
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    need_dw = ctx.needs_input_grad[1]
+    dx, partial = rms_norm_backward(dy, x, weight, rstd, need_dw)
+    return dx, partial.sum(0).to(weight.dtype) if need_dw else None, None
+
+
+# Saved for backward: x, rstd and a reference to w.
+rms_norm_forward.register_autograd(_rms_norm_grad, setup_context=_save_for_backward)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Phi3RMSNorm on the Triton kernels: x [..., N], weight [N] → [..., N]."""
-    with on_device(x):
-        return RMSNormFunction.apply(x, weight, float(eps))
-
+    _check_inputs(x, weight)
+    y, _ = rms_norm_forward(x.reshape(-1, x.shape[-1]), weight, float(eps))
+    return y.view(x.shape)

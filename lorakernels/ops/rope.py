@@ -27,7 +27,6 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
@@ -125,14 +124,24 @@ def rope_settings(n_heads: int, head_dim: int) -> Tuple[dict, int]:
     return dict(BLOCK_H=block_h, BLOCK_HALF=block_half), num_warps_for(block_h * block_half)
 
 
-def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _rotated_outputs(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     backward: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(q.shape, device=q.device, dtype=q.dtype),
+            torch.empty(k.shape, device=k.device, dtype=k.dtype))
+
+
+@torch.library.custom_op("lorakernels::rope_rotate", mutates_args=())
+def rope_rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                backward: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, R], R <= D (any strides) → q, k with
+    their first R dims rotated (contiguous); ``backward``: the inverse rotation, the gradient."""
+    q_out, k_out = _rotated_outputs(q, k, cos, sin, backward)
     B, Hq, T, D = q.shape
     Hk = k.shape[1]
     R = cos.shape[-1]  # rotated dims; the last D - R pass through
-    q_out = torch.empty((B, Hq, T, D), device=q.device, dtype=q.dtype)
-    k_out = torch.empty((B, Hk, T, D), device=k.device, dtype=k.dtype)
     if B * T == 0:
         return q_out, k_out
+    _check_devices(q, k, cos, sin)
     if R < D:
         q_out[..., R:].copy_(q[..., R:])
         k_out[..., R:].copy_(k[..., R:])
@@ -140,7 +149,7 @@ def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]
     else:
         q_rot, k_rot = q_out, k_out
     meta, warps = rope_settings(max(Hq, Hk), R)
-    if not is_fake(q):  # a memory plan: allocations only
+    with on_device(q):
         _rope_kernel[(B * T,)](
             q, k, cos, sin, q_rot, k_rot, T, Hq, Hk, R // 2,
             *q.stride(), *k.stride(), *cos.stride(), *sin.stride(),
@@ -150,20 +159,34 @@ def _launch(q, k, cos, sin, backward: bool) -> Tuple[torch.Tensor, torch.Tensor]
     return q_out, k_out
 
 
+# Fake tensors (a memory plan, torch.compile's tracing): the outputs, allocated as above.
+rope_rotate.register_fake(_rotated_outputs)
+
+
 def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, T, D], k [B, Hk, T, D], cos/sin [B, T, R], R <= D (any strides) → q, k with their
     first R dims rotated (contiguous)."""
-    return _launch(q, k, cos, sin, backward=False)
+    return rope_rotate(q, k, cos, sin, False)
 
 
 def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of rope_forward's outputs → gradients of q and k (the inverse rotation)."""
-    return _launch(dq, dk, cos, sin, backward=True)
+    return rope_rotate(dq, dk, cos, sin, True)
 
 
 # ----------------------------------------------------------------------------- autograd
+
+
+def _check_devices(q, k, cos, sin):
+    """Where the kernel runs: checked by the real op only (fake tensors run nothing)."""
+    named = (("q", q), ("k", k), ("cos", cos), ("sin", sin))
+    if not (q.is_cuda or INTERPRETING) or any(t.device != q.device for _, t in named):
+        raise RuntimeError(
+            "apply_rope needs q, k, cos and sin on one CUDA device (or CPU under "
+            "TRITON_INTERPRET=1); "
+            f"got {', '.join(f'{n} on {t.device}' for n, t in named)}")
 
 
 def _check_inputs(q, k, cos, sin):
@@ -176,11 +199,6 @@ def _check_inputs(q, k, cos, sin):
         dtypes = ", ".join(f"{n} {t.dtype}" for n, t in named)
         raise TypeError("apply_rope needs q, k, cos and sin in one dtype (model/phi3.py builds "
                         f"cos/sin in the activation dtype); got {dtypes}")
-    if not (q.is_cuda or INTERPRETING or is_fake(q)) or any(t.device != q.device for _, t in named):
-        raise RuntimeError(
-            "apply_rope needs q, k, cos and sin on one CUDA device (or CPU under "
-            "TRITON_INTERPRET=1); "
-            f"got {', '.join(f'{n} on {t.device}' for n, t in named)}")
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"apply_rope needs q [B, Hq, T, D] and k [B, Hk, T, D], got "
                          f"{tuple(q.shape)} and {tuple(k.shape)}")
@@ -200,23 +218,20 @@ def _check_inputs(q, k, cos, sin):
                              f"got {tuple(t.shape)}")
 
 
-class RoPEFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        _check_inputs(q, k, cos, sin)
-        if any(ctx.needs_input_grad[2:]):
-            raise ValueError("apply_rope gives no gradient for cos or sin; pass them detached")
-        B, _, T, _ = q.shape
-        R = cos.shape[-1]
-        cos, sin = cos.expand(B, T, R), sin.expand(B, T, R)  # a batch of 1 broadcasts by stride 0
-        ctx.save_for_backward(cos, sin)
-        return rope_forward(q, k, cos, sin)
+def _save_cos_sin(ctx, inputs, output):
+    _, _, cos, sin, backward = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward = backward
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq, dk = rope_backward(dq, dk, cos, sin)
-        return dq, dk, None, None
+
+def _rope_grad(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_rotate(dq, dk, cos, sin, not ctx.backward)
+    return dq, dk, None, None, None
+
+
+# Saved for backward: cos and sin only.
+rope_rotate.register_autograd(_rope_grad, setup_context=_save_cos_sin)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -224,6 +239,10 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     """``reference.rope_reference`` in one launch: q [B, Hq, T, D], k [B, Hk, T, D],
     cos/sin [B, T, R] (R <= D dims rotated, the rest copied) → (rotated q, rotated k), new
     contiguous tensors."""
-    with on_device(q):
-        return RoPEFunction.apply(q, k, cos, sin)
-
+    _check_inputs(q, k, cos, sin)
+    if any(t.requires_grad for t in (cos, sin)) and torch.is_grad_enabled():
+        raise ValueError("apply_rope gives no gradient for cos or sin; pass them detached")
+    B, _, T, _ = q.shape
+    R = cos.shape[-1]
+    # A batch of 1 broadcasts by stride 0.
+    return rope_forward(q, k, cos.expand(B, T, R), sin.expand(B, T, R))

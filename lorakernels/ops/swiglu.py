@@ -16,7 +16,6 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
 
 from .triton_utils import INTERPRETING, cast_to, num_warps_for, on_device
 
@@ -98,15 +97,22 @@ def _grid(M: int, n_cols: int, block: int):
     return (M, triton.cdiv(n_cols, block))
 
 
+def _forward_output(gate_up: torch.Tensor) -> torch.Tensor:
+    M, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    return torch.empty((M, inter), device=gate_up.device, dtype=gate_up.dtype)
+
+
+@torch.library.custom_op("lorakernels::swiglu_forward", mutates_args=())
 def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [M, 2I] (any strides) → out [M, I] in its dtype (I: the intermediate size)."""
-    M, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((M, inter), device=gate_up.device, dtype=gate_up.dtype)
+    out = _forward_output(gate_up)
+    M, inter = out.shape
     if M == 0 or inter == 0:
         return out
+    _check_device(gate_up)
     gate, up = gate_up[:, :inter], gate_up[:, inter:]  # views: only the pointer moves
     meta, warps = swiglu_settings(inter)
-    if not is_fake(gate):  # a memory plan: allocations only
+    with on_device(gate_up):
         _swiglu_forward_kernel[_grid(M, inter, meta["BLOCK"])](
             gate, up, out, inter, gate_up.stride(0), gate_up.stride(1), out.stride(0),
             out.stride(1), EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
@@ -114,17 +120,24 @@ def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _backward_output(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.empty((dout.shape[0], 2 * dout.shape[1]), device=gate_up.device,
+                       dtype=gate_up.dtype)
+
+
+@torch.library.custom_op("lorakernels::swiglu_backward", mutates_args=())
 def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     """dout [M, I], gate_up [M, 2I] (any strides) → d(gate_up) [M, 2I] in gate_up's dtype."""
+    dgate_up = _backward_output(dout, gate_up)
     M, inter = dout.shape
-    dgate_up = torch.empty((M, 2 * inter), device=gate_up.device, dtype=gate_up.dtype)
     if M == 0 or inter == 0:
         return dgate_up
+    _check_device(gate_up)
     meta, warps = swiglu_settings(inter)
-    if not is_fake(dout):  # a memory plan: allocations only
+    with on_device(gate_up):
         _swiglu_backward_kernel[_grid(M, inter, meta["BLOCK"])](
-            dout, gate_up[:, :inter], gate_up[:, inter:], dgate_up[:, :inter], dgate_up[:, inter:],
-            inter,
+            dout, gate_up[:, :inter], gate_up[:, inter:], dgate_up[:, :inter],
+            dgate_up[:, inter:], inter,
             dout.stride(0), dout.stride(1), gate_up.stride(0), gate_up.stride(1),
             dgate_up.stride(0), dgate_up.stride(1),
             EMULATE_BF16_RTNE=INTERPRETING, num_warps=warps, **meta,
@@ -132,40 +145,45 @@ def swiglu_backward(dout: torch.Tensor, gate_up: torch.Tensor) -> torch.Tensor:
     return dgate_up
 
 
+# Fake tensors (a memory plan, torch.compile's tracing): the outputs, allocated as above.
+swiglu_forward.register_fake(_forward_output)
+swiglu_backward.register_fake(_backward_output)
+
+
 # ----------------------------------------------------------------------------- autograd
+
+
+def _check_device(gate_up: torch.Tensor):
+    """Where the kernels run: checked by the real op only (fake tensors run nothing)."""
+    if not (gate_up.is_cuda or INTERPRETING):
+        raise RuntimeError("swiglu needs a CUDA tensor (or CPU under TRITON_INTERPRET=1); "
+                           f"got one on {gate_up.device}")
 
 
 def _check_inputs(gate_up: torch.Tensor):
     if gate_up.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"swiglu supports float16, bfloat16 and float32, got {gate_up.dtype}")
-    if not (gate_up.is_cuda or INTERPRETING or is_fake(gate_up)):
-        raise RuntimeError("swiglu needs a CUDA tensor (or CPU under TRITON_INTERPRET=1); "
-                           f"got one on {gate_up.device}")
     if gate_up.dim() == 0 or gate_up.shape[-1] % 2:
         raise ValueError("swiglu needs gate_up [..., 2·I] (gate then up), got "
                          f"{tuple(gate_up.shape)}")
 
 
-class SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate_up):
-        _check_inputs(gate_up)
-        two_i = gate_up.shape[-1]
-        gate_up2 = gate_up.reshape(-1, two_i)
-        out = swiglu_forward(gate_up2)
-        ctx.save_for_backward(gate_up2)
-        ctx.in_shape = gate_up.shape
-        return out.view(*gate_up.shape[:-1], two_i // 2)
+def _save_input(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
 
-    @staticmethod
-    def backward(ctx, dout):
-        (gate_up2,) = ctx.saved_tensors
-        dgate_up = swiglu_backward(dout.reshape(-1, dout.shape[-1]), gate_up2)
-        return dgate_up.view(ctx.in_shape)
+
+def _swiglu_grad(ctx, dout):
+    (gate_up,) = ctx.saved_tensors
+    return swiglu_backward(dout, gate_up)
+
+
+# Saved for backward: gate_up only.
+swiglu_forward.register_autograd(_swiglu_grad, setup_context=_save_input)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """up·silu(gate) on the Triton kernels: gate_up [..., 2I] (gate first) → [..., I]."""
-    with on_device(gate_up):
-        return SwiGLUFunction.apply(gate_up)
-
+    _check_inputs(gate_up)
+    two_i = gate_up.shape[-1]
+    out = swiglu_forward(gate_up.reshape(-1, two_i))
+    return out.view(*gate_up.shape[:-1], two_i // 2)
