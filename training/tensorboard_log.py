@@ -2,6 +2,7 @@
 
 TensorBoard is an optional extra, so it is imported only when asked for.
 """
+import json
 from pathlib import Path
 
 
@@ -13,6 +14,16 @@ def summary_writer_class():
         raise ValueError('--report-to tensorboard needs the tensorboard package: '
                          'pip install -e ".[tensorboard]"') from None
     return SummaryWriter
+
+
+def shown(value):
+    """An option's value as TensorBoard's hparams take it: a number, a string or a bool (a
+    list as its items, a mapping as JSON); None (unset) as it is, left out."""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
 
 
 def tag(key: str) -> str:
@@ -41,8 +52,7 @@ class TensorBoardLog:
         """The settings as a table in the Text tab and as hyperparameters in the HParams tab."""
         from torch.utils.tensorboard.summary import hparams
 
-        values = {name: " ".join(value) if isinstance(value, list) else value
-                  for name, value in settings.items()}
+        values = {name: shown(value) for name, value in settings.items()}
         table = "| option | value |\n|---|---|\n" + "".join(
             f"| {name} | {value} |\n" for name, value in values.items())
         self.writer.add_text("config", table, step)
