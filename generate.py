@@ -15,7 +15,7 @@ import torch
 
 from adapter_base import preset_seed, resolve_base_model
 from model.build import ArgumentError, base_config, load_model, resolve_device, resolve_dtype
-from model.chat import tokenize_chat
+from model.chat import stop_ids, tokenize_chat
 from model.config import DTYPE_CHOICES, QUANTIZE_CHOICES
 
 
@@ -103,7 +103,7 @@ def reply(model, tokenizer, messages, args, device) -> str:
     prompt = torch.tensor([ids], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_p=args.top_p, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                         top_p=args.top_p, stop_ids=stop_ids(tokenizer), pad_id=tokenizer.pad_id,
                          generator=generator)
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip()
 

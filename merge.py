@@ -17,6 +17,7 @@ from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
 from adapter_base import TRAINER_STATE, preset_seed, resolve_base_model
 from model.build import ArgumentError, load_model, resolve_device, resolve_dtype
+from model.chat import stop_ids
 from model.config import DTYPE_CHOICES
 
 
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                                       seed, None, args.tokenizer, args.adapter)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         merge_lora(model).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)  # with its chat template and stop ids
+        tokenizer.save_pretrained(tmp, stop_ids(tokenizer))  # with its template and stop ids
         replace_directory(tmp, args.output)
     except ArgumentError as error:
         parser.exit(2, f"merge.py: error: {error.as_flag()}\n")

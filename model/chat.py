@@ -198,19 +198,30 @@ def tokenize_chat(
 
 
 @lru_cache(maxsize=8)
-def _end_of_turn_id(tokenizer: Phi3Tokenizer) -> int:
+def end_of_turn_id(tokenizer: Phi3Tokenizer) -> int:
+    """The token that closes an assistant turn under the tokenizer's template (Phi-3 and
+    Phi-4-mini: ``<|end|>``, Phi-4: ``<|im_end|>``): a training target and a stop token; a
+    template that closes turns with a plain token is refused (the tokenizer lacks its end)."""
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ids, mask = tokenize_chat(tokenizer, messages)
     trained = [token for token, keep in zip(ids, mask) if keep]
     if not trained:
         raise ValueError(f"{tokenizer.template_source}: an assistant turn renders no tokens")
-    return trained[-1]
+    end = trained[-1]
+    if not tokenizer.is_special(end):
+        raise ValueError(f"{tokenizer.template_source}: an assistant turn ends with "
+                         f"{tokenizer.decode([end])!r}, not a special token: the tokenizer lacks "
+                         "the template's end-of-turn token (such as <|end|>)")
+    return end
 
 
-def end_of_turn_id(tokenizer: Phi3Tokenizer) -> int:
-    """The last token of an assistant turn under the tokenizer's template (Phi-3 and
-    Phi-4-mini: ``<|end|>``, Phi-4: ``<|im_end|>``): a stop token for generation."""
-    return _end_of_turn_id(tokenizer)
+def stop_ids(tokenizer: Phi3Tokenizer) -> Tuple[int, ...]:
+    """Generation stops on any of these: the eos, the end of an assistant turn, and the eos
+    ids of the checkpoint's generation_config.json and config.json (sorted)."""
+    ids = {tokenizer.eos_id, *tokenizer.extra_eos_ids}
+    if tokenizer.chat_template is not None:
+        ids.add(end_of_turn_id(tokenizer))
+    return tuple(sorted(ids))
 
 
 # --- Many conversations at once, for training -------------------------------------------------

@@ -15,7 +15,7 @@ works the same way.
 """
 import json
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 from tokenizers import Tokenizer
 
@@ -162,10 +162,11 @@ class Phi3Tokenizer:
         """Write tokenizer.json, e.g. beside a merged checkpoint."""
         self._tokenizer.save(str(path))
 
-    def save_pretrained(self, directory: Union[str, Path]) -> None:
+    def save_pretrained(self, directory: Union[str, Path], stop_ids: Sequence[int] = ()) -> None:
         """tokenizer.json, tokenizer_config.json (with the chat template) and, when there are
-        eos ids beyond the tokenizer's eos, generation_config.json's eos_token_id: what
-        transformers' AutoTokenizer and generate read (e.g. beside a merged checkpoint)."""
+        eos ids beyond the tokenizer's eos, generation_config.json's eos_token_id (``stop_ids``:
+        ``model.chat.stop_ids``'s): what transformers' AutoTokenizer and generate read (e.g.
+        beside a merged checkpoint)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.save(directory / "tokenizer.json")
@@ -176,7 +177,8 @@ class Phi3Tokenizer:
                                                        + "\n", encoding="utf-8")
         generation = directory / GENERATION_CONFIG_FILE
         if self.extra_eos_ids and not generation.exists():
-            generation.write_text(json.dumps({"eos_token_id": list(self.stop_ids)}, indent=2) + "\n")
+            ids = sorted({self.eos_id, *self.extra_eos_ids, *stop_ids})
+            generation.write_text(json.dumps({"eos_token_id": ids}, indent=2) + "\n")
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -208,18 +210,9 @@ class Phi3Tokenizer:
         and a rendered chat without generation prompt)."""
         return self.special_token_id("eos_token")
 
-    @property
-    def end_id(self) -> int:
-        """The token that closes an assistant turn in the chat template (Phi-3 and Phi-4-mini:
-        ``<|end|>``; Phi-4: ``<|im_end|>``)."""
-        from .chat import end_of_turn_id
-
-        end = end_of_turn_id(self)
-        if end not in self._tokenizer.get_added_tokens_decoder():
-            raise ValueError(f"{self.template_source}: an assistant turn ends with "
-                             f"{self.decode([end])!r}, not a special token: the tokenizer lacks "
-                             f"the template's end-of-turn token (such as <|end|>)")
-        return end
+    def is_special(self, token_id: int) -> bool:
+        """Whether ``token_id`` is one of the tokenizer's added special tokens."""
+        return token_id in self._tokenizer.get_added_tokens_decoder()
 
     @property
     def pad_id(self) -> int:
@@ -227,15 +220,6 @@ class Phi3Tokenizer:
         choice is harmless."""
         pad = self.special_token_id("pad_token")
         return self.eos_id if pad is None else pad
-
-    @property
-    def stop_ids(self) -> Tuple[int, ...]:
-        """Generation stops on any of these: the eos, the end of an assistant turn, and the eos
-        ids of the checkpoint's generation_config.json and config.json (sorted)."""
-        ids = {self.eos_id, *self.extra_eos_ids}
-        if self.chat_template is not None:
-            ids.add(self.end_id)
-        return tuple(sorted(ids))
 
 
 def load_tokenizer(path_or_dir: Optional[Union[str, Path]] = None) -> Phi3Tokenizer:

@@ -14,7 +14,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer
 from transformers import AutoTokenizer
 
-from model.chat import render_chat, tokenize_chat
+from model.chat import end_of_turn_id, render_chat, stop_ids, tokenize_chat
 from model.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
 PHI3_TEMPLATE = json.loads((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())["chat_template"]
@@ -115,17 +115,17 @@ def test_mask_is_each_reply_and_the_token_closing_its_turn(family, name):
         assert run[-1] == ours.token_id(end_token)
         # Phi-3's tags strip the whitespace after them (rstrip); Phi-4's added tokens do not.
         assert ours.decode(run[:-1]) in (reply, reply.lstrip())
-    assert ours.end_id == ours.token_id(end_token)
+    assert end_of_turn_id(ours) == ours.token_id(end_token)
 
 
 def test_stop_ids_come_from_the_checkpoint(tmp_path):
     phi4 = load_tokenizer(save_family(tmp_path / "phi4", "phi4", eos_ids=[1024]))
     im_end = phi4.token_id("<|im_end|>")
-    assert phi4.stop_ids == (1024, im_end)  # the eos and the template's end of turn
+    assert stop_ids(phi4) == (1024, im_end)  # the eos and the template's end of turn
     phi4.add_eos_ids([7])
-    assert phi4.stop_ids == (7, 1024, im_end)
+    assert stop_ids(phi4) == (7, 1024, im_end)
     tiny = load_tokenizer()  # its generation_config.json: Phi-3's three stop tokens
-    assert [tiny.decode([i]) for i in tiny.stop_ids] == ["<|endoftext|>", "<|assistant|>", "<|end|>"]
+    assert [tiny.decode([i]) for i in stop_ids(tiny)] == ["<|endoftext|>", "<|assistant|>", "<|end|>"]
 
 
 def test_chat_template_jinja_file_wins(tmp_path):

@@ -11,6 +11,7 @@ from model import Phi3ForCausalLM
 from training.config import TrainConfig
 from training.loop import train
 from conftest import subprocess_timeout
+from model.chat import stop_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_merged_checkpoint_equals_base_plus_adapter(adapter, tmp_path):
 
     merged_tokenizer, tokenizer = load_tokenizer(tmp_path / "merged"), load_tokenizer()
     assert merged_tokenizer.chat_template == tokenizer.chat_template
-    assert merged_tokenizer.stop_ids == tokenizer.stop_ids
+    assert stop_ids(merged_tokenizer) == stop_ids(tokenizer)
 
 
 def test_generate_answers_a_prompt(adapter):

@@ -241,3 +241,20 @@ def test_other_runtime_errors_are_not_called_out_of_memory(capsys, monkeypatch, 
     monkeypatch.setattr(loop, "train", fail)
     with pytest.raises(RuntimeError, match="a bug"):
         train_cli.main(["--output", str(tmp_path / "run")])
+
+
+def test_a_template_whose_turns_end_in_a_plain_token_is_refused(capsys, tmp_path, data):
+    """Replies would learn to end on "\\n", and generation would never stop on it."""
+    from model.tokenizer import load_tokenizer
+
+    load_tokenizer().save_pretrained(tmp_path / "tok")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    values = json.loads(config.read_text())
+    values["chat_template"] = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}")
+    config.write_text(json.dumps(values))
+    status, err = train_main(capsys, "--data", data, "--tokenizer", tmp_path / "tok",
+                             "--output", tmp_path / "run", "--max-steps", 1, "--device", "cpu")
+    assert status == 2
+    assert "an assistant turn ends with '\\n', not a special token" in err
+    assert not (tmp_path / "run" / "final").exists()

@@ -20,6 +20,7 @@ from model.build import random_model
 from model.lora import apply_lora
 from model.tokenizer import TINY_TOKENIZER_DIR
 from test_phi3_lora import peft_and_ours
+from model.chat import stop_ids
 
 HEAD_DIM = 16
 PHI4_MINI = dict(vocab_size=128, hidden_size=6 * HEAD_DIM, intermediate_size=160,
@@ -215,7 +216,7 @@ def test_checkpoint_stop_ids_reach_generation(tmp_path):
         shutil.copy(TINY_TOKENIZER_DIR / name, tmp_path / name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1024, 1031, 5]}))
     model, tokenizer = load_model(str(tmp_path), torch.float32, torch.device("cpu"))
-    assert tokenizer.stop_ids == (5, 1024, 1031)  # 1031: <|end|>, the template's end of turn
+    assert stop_ids(tokenizer) == (5, 1024, 1031)  # 1031: <|end|>, the template's end of turn
     assert model.config.eos_token_id == 1024
 
 

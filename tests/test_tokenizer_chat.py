@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from model.chat import render_chat, tokenize_chat
+from model.chat import end_of_turn_id, render_chat, stop_ids, tokenize_chat
 from model.tokenizer import TINY_TOKENIZER_DIR, Phi3Tokenizer, load_tokenizer
 from conftest import subprocess_timeout
 
@@ -132,9 +132,9 @@ def test_tokenizer_json_has_phi3_pipeline_and_token_flags():
 
 
 def test_named_ids(tokenizer):
-    assert tokenizer.end_id == tokenizer.token_id("<|end|>")
+    assert end_of_turn_id(tokenizer) == tokenizer.token_id("<|end|>")
     assert tokenizer.pad_id == tokenizer.eos_id == tokenizer.token_id("<|endoftext|>")
-    stop_tokens = [tokenizer.decode([i]) for i in tokenizer.stop_ids]
+    stop_tokens = [tokenizer.decode([i]) for i in stop_ids(tokenizer)]
     assert stop_tokens == ["<|endoftext|>", "<|assistant|>", "<|end|>"]
     assert tokenizer.decode(tokenizer.encode("Hi<|end|>"), skip_special_tokens=True) == "Hi"
 
@@ -211,7 +211,7 @@ def test_mask_selects_assistant_replies_and_their_end(tokenizer, name):
     for run, reply in zip(runs, replies):
         # <|assistant|> swallows the whitespace after it (rstrip): a reply's leading spaces vanish.
         assert tokenizer.decode(run) == reply.lstrip() + "<|end|>"
-        assert run == tokenizer.encode(reply.lstrip()) + [tokenizer.end_id]
+        assert run == tokenizer.encode(reply.lstrip()) + [end_of_turn_id(tokenizer)]
     role_ids = {tokenizer.token_id(f"<|{role}|>") for role in ("system", "user", "assistant")}
     assert not any(trained for token_id, trained in zip(ids, mask) if token_id in role_ids)
     assert mask[-1] is False  # the closing eos is not trained on

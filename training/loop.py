@@ -14,6 +14,7 @@ import torch
 from lorakernels import settings
 from lorakernels.functional import lm_head_loss
 from model.build import load_model, resolve_dtype
+from model.chat import end_of_turn_id
 from model.lora import apply_lora
 
 from .checkpoint import (TrainingState, prune_checkpoints, resume, run_fingerprint,
@@ -239,6 +240,8 @@ def start_run(config: TrainConfig, dist: Distributed, log) -> Run:
     train_data, eval_data = read_train_and_eval(config, log)
     model, tokenizer = load_model(config.model, resolve_dtype(config.dtype, device), device,
                                   config.seed, config.quantize, config.tokenizer)
+    if train_data.format != "text":  # replies must learn to end on a special token, not "\n"
+        end_of_turn_id(tokenizer)
     rows, truncated = prepare_rows(train_data, tokenizer, config, log)
     pad_to = batch_length_rule(config, device)
     batches = MicroBatches(rows, config.batch_size, config.seed, tokenizer.pad_id,
