@@ -62,7 +62,8 @@ def template_directory(template: str, directory: Path) -> Path:
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer.from_file(str(TINY_TOKENIZER_DIR / "tokenizer.json"))
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI4_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t in PHI4_TOKENS])
     tokenizer.save(str(directory / "tokenizer.json"))
     config = json.loads((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())
     if template == "phi4":

@@ -87,10 +87,11 @@ def measure(rows) -> list:
             theirs = hf_peft(model, batch, seq, checkpointing)
             for quantize in ("none", "nf4"):
                 mine = ours(model, batch, seq, checkpointing, quantize)
+                ratio = mine["peak_bytes"] / theirs["peak_bytes"]
                 records.append({"model": model, "batch": batch, "seq_len": seq,
                                 "grad_checkpointing": checkpointing, "quantize": quantize,
                                 "ours": mine, "hf_peft": theirs,
-                                "ratio_vs_hf_peft": round(mine["peak_bytes"] / theirs["peak_bytes"], 3)})
+                                "ratio_vs_hf_peft": round(ratio, 3)})
                 print(json.dumps(records[-1]), flush=True)
     return records
 

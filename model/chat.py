@@ -98,7 +98,8 @@ def _render(tokenizer: Phi3Tokenizer, messages: Sequence[dict], add_generation_p
             messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
             tools=tools, documents=documents, **tokenizer.special_tokens)
     except jinja2.exceptions.TemplateError as error:
-        raise ValueError(f"{tokenizer.template_source}: the chat template failed: {error}") from error
+        raise ValueError(f"{tokenizer.template_source}: the chat template failed: "
+                         f"{error}") from error
     except RenderBudgetExceeded as error:
         raise ValueError(f"{tokenizer.template_source}: the chat template {error}") from None
     except Exception as error:  # a template can raise anything: TypeError, RecursionError, ...

@@ -62,7 +62,8 @@ def read_eos_ids(directory: Union[str, Path]) -> List[int]:
 
 
 class Phi3Tokenizer:
-    """Text <-> token ids, the checkpoint's special tokens and chat template; no BOS unless asked."""
+    """Text <-> token ids, the checkpoint's special tokens and chat template; no BOS unless
+    asked."""
 
     def __init__(self, tokenizer: Tokenizer, config: Optional[dict] = None,
                  chat_template: Optional[str] = None, template_source: str = "chat_template",
@@ -173,8 +174,8 @@ class Phi3Tokenizer:
         config = {**self.config, **self.special_tokens}
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False)
-                                                       + "\n", encoding="utf-8")
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (directory / TOKENIZER_CONFIG_FILE).write_text(text, encoding="utf-8")
         generation = directory / GENERATION_CONFIG_FILE
         if self.extra_eos_ids and not generation.exists():
             ids = sorted({self.eos_id, *self.extra_eos_ids, *stop_ids})

@@ -17,9 +17,11 @@ from transformers import AutoTokenizer
 from model.chat import end_of_turn_id, render_chat, stop_ids, tokenize_chat
 from model.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
-PHI3_TEMPLATE = json.loads((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())["chat_template"]
+PHI3_TEMPLATE = json.loads(
+    (TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())["chat_template"]
 PHI4_TEMPLATE = (
-    "{% for message in messages %}{% if (message['role'] == 'system') %}{{'<|im_start|>system<|im_sep|>' "
+    "{% for message in messages %}{% if (message['role'] == 'system') %}"
+    "{{'<|im_start|>system<|im_sep|>' "
     "+ message['content'] + '<|im_end|>'}}{% elif (message['role'] == 'user') %}"
     "{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
     "{% elif (message['role'] == 'assistant') %}{{'<|im_start|>assistant<|im_sep|>' + "
@@ -125,7 +127,8 @@ def test_stop_ids_come_from_the_checkpoint(tmp_path):
     phi4.add_eos_ids([7])
     assert stop_ids(phi4) == (7, 1024, im_end)
     tiny = load_tokenizer()  # its generation_config.json: Phi-3's three stop tokens
-    assert [tiny.decode([i]) for i in stop_ids(tiny)] == ["<|endoftext|>", "<|assistant|>", "<|end|>"]
+    assert ([tiny.decode([i]) for i in stop_ids(tiny)]
+            == ["<|endoftext|>", "<|assistant|>", "<|end|>"])
 
 
 def test_chat_template_jinja_file_wins(tmp_path):
@@ -133,7 +136,8 @@ def test_chat_template_jinja_file_wins(tmp_path):
     (directory / "chat_template.jinja").write_text(
         "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}")
     tokenizer = load_tokenizer(directory)
-    assert render_chat([{"role": "user", "content": " hi "}], tokenizer=tokenizer) == "<|user|>hi<|end|>"
+    assert (render_chat([{"role": "user", "content": " hi "}], tokenizer=tokenizer)
+            == "<|user|>hi<|end|>")
 
 
 def test_template_that_is_not_prefix_stable_is_named(tmp_path):
@@ -143,8 +147,8 @@ def test_template_that_is_not_prefix_stable_is_named(tmp_path):
                                "<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template: the chat template is "
-                                         r"not prefix-stable.*message 1"):
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: chat_template: the chat "
+                                         r"template is not prefix-stable.*message 1"):
         tokenize_chat(load_tokenizer(directory), messages)
 
 
@@ -153,7 +157,8 @@ def test_template_errors_and_sandbox(tmp_path):
     config = json.loads((directory / "tokenizer_config.json").read_text())
     config["chat_template"] = "{{ raise_exception('roles must alternate') }}"
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="chat_template: the chat template failed: roles must alternate"):
+    with pytest.raises(ValueError, match="chat_template: the chat template failed: "
+                                         "roles must alternate"):
         render_chat([{"role": "user", "content": "hi"}], tokenizer=load_tokenizer(directory))
     config["chat_template"] = "{{ messages.__class__.__mro__ }}"
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
@@ -161,8 +166,9 @@ def test_template_errors_and_sandbox(tmp_path):
         render_chat([{"role": "user", "content": "hi"}], tokenizer=load_tokenizer(directory))
     config["chat_template"] = "{{ messages | tojson }}"
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    assert render_chat([{"role": "user", "content": "<b>é</b>"}], tokenizer=load_tokenizer(directory)) \
-        == '[{"role": "user", "content": "<b>é</b>"}]'
+    assert (render_chat([{"role": "user", "content": "<b>é</b>"}],
+                        tokenizer=load_tokenizer(directory))
+            == '[{"role": "user", "content": "<b>é</b>"}]')
 
 
 def test_no_template_is_a_clear_error(tmp_path):

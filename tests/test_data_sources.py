@@ -54,7 +54,8 @@ def test_data_field_names_the_messages_column(tmp_path):
 
 
 @pytest.mark.parametrize("records, reason", [
-    ([RECORDS["messages"], {"question": "hi"}], r"d.jsonl:2: fits no data format \(keys: question\)"),
+    ([RECORDS["messages"], {"question": "hi"}],
+     r"d.jsonl:2: fits no data format \(keys: question\)"),
     ([{**RECORDS["alpaca"], **RECORDS["messages"]}], r"d.jsonl:1: mixes the messages and alpaca"),
     ([RECORDS["messages"], RECORDS["sharegpt"]], r"d.jsonl:2: a sharegpt record in a messages"),
     ([{"conversations": [{"from": "robot", "value": "x"}]}], r"d.jsonl:1: turn 0 is from 'robot'"),
@@ -106,7 +107,8 @@ def ultrachat_directory(root):
     for split, count in (("train_sft", 6), ("test_sft", 2)):
         rows = [{"prompt": "What is 2 plus 2?", "prompt_id": str(i), "messages": MESSAGES}
                 for i in range(count)]
-        datasets.Dataset.from_list(rows).to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+        parquet = root / "data" / f"{split}-00000-of-00001.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(parquet))
     (root / "README.md").write_text(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train_sft\n"
         "    path: data/train_sft-*\n  - split: test_sft\n    path: data/test_sft-*\n---\n")
@@ -146,7 +148,8 @@ def test_uncached_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="--data nobody/no-such-set: not in the Hugging Face cache"):
+    with pytest.raises(ValueError,
+                       match="--data nobody/no-such-set: not in the Hugging Face cache"):
         read_dataset(DataSource("nobody/no-such-set"))
 
 
@@ -162,7 +165,8 @@ def test_without_datasets_the_error_names_the_extra(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
     (tmp_path / "d.parquet").write_bytes(b"")
-    with pytest.raises(ValueError, match=r'needs the datasets library: pip install -e "\.\[datasets\]"'):
+    with pytest.raises(ValueError,
+                       match=r'needs the datasets library: pip install -e "\.\[datasets\]"'):
         read_dataset(DataSource(str(tmp_path / "d.parquet")))
 
 
@@ -173,7 +177,8 @@ def test_eval_fraction_is_seeded_and_never_overlaps(tmp_path):
     train, evaluation = held_out(dataset, 0.25, seed=3)
     replies = lambda part: {c[1]["content"] for c in part.conversations}  # noqa: E731
     assert len(evaluation.conversations) == 5 and len(train.conversations) == 15
-    assert replies(train) | replies(evaluation) == replies(dataset) and not replies(train) & replies(evaluation)
+    assert (replies(train) | replies(evaluation) == replies(dataset)
+            and not replies(train) & replies(evaluation))
     assert replies(held_out(dataset, 0.25, seed=3)[1]) == replies(evaluation)
     assert replies(held_out(dataset, 0.25, seed=4)[1]) != replies(evaluation)
     assert train.digest != dataset.digest != evaluation.digest

@@ -7,11 +7,14 @@ import torch
 from model.chat import tokenize_chat
 from model.tokenizer import load_tokenizer
 from training.config import TrainConfig, parse_config
-from training.data import IGNORE, MicroBatches, collate, pack, read_chats, target_tokens, tokenize_chats
+from training.data import (IGNORE, MicroBatches, collate, pack, read_chats, target_tokens,
+                           tokenize_chats)
 
 TOKENIZER = load_tokenizer()
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
-        {"role": "assistant", "content": "2 plus 2 is 4."}, {"role": "user", "content": "And 3 plus 3?"},
+CHAT = [{"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 2?"},
+        {"role": "assistant", "content": "2 plus 2 is 4."},
+        {"role": "user", "content": "And 3 plus 3?"},
         {"role": "assistant", "content": "3 plus 3 is 6."}]
 
 
@@ -26,7 +29,8 @@ def write_lines(tmp_path, lines):
     (json.dumps({"conversation": []}), 'missing "messages"'),
     (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), "role 'robot'"),
     (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), "no assistant turn"),
-    (json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "  "}]}),
      r"message 1 \(assistant\) has empty content"),
 ])
 def test_bad_line_is_named_with_file_and_line(tmp_path, line, reason):
@@ -51,7 +55,8 @@ def test_packing_restarts_positions_and_never_predicts_across_conversations():
     assert len(rows) == 1
     row = rows[0]
     starts = [i for i, p in enumerate(row.position_ids) if p == 0]
-    assert starts == [0, len(examples[0].input_ids), len(examples[0].input_ids) + len(examples[1].input_ids)]
+    first, second = len(examples[0].input_ids), len(examples[1].input_ids)
+    assert starts == [0, first, first + second]
     assert all(row.labels[i] == IGNORE for i in starts)
     assert sorted(set(row.segment_ids)) == [0, 1, 2]
     assert len(pack(examples, 512, packing=False)) == 3

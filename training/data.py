@@ -71,8 +71,8 @@ class TokenizedData:
         starts = self.offsets[:-1][index]
         tokens = (torch.repeat_interleave(starts - torch.cumsum(picked, 0) + picked, picked)
                   + torch.arange(int(picked.sum())))
-        return TokenizedData(self.ids[tokens], self.targets[tokens],
-                             torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(picked, 0)]))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(picked, 0)])
+        return TokenizedData(self.ids[tokens], self.targets[tokens], offsets)
 
 
 def tokenize_chats(chats: Sequence[Conversation], tokenizer: Phi3Tokenizer, max_seq_len: int,
@@ -179,7 +179,8 @@ class PackedRows:
 def pack(examples: Union[TokenizedData, Sequence[Example]], max_seq_len: int,
          packing: bool) -> PackedRows:
     """Greedy packing in data order: a conversation joins the current row if it fits."""
-    data = examples if isinstance(examples, TokenizedData) else TokenizedData.from_examples(examples)
+    data = (examples if isinstance(examples, TokenizedData)
+            else TokenizedData.from_examples(examples))
     starts, used = [], max_seq_len + 1
     for index, length in enumerate(data.lengths()):
         if not packing or used + length > max_seq_len:
@@ -240,7 +241,8 @@ class MicroBatches:
         """This epoch's shuffle of the rows (kept for the epoch being read)."""
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._order = epoch, torch.randperm(len(self.rows), generator=generator).tolist()
+            shuffled = torch.randperm(len(self.rows), generator=generator).tolist()
+            self._epoch, self._order = epoch, shuffled
         return self._order
 
     def __getitem__(self, index: int) -> dict:
@@ -252,13 +254,14 @@ class MicroBatches:
 
 
 def require_targets(rows: PackedRows, path, max_seq_len: int, truncated: int) -> None:
-    """Refuse data that would train on nothing: a loss over no tokens is 0 and looks like success."""
+    """Refuse data that would train on nothing: a loss over no tokens is 0 and looks like
+    success."""
     if rows.has_targets():
         return
     if truncated:
-        raise ValueError(f"{path}: no target tokens left after truncating {truncated} conversation(s) "
-                         f"to --max-seq-len {max_seq_len}: every assistant reply was cut off; "
-                         f"raise --max-seq-len")
+        raise ValueError(f"{path}: no target tokens left after truncating {truncated} "
+                         f"conversation(s) to --max-seq-len {max_seq_len}: every assistant "
+                         f"reply was cut off; raise --max-seq-len")
     raise ValueError(f"{path}: no target tokens (no assistant reply has a token to predict)")
 
 

@@ -41,8 +41,9 @@ def tokenizer_digest(tokenizer: Phi3Tokenizer) -> str:
 
 def cache_key(data_digest: str, tokenizer: Phi3Tokenizer, max_seq_len: int, packing: bool,
               train_on_prompt: bool) -> str:
-    parts = {"version": CACHE_VERSION, "data": data_digest, "tokenizer": tokenizer_digest(tokenizer),
-             "max_seq_len": max_seq_len, "packing": packing, "train_on_prompt": train_on_prompt}
+    parts = {"version": CACHE_VERSION, "data": data_digest,
+             "tokenizer": tokenizer_digest(tokenizer), "max_seq_len": max_seq_len,
+             "packing": packing, "train_on_prompt": train_on_prompt}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

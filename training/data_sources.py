@@ -59,7 +59,8 @@ def read_dataset(source: DataSource, progress: bool = False) -> Dataset:
     """Every record of ``source`` as a conversation; the first bad one stops with where it is.
     ``progress``: a bar on stderr once reading has taken PROGRESS_DELAY_S."""
     if source.format not in FORMATS:
-        raise ValueError(f"--data-format must be one of {', '.join(FORMATS)}, got {source.format!r}")
+        raise ValueError(f"--data-format must be one of {', '.join(FORMATS)}, "
+                         f"got {source.format!r}")
     records, digest = open_records(source)
     conversations, chosen = [], None
     with tqdm(records, desc="read data", unit="rec", disable=not progress,
@@ -109,8 +110,8 @@ def to_conversation(record: dict, name: str, field: Optional[str], where: str) -
     """``record`` in format ``name`` as messages (validated as train.py needs them) or a text."""
     missing = [k for k in format_keys(name, field) if k not in record]
     if missing:
-        raise ValueError(f"{where}: missing {', '.join(map(json.dumps, missing))} for the {name} format "
-                         f"(keys: {', '.join(map(str, record)) or 'none'})")
+        raise ValueError(f"{where}: missing {', '.join(map(json.dumps, missing))} for the {name} "
+                         f"format (keys: {', '.join(map(str, record)) or 'none'})")
     try:
         if name == "text":
             return checked_text(record["text"])
@@ -203,7 +204,8 @@ def file_digest(files: List[Path]) -> str:
 
     if len(files) == 1:
         return file_sha256(files[0])
-    return hashlib.sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files).encode()).hexdigest()
+    listing = "".join(f"{f.name}:{file_sha256(f)}\n" for f in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def layout_hint(line: str) -> str:
