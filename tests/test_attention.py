@@ -298,10 +298,15 @@ def test_windowed_blocks_hold_one_window_of_keys():
     from lorakernels.ops.conversation_attention import query_blocks
 
     shapes = {tuple(mask.shape) for _, _, mask in query_blocks(131072, 2047)}
-    assert max(q * k for q, k in shapes) == 2047 * (2 * 2047 - 1)
-    blocks = list(query_blocks(1000, 300))
-    assert [(b.start, b.stop, k.start) for b, k, _ in blocks] == [
-        (0, 300, 0), (300, 600, 1), (600, 900, 301), (900, 1000, 601)]
+    assert max(q * k for q, k in shapes) == 511 * (511 + 2046)
+    blocks = list(query_blocks(1000, 600))
+    assert [(b.start, b.stop, k.start, k.stop) for b, k, _ in blocks] == [
+        (0, 150, 0, 150), (150, 300, 0, 300), (300, 450, 0, 450), (450, 600, 0, 600),
+        (600, 750, 1, 750), (750, 900, 151, 900), (900, 1000, 301, 1000)]
+    for queries, keys, mask in blocks:
+        distance = (torch.arange(queries.start, queries.stop)[:, None]
+                    - torch.arange(keys.start, keys.stop)[None, :])
+        assert torch.equal(mask, (distance >= 0) & (distance < 600))
 
 
 def dense_blocks(block_mask):

@@ -91,14 +91,21 @@ MIN_QUERY_BLOCK = 128  # below this a block's SDPA call costs more than its work
 
 def query_blocks(length: int, window: int):
     """(queries, keys, mask) per block of queries: slices of the sequence and the block's
-    [queries, keys] bool mask of 0 <= q - k < window."""
-    size = max(window, MIN_QUERY_BLOCK)
+    [queries, keys] bool mask of 0 <= q - k < window.
+
+    Blocks of a quarter window: each computes its queries against window + block keys, 80 %
+    of them inside the window (a block of a whole window would waste half). Every block
+    past the first has the same layout, so one mask serves all (sliced for the two ends).
+    """
+    size = max(window // 4, MIN_QUERY_BLOCK)
+    reach = window - 1  # keys before a block's first query that it sees
+    distance = torch.arange(size)[:, None] + reach - torch.arange(size + reach)[None, :]
+    mask = (distance >= 0) & (distance < window)
     for start in range(0, length, size):
         queries = slice(start, min(start + size, length))
-        keys = slice(max(0, start - window + 1), queries.stop)
-        distance = (torch.arange(queries.start, queries.stop)[:, None]
-                    - torch.arange(keys.start, keys.stop)[None, :])
-        yield queries, keys, (distance >= 0) & (distance < window)
+        keys = slice(max(0, start - reach), queries.stop)
+        cut = reach - (start - keys.start)  # the first block has fewer keys before it
+        yield queries, keys, mask[:queries.stop - start, cut:cut + keys.stop - keys.start]
 
 
 def _block(q, k, v, mask: torch.Tensor) -> torch.Tensor:
