@@ -91,7 +91,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
     """``run(x)`` with ``x`` kept in host memory until backward, which recomputes ``run``."""
 
     @staticmethod
-    def forward(ctx, run: Callable, inputs: OffloadedInputs, x: torch.Tensor):
+    def forward(ctx, run: Callable, inputs: OffloadedInputs, x: torch.Tensor,
+                _anchor: Optional[torch.Tensor]):
         ctx.run, ctx.inputs = run, inputs
         ctx.index = inputs.offload(x)
         ctx.cpu_rng = torch.get_rng_state()
@@ -101,7 +102,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x = ctx.inputs.fetch(ctx.index).detach().requires_grad_()
+        x = ctx.inputs.fetch(ctx.index).detach().requires_grad_(ctx.needs_input_grad[2])
         ctx.inputs.prefetch(ctx.index - 1)  # arrives while this layer recomputes
         with torch.random.fork_rng(devices=ctx.device_rng[0]):
             torch.set_rng_state(ctx.cpu_rng)
@@ -109,13 +110,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
             with torch.enable_grad():
                 out = ctx.run(x)
         torch.autograd.backward(out, grad_out)
-        return None, None, x.grad
+        return None, None, x.grad, None
 
 
 def offloaded_checkpoint(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                          inputs: OffloadedInputs) -> torch.Tensor:
     """``run(x)`` (a decoder layer) with its input in host memory until backward; ``inputs``
     is shared by the layers of one forward, in order, so each backward prefetches the last."""
-    if not x.requires_grad:  # the first layer's input (frozen embeddings): backward must run
-        x = x.detach().requires_grad_()
-    return OffloadedCheckpoint.apply(run, inputs, x)
+    # The first layer's input (frozen embeddings) needs no gradient, but the LoRA weights
+    # inside need this backward to run: an empty tensor that requires grad sees to it, without
+    # autograd holding on to the input, as a leaf that requires grad would.
+    anchor = None if x.requires_grad else torch.empty(0, device=x.device, requires_grad=True)
+    return OffloadedCheckpoint.apply(run, inputs, x, anchor)

@@ -1,6 +1,10 @@
 """Long sequences: the tiled MLP equals the whole one, offloaded checkpoints equal on-device
 ones, the memory plan counts offloaded checkpoints as host memory, LongRoPE's long factors in
 training, and the long-context tiny preset trains a step whose peak grows linearly in T."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +16,7 @@ from model.lora import apply_lora
 from training.config import TrainConfig, parse_config
 from training.memory_plan import planned_batch, plan_memory
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = Phi3Config.from_name("phi3-tiny")
 
 
@@ -157,3 +162,55 @@ def test_grad_checkpointing_yaml_and_bad_values(tmp_path):
         parse_config(["--config", str(path)])
     with pytest.raises(ValueError, match="--grad-checkpointing must be"):
         parse_config(["--grad-checkpointing", "sometimes"])
+
+
+LONG_TINY = Phi3Config.from_name("phi3-tiny-128k")
+
+
+@pytest.mark.parametrize("T, factors", [(4096, "short"), (4200, "long")])
+def test_training_uses_longrope_long_factors_past_the_original_context(T, factors):
+    """As transformers' Phi3 does: positions past original_max_position_embeddings (4096)
+    switch the whole batch to the long factors, in a training step too."""
+    model = lora_model(config=LONG_TINY)
+    rotary = model.model.rotary_emb
+    seen = []
+    rotary.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    batch = planned_batch(1, T, LONG_TINY.vocab_size)
+    loop.accumulate_gradients(loop.StepLoss(model), [batch])
+    inv_freq = getattr(rotary, f"{factors}_inv_freq")
+    angles = torch.arange(T)[:, None].float() * inv_freq
+    expected = torch.cat((angles, angles), dim=-1).cos() * LONG_TINY.rope_attention_scaling
+    torch.testing.assert_close(seen[0][0], expected)
+    assert not torch.equal(rotary.short_inv_freq, rotary.long_inv_freq)
+
+
+def test_long_conversations_pack_into_131072_token_rows(tmp_path):
+    """scripts/make_long_chats.py's conversations at --max-seq-len 131072: packed, two share
+    a row; unpacked, each has its own; none is cut."""
+    from model.tokenizer import load_tokenizer
+
+    path = tmp_path / "long.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_long_chats.py"), "--tokens",
+                    "50000", "--count", "2", "--out", str(path)], check=True)
+    tokenizer = load_tokenizer()
+    lengths = {}
+    for packing in (True, False):
+        config = TrainConfig(model="phi3-tiny-128k", data=str(path), max_seq_len=131072,
+                             packing=packing)
+        rows, truncated = loop.prepare_rows(str(path), tokenizer, config)
+        assert truncated == 0
+        lengths[packing] = [len(row.input_ids) for row in rows]
+    assert len(lengths[True]) == 1 and len(lengths[False]) == 2
+    assert sum(lengths[False]) == lengths[True][0] and 40000 < min(lengths[False]) < 131072
+
+
+def test_phi3_tiny_128k_trains_a_step_at_8k_and_32k_with_linear_peak():
+    """One real step (random weights, checkpointing, the tiled MLP and windowed attention)
+    at 8,192 and 32,768 tokens, counted as the plan counts: 4 × the tokens, at most 4.5 ×
+    the peak (the 131,072-token step is in benchmarks/results/long_context.md)."""
+    peaks = {}
+    for T in (8192, 32768):
+        config = TrainConfig(model="phi3-tiny-128k", device="cpu", batch_size=1, max_seq_len=T,
+                             grad_checkpointing=True, lora_dropout=0.0, plan_memory=True)
+        peaks[T] = plan_memory(config, fake=False).peak_bytes
+    assert peaks[32768] <= 4.5 * peaks[8192]
