@@ -28,7 +28,7 @@ GB = 1e9
 PLANS = [("phi3-mini-128k", "none", 24), ("phi3-mini-128k", "nf4", 16),
          ("phi4-mini", "none", 24), ("phi4-mini", "nf4", 16), ("phi4", "nf4", 40)]
 CPU_LENGTHS = [8192, 32768, 131072]
-HF_LENGTHS = [8192, 16384, 32768]
+HF_LENGTHS = [32768, 65536, 131072]
 HF_LIMIT = 80e9
 
 
@@ -79,6 +79,7 @@ def markdown(result: dict) -> str:
                      f"{gb(r['host_bytes'])} | {gb(r['frozen_weights'])} | "
                      f"{gb(r['activations'])} | {gb(r['temporaries'])} | {r['peak_op']} |")
     lines += ["", "## Real steps of phi3-tiny-128k on this CPU (fp32, checkpointing)", "",
+              "Seconds on a 2-core machine shared with other jobs: they vary with its load.", "",
               "| tokens | seconds | peak MB | activations MB | temporaries MB |",
               "|---|---|---|---|---|"]
     for r in result.get("cpu_steps", []):
