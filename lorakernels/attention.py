@@ -5,7 +5,9 @@ default): ``auto`` takes FlexAttention on the CUDA path when the batch needs a m
 (packing, or a window shorter than the keys) and SDPA otherwise; ``flex`` takes it for
 every uncached forward (on CPU forward only, compiled: for tests); ``sdpa`` never. On SDPA a
 packed batch is re-batched into its conversations (measured faster than the masked call on
-CPU: docs/attention.md), anything else gets ``attention_mask``'s mask.
+CPU: docs/attention.md), one sequence longer than the window runs in blocks of queries
+against their window's keys, and only a few queries of a KV cache get ``attention_mask``'s
+mask: no path builds a [T, T] tensor for a whole sequence.
 """
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -24,15 +26,18 @@ class AttentionPlan:
     """How one forward's attention runs, decided once per batch and shared by every layer.
 
     kind: ``causal`` (SDPA, is_causal, or one query seeing every key), ``masked`` (SDPA
-    under ``mask`` [B or 1, 1, Tq, Tk]), ``conversations`` (each packed row re-batched
-    into its conversations, causal SDPA, no mask: ``ops/conversation_attention.py``) or
-    ``flex`` (FlexAttention under ``block_mask``: ``ops/flex_attention.py``).
+    under ``mask`` [B or 1, 1, Tq, Tk]: a few queries of a KV cache), ``conversations``
+    (each packed row re-batched into its conversations, causal SDPA, no mask:
+    ``ops/conversation_attention.py``), ``windowed`` (rows longer than ``window``: blocks
+    of queries against their window's keys, the same file) or ``flex`` (FlexAttention
+    under ``block_mask``: ``ops/flex_attention.py``).
     """
 
     kind: str
     mask: Optional[torch.Tensor] = None
     conversations: Optional["ConversationBatch"] = None
     block_mask: Optional[object] = None
+    window: Optional[int] = None
 
 
 def attention_plan(segment_ids: Optional[torch.Tensor], query_len: int, key_len: int,
@@ -59,6 +64,8 @@ def attention_plan(segment_ids: Optional[torch.Tensor], query_len: int, key_len:
 
         return AttentionPlan("conversations",
                              conversations=conversation_batch(segment_ids, sliding_window))
+    if window_matters and segment_ids is None and query_len == key_len:
+        return AttentionPlan("windowed", window=sliding_window)
     mask = attention_mask(query_len, key_len, segment_ids, sliding_window, device)
     return AttentionPlan("causal" if mask is None else "masked", mask=mask)
 
@@ -73,6 +80,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         from .ops.conversation_attention import conversation_attention
 
         return conversation_attention(q, k, v, plan.conversations)
+    if plan.kind == "windowed":
+        from .ops.conversation_attention import windowed_attention
+
+        return windowed_attention(q, k, v, plan.window)
     from .ops.flex_attention import flex_packed_attention
 
     return flex_packed_attention(q, k, v, plan.block_mask)

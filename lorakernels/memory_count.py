@@ -23,6 +23,11 @@ booleans (the batch's ids, labels, conversation layouts) run for real: their val
 decide shapes, so they cannot be faked. A floating-point ``.item()`` of a fake tensor
 (the loss, the gradient norm for a log line) answers 0.0; any other data-dependent
 value of a fake tensor is an error.
+
+Host memory (offloaded checkpoints) is counted apart: storages of tensors on ``host_device``
+(``"cpu"`` when counting a real GPU step; ``"meta"`` in a plan on fake tensors, where the
+offloaded copies are made on the meta device) add to ``host_bytes`` / ``host_peak_bytes``,
+never to the device's ``peak_bytes``.
 """
 import weakref
 from typing import Dict, Iterable, Optional
@@ -41,9 +46,16 @@ _SCALAR = torch.ops.aten._local_scalar_dense.default
 
 
 def _storages(tensors: Iterable) -> Iterable[torch.UntypedStorage]:
+    for t, _ in _storages_and_devices(tensors):
+        yield t
+
+
+def _storages_and_devices(tensors: Iterable):
+    """(storage, device type) of each strided tensor: a fake tensor's storage is always on
+    meta, its device is the one it stands for."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-            yield t.untyped_storage()
+            yield t.untyped_storage(), t.device.type
 
 
 class LiveBytes(TorchDispatchMode):
@@ -52,8 +64,12 @@ class LiveBytes(TorchDispatchMode):
     # FlexAttention and wrapped Triton launches are higher-order ops: count their outputs too.
     supports_higher_order_operators = True
 
-    def __init__(self):
+    def __init__(self, host_device: Optional[str] = None):
         super().__init__()
+        self.host_device = host_device
+        self.host_bytes = 0
+        self.host_peak_bytes = 0
+        self._host: Dict[int, int] = {}  # serial -> bytes, of live host storages
         self.live_bytes = 0
         self.peak_bytes = 0
         self.peak_op: Optional[str] = None
@@ -117,7 +133,24 @@ class LiveBytes(TorchDispatchMode):
             self.peak_bytes, self.peak_op, self._at_peak = self.live_bytes, self._last_op, True
         return serial
 
+    def _add_host(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._serial:
+            return
+        serial = self._next_serial
+        self._next_serial += 1
+        self._serial[key] = serial
+        self._host[serial] = storage.nbytes()
+        self.host_bytes += storage.nbytes()
+        self.host_peak_bytes = max(self.host_peak_bytes, self.host_bytes)
+        self._refs[serial] = weakref.ref(storage, lambda _, k=key, s=serial: self._free(k, s))
+
     def _free(self, key: int, serial: int) -> None:
+        if serial in self._host:
+            self._serial.pop(key, None)
+            self._refs.pop(serial, None)
+            self.host_bytes -= self._host.pop(serial)
+            return
         if self._at_peak:  # the first free after a new peak: what was live then
             self._snapshot, self._at_peak = dict(self._live), False
         self._serial.pop(key, None)
@@ -143,7 +176,10 @@ class LiveBytes(TorchDispatchMode):
                 else func.overloadpacket.__name__)
         self._last_op = f"{name} in {phase}"
         out = self._run(func, args, kwargs)
-        for storage in _storages(tree_leaves(out)):
+        for storage, device in _storages_and_devices(tree_leaves(out)):
+            if device == self.host_device:
+                self._add_host(storage)
+                continue
             new = id(storage) not in self._serial
             serial = self._add(storage)
             if new and not self._in_backward:

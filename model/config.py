@@ -203,6 +203,16 @@ PRESETS = {
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                       original_max_position_embeddings=4096,
                       sliding_window=2047, eos_token_id=1024, pad_token_id=1024),
+    # phi3-tiny's width with Phi-3-mini-128k's context: LongRoPE (the first 32 of its 48 factor
+    # pairs, for 64-dim heads) past 4096 positions, the 2047 window. Long-context tests and
+    # benchmarks on a CPU (docs/long_context.md).
+    "phi3-tiny-128k": dict(vocab_size=1088, hidden_size=256, intermediate_size=688,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                           max_position_embeddings=131072, original_max_position_embeddings=4096,
+                           sliding_window=2047, eos_token_id=1024, pad_token_id=1024,
+                           rope_scaling={"type": "longrope", **{
+                               key: LONGROPE_FACTORS["phi3-mini-128k"][key][:32]
+                               for key in ("short_factor", "long_factor")}}),
     "phi3-mini-4k": dict(),
     "phi3-mini-128k": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3-mini-128k"]),
     "phi3.5-mini": dict(LONG_CONTEXT, rope_scaling=LONGROPE_FACTORS["phi3.5-mini"]),

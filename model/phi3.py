@@ -8,6 +8,7 @@ first ``rotary_dim`` dims of each head when ``partial_rotary_factor`` < 1, as Ph
 RMSNorm, RoPE and SwiGLU are ``lorakernels.functional``'s, which runs them as fused Triton
 kernels or as the eager reference (``lorakernels.settings``), like the LoRA layers.
 """
+from functools import partial
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lorakernels.attention import AttentionPlan, attention, attention_plan
 from lorakernels.functional import rms_norm, rope, swiglu
+from lorakernels.offloaded_checkpoint import OffloadedInputs, offloaded_checkpoint, offloads_on
 
 from .config import Phi3Config
 from .kv_cache import KVCache
@@ -94,14 +96,37 @@ class Phi3Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+# Above this many tokens the MLP runs in tiles of this many: its [T, 2·intermediate] gate_up
+# output never exists whole (4.3 GB per layer for Phi-3-mini at 131,072 tokens in bf16).
+MLP_TILE_TOKENS = 8192
+
+
 class Phi3MLP(nn.Module):
     def __init__(self, config: Phi3Config):
         super().__init__()
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.tile_tokens = MLP_TILE_TOKENS
 
     def forward(self, x):
+        if x.shape[:-1].numel() <= self.tile_tokens:
+            return self.gate_up_down(x)
+        return self.tiled(x)
+
+    def gate_up_down(self, x):
         return self.down_proj(swiglu(self.gate_up_proj(x)))
+
+    def tiled(self, x):
+        """The MLP over tiles of ``tile_tokens`` tokens (Arctic Long Sequence Training's tiled
+        MLP), each tile checkpointed: the forward keeps no tile's gate_up, the backward
+        recomputes and backpropagates one tile at a time. Rows are independent, so the loss and
+        gradients equal the whole MLP's (tests/test_long_context.py)."""
+        tiles = x.reshape(-1, x.shape[-1]).split(self.tile_tokens)
+        if torch.is_grad_enabled():
+            outs = [checkpoint(self.gate_up_down, tile, use_reentrant=False) for tile in tiles]
+        else:
+            outs = [self.gate_up_down(tile) for tile in tiles]
+        return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
 class Phi3DecoderLayer(nn.Module):
@@ -121,7 +146,8 @@ class Phi3Model(nn.Module):
     def __init__(self, config: Phi3Config):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Phi3DecoderLayer(config, i)
+                                    for i in range(config.num_hidden_layers))
         self.norm = Phi3RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = Phi3RotaryEmbedding(config)
         self.sliding_window = config.sliding_window
@@ -139,12 +165,21 @@ class Phi3Model(nn.Module):
         key_len = T + (cache.length if cache is not None else 0)
         plan = attention_plan(segment_ids, T, key_len, self.sliding_window, input_ids.device,
                               cached=cache is not None)
+        offloaded = OffloadedInputs() if self.offloads_checkpoints(x.device) else None
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training:
+            if offloaded is not None:
+                x = offloaded_checkpoint(partial(layer, cos=cos, sin=sin, plan=plan), x, offloaded)
+            elif self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, plan, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, plan, cache)
         return self.norm(x)
+
+    def offloads_checkpoints(self, device: torch.device) -> bool:
+        """``offload`` checkpointing on the CUDA path (elsewhere it is on-device checkpointing:
+        a CPU's host memory is its memory)."""
+        return (self.gradient_checkpointing == "offload" and self.training
+                and torch.is_grad_enabled() and offloads_on(device))
 
 
 class Phi3ForCausalLM(nn.Module):
@@ -174,9 +209,19 @@ class Phi3ForCausalLM(nn.Module):
         built on the meta device has none."""
         self.model.rotary_emb = Phi3RotaryEmbedding(self.config).to(device)
 
-    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
-        """Recompute each decoder layer in backward instead of keeping its activations."""
-        self.model.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, mode: Union[bool, str] = True) -> None:
+        """Recompute each decoder layer in backward instead of keeping its activations: True
+        keeps each layer's input on the device, ``"offload"`` in pinned host memory (CUDA;
+        on a CPU the same as True), False keeps every activation."""
+        if mode not in (True, False, "offload"):
+            raise ValueError(f"gradient checkpointing is True, False or 'offload', got {mode!r}")
+        self.model.gradient_checkpointing = mode
+
+    def set_mlp_tile_tokens(self, tokens: int) -> None:
+        """Run each MLP in tiles of ``tokens`` tokens when a batch has more (default
+        ``MLP_TILE_TOKENS``)."""
+        for layer in self.model.layers:
+            layer.mlp.tile_tokens = tokens
 
     def forward(self, input_ids, position_ids=None, segment_ids=None,
                 cache: Optional[KVCache] = None):

@@ -40,7 +40,7 @@ def test_plan_on_cpu_takes_sdpa(monkeypatch, choice):
     assert attention_plan(None, 40, 40, 2047, CPU).kind == "causal"
     assert attention_plan(None, 40, 40, None, CPU).kind == "causal"
     windowed = attention_plan(None, 40, 40, 8, CPU)  # one sequence longer than the window
-    assert windowed.kind == "masked" and windowed.mask.shape == (1, 1, 40, 40)
+    assert windowed.kind == "windowed" and windowed.mask is None and windowed.window == 8
     assert attention_plan(None, 1, 40, 2047, CPU, cached=True).kind == "causal"  # generation
     assert attention_plan(None, 3, 40, 8, CPU, cached=True).kind == "masked"
 
@@ -84,12 +84,11 @@ def test_conversation_layout():
     layout = conversation_batch(SEGMENTS, sliding_window=2047)
     # Row 0: 10, 17, 13; row 1: 25, 5 and the padding (10): six conversations of up to 25.
     assert (layout.conversations, layout.longest) == (6, 25)
-    assert layout.window_mask is None
+    assert layout.window is None and not layout.one_per_row
     assert layout.gather.view(6, 25)[0].tolist() == list(range(10)) + [9] * 15
     assert layout.scatter.numel() == 80 and layout.scatter[:11].tolist() == list(range(10)) + [25]
-    windowed = conversation_batch(SEGMENTS, sliding_window=8)
-    assert windowed.window_mask.shape == (25, 25) and not windowed.window_mask[8, 0]
-    assert windowed.window_mask[8, 1] and not windowed.window_mask[0, 1]
+    assert conversation_batch(SEGMENTS, sliding_window=8).window == 8
+    assert conversation_batch(torch.zeros(2, 40), sliding_window=8).one_per_row
 
 
 def test_a_segment_id_repeated_in_the_next_row_is_a_new_conversation():
@@ -177,7 +176,8 @@ def test_flex_forward_and_backward_on_cuda_at_2048(monkeypatch, heads):
     B, T, window, cuda = 2, 2048, 2047, torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(20, 90, (B, T), generator=gen)
-    segments = torch.stack([torch.repeat_interleave(torch.arange(T), row)[:T] for row in lengths]).to(cuda)
+    segments = torch.stack([torch.repeat_interleave(torch.arange(T), row)[:T]
+                            for row in lengths]).to(cuda)
     q, k, v = qkv(B, Hq, Hk, T, D, torch.bfloat16, cuda)
     dy = torch.randn(B, Hq, T, D, device=cuda, dtype=torch.bfloat16)
     mask = attention_mask(T, T, segments, window, cuda)
@@ -201,7 +201,8 @@ def test_flex_forward_and_backward_on_cuda_at_2048(monkeypatch, heads):
         assert error < 2e-2
 
 
-def test_packed_flex_forward_equals_transformers_conversation_by_conversation(monkeypatch, tmp_path):
+def test_packed_flex_forward_equals_transformers_conversation_by_conversation(monkeypatch,
+                                                                             tmp_path):
     """attention flex on CPU: the packed forward runs no SDPA, and each conversation's
     logits equal transformers' on that conversation alone (GQA, a window of 8 shorter than every
     conversation, LongRoPE's long factors: every conversation is past the original 16 positions)."""
@@ -216,7 +217,8 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
     chats = [torch.randint(0, 96, (n,)) for n in lengths]
     pad = 64 - sum(lengths)
     packed = torch.cat(chats + [torch.full((pad,), 2)])[None]
-    positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths]
+                          + [torch.zeros(pad, dtype=torch.long)])[None]
     segments = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
                          + [torch.full((pad,), -1)])[None]
     use_settings(monkeypatch, attention="flex")
@@ -236,7 +238,7 @@ def test_packed_flex_forward_equals_transformers_conversation_by_conversation(mo
             start += len(chat)
 
 
-# ----------------------------------------------------------------------------- train.py's --attention
+# ------------------------------------------------------------------------- train.py's --attention
 
 
 def test_attention_flag(monkeypatch, tmp_path):
@@ -245,7 +247,8 @@ def test_attention_flag(monkeypatch, tmp_path):
 
     assert parse_config(["--attention", "sdpa"]).attention == "sdpa"
     assert parse_config([]).attention is None
-    with pytest.raises(ValueError, match="--attention must be one of auto, flex, sdpa, got 'flash'"):
+    with pytest.raises(ValueError,
+                       match="--attention must be one of auto, flex, sdpa, got 'flash'"):
         TrainConfig(attention="flash")
     with pytest.raises(ValueError, match="--attention flex trains on CUDA only"):
         check_environment(TrainConfig(attention="flex", device="cpu"))
@@ -255,3 +258,100 @@ def test_attention_flag(monkeypatch, tmp_path):
         train(TrainConfig(attention=flag, output=str(tmp_path / str(flag))))
     assert [s.attention for s in seen] == ["sdpa", "auto"]
     assert settings.current().attention == "auto"  # the run's choice ends with it
+
+
+# ----------------------------------------------------------------------------- long sequences
+
+
+def windowed_cases():
+    """Lengths crossing the window several times, packed (conversations of several window
+    lengths beside short ones) and one sequence per row; fp32 and bf16."""
+    for window in (8, 130):
+        T = 5 * max(window, 128) + 37
+        packed = torch.tensor([[0] * (T - 50) + [1] * 50, [0] * 20 + [1] * (T - 30) + [-1] * 10])
+        for segments in (packed, None):
+            for dtype in (torch.float32, torch.bfloat16):
+                yield pytest.param(window, T, segments, dtype, id=f"w{window}-T{T}-"
+                                   f"{'packed' if segments is not None else 'rows'}-"
+                                   f"{str(dtype)[6:]}")
+
+
+# bf16: both paths round the same fp32 softmax sums once to bf16 (relative step 2^-8); the
+# blocks only reorder the keys' sums, so they stay within a few bf16 steps of the fp32 truth.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@pytest.mark.parametrize("window, T, segments, dtype", windowed_cases())
+def test_long_rows_run_in_blocks_equal_to_the_masked_reference(window, T, segments, dtype):
+    q, k, v = qkv(2, 4, 2, T, 16, dtype=dtype)
+    dy = torch.randn(2, 4, T, 16).to(dtype)
+    reference_inputs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    expected = attention_reference(*reference_inputs, attention_mask(T, T, segments, window, CPU))
+    expected_grads = torch.autograd.grad(expected, reference_inputs, dy.float())
+    plan = attention_plan(segments, T, T, window, CPU)
+    assert plan.mask is None and plan.kind == ("windowed" if segments is None else "conversations")
+    got = attention(q, k, v, plan)
+    grads = torch.autograd.grad(got, (q, k, v), dy)
+    torch.testing.assert_close(got.float(), expected, **TOLERANCE[dtype])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g.float(), e, **TOLERANCE[dtype])
+
+
+def test_windowed_blocks_hold_one_window_of_keys():
+    """No block's mask is wider than its queries plus the window, at any length."""
+    from lorakernels.ops.conversation_attention import query_blocks
+
+    shapes = {tuple(mask.shape) for _, _, mask in query_blocks(131072, 2047)}
+    assert max(q * k for q, k in shapes) == 511 * (511 + 2046)
+    blocks = list(query_blocks(1000, 600))
+    assert [(b.start, b.stop, k.start, k.stop) for b, k, _ in blocks] == [
+        (0, 150, 0, 150), (150, 300, 0, 300), (300, 450, 0, 450), (450, 600, 0, 600),
+        (600, 750, 1, 750), (750, 900, 151, 900), (900, 1000, 301, 1000)]
+    for queries, keys, mask in blocks:
+        distance = (torch.arange(queries.start, queries.stop)[:, None]
+                    - torch.arange(keys.start, keys.stop)[None, :])
+        assert torch.equal(mask, (distance >= 0) & (distance < 600))
+
+
+def dense_blocks(block_mask):
+    """(partial, full) [B, Qb, KVb] bool: which tiles a BlockMask lists."""
+    B, _, rows = block_mask.kv_num_blocks.shape
+    cols = torch.arange(block_mask.kv_indices.shape[-1])
+
+    def tiles(count, indices):
+        listed = (cols < count[:, 0, :, None]).long()
+        return torch.zeros(B, rows, cols.numel(), dtype=torch.long).scatter_add_(
+            -1, indices[:, 0].long(), listed) > 0
+
+    return (tiles(block_mask.kv_num_blocks, block_mask.kv_indices),
+            tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices))
+
+
+@pytest.mark.parametrize("T, window, packed", [
+    (256, None, False), (300, None, False), (1000, 100, False), (1000, 300, True),
+    (777, 2047, True), (640, 128, True)])
+def test_block_mask_equals_create_block_mask(T, window, packed):
+    """Built from each query block's first visible key, equal to torch's T²-point evaluation."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segments = torch.tensor([[0] * 100 + [1] * (T - 250) + [2] * 150,
+                             [0] * (T - 5) + [-1] * 5]) if packed else None
+    effective = None if window is None or window >= T else window
+    expected = create_block_mask(packed_mask_mod(segments, effective),
+                                 1 if segments is None else 2, None, T, T, device=CPU)
+    got = packed_block_mask(segments, T, window, CPU)
+    for g, e in zip(dense_blocks(got), dense_blocks(expected)):
+        assert torch.equal(g, e)
+    assert torch.equal(got.q_num_blocks, expected.q_num_blocks)
+
+
+def test_block_mask_at_131072_tokens_is_megabytes():
+    """create_block_mask would evaluate 131,072² points (17 GB as bool); ours holds
+    (T / 128)² block indices."""
+    from lorakernels.memory_count import LiveBytes
+
+    T = 131072
+    with LiveBytes() as count:
+        block_mask = packed_block_mask(torch.zeros(1, T, dtype=torch.long), T, 2047, CPU)
+    assert count.peak_bytes < 64e6
+    assert computed_fraction(block_mask) < 0.02  # 17 of 1024 key blocks per query block

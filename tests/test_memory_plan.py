@@ -76,7 +76,8 @@ def test_plan_equals_the_real_step_at_phi3_mini_width(tmp_path):
     """Two layers of Phi-3-mini's width (3072 hidden, 8192 MLP, 32 heads) in bf16, a small
     vocabulary: a checkpoint directory's config.json is all the plan reads."""
     config = Phi3Config.from_name("phi3-mini-4k")
-    numbers = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, type(None)))}
+    numbers = {k: v for k, v in vars(config).items()
+               if isinstance(v, (int, float, str, type(None)))}
     numbers.update(num_hidden_layers=2, vocab_size=2048)
     (tmp_path / "config.json").write_text(json.dumps(numbers))
     options = dict(model=str(tmp_path), device="cpu", batch_size=1, max_seq_len=64,

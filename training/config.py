@@ -68,7 +68,7 @@ class TrainConfig:
     dtype: str = "auto"
     quantize: str = "none"
     device: str = "auto"
-    grad_checkpointing: bool = False
+    grad_checkpointing: Union[bool, str] = False
     strategy: str = "ddp"
     save_every: int = 0
     save_total_limit: Optional[int] = None
@@ -110,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.plan_json is not None:
             self.plan_memory = True
+        self.grad_checkpointing = checkpointing_mode(self.grad_checkpointing,
+                                                     "--grad-checkpointing")
         check_device_name(self.device)  # whether the machine has it: check_environment
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
@@ -238,7 +240,10 @@ HELP = {
     "dtype": "auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16 or float16",
     "quantize": "none, or nf4: QLoRA, the decoder's linear weights held in 4 bits (NF4)",
     "device": "auto, cpu, cuda or cuda:N",
-    "grad_checkpointing": "recompute layer activations in backward to save memory",
+    "grad_checkpointing": "recompute layer activations in backward to save memory; alone or "
+                          "on-device: keep each layer's input on the device; offload: in pinned "
+                          "host memory, back one layer ahead of its backward (CUDA; on a CPU the "
+                          "same as on-device; docs/long_context.md) (default: off)",
     "strategy": "under torchrun: ddp (each process holds the model) or fsdp (the model sharded)",
     "save_every": "checkpoint every N steps (0: only at the end)",
     "save_total_limit": "keep only the newest N step checkpoints",
@@ -279,6 +284,21 @@ def device_path(name: str) -> str:
     return name.split(":")[0]
 
 
+CHECKPOINTING_MODES = {"true": True, "on-device": True, "false": False, "off": False,
+                       "offload": "offload"}
+
+
+def checkpointing_mode(value, where: str) -> Union[bool, str]:
+    """--grad-checkpointing's value: True (on-device), False or "offload", from a bool or
+    one of CHECKPOINTING_MODES (a flag's or a YAML file's spelling)."""
+    if isinstance(value, bool):
+        return value
+    mode = CHECKPOINTING_MODES.get(str(value).strip().lower()) if isinstance(value, str) else None
+    if mode is None:
+        raise ValueError(f"{where} must be true, false, on-device or offload, got {short(value)}")
+    return mode
+
+
 def flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -296,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
             help_text += f" (default: {describe_default(f)})"
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif f.name == "grad_checkpointing":
+            parser.add_argument(name, nargs="?", const=True, metavar="on-device|offload",
+                                help=help_text)
+            parser.add_argument(f"--no-{flag(f.name)}", dest=f.name, action="store_false",
+                                help="keep every activation (the default)")
         elif f.name == "resume":
             parser.add_argument(name, nargs="?", const="latest", metavar="PATH", help=help_text)
         elif f.name == "target_modules":
@@ -374,6 +399,8 @@ def coerce(value, kind, where: str):
     (an alias bomb would take minutes to print)."""
     if value is None and kind in (Optional[int], Optional[float], Optional[str]):
         return None
+    if kind == Union[bool, str]:  # --grad-checkpointing
+        return checkpointing_mode(value, where)
     if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where} must be true or false, got {short(value)}")

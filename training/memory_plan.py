@@ -49,13 +49,15 @@ class MemoryPlan:
     peak_bytes: int
     peak_op: str
     categories: Dict[str, int]
-    host_bytes: int
+    host_bytes: int  # the batches waiting on the host, and the offloaded checkpoints
+    offloaded_bytes: int  # of which the checkpoints (--grad-checkpointing offload)
     device_path: str
     settings: dict
 
     def as_json(self) -> dict:
         return {"peak_bytes": self.peak_bytes, "device_bytes": self.peak_bytes,
-                "host_bytes": self.host_bytes, **self.categories, "peak_op": self.peak_op,
+                "host_bytes": self.host_bytes, "offloaded_checkpoints": self.offloaded_bytes,
+                **self.categories, "peak_op": self.peak_op,
                 "device_path": self.device_path, "live_tensors_only": True,
                 "settings": self.settings}
 
@@ -156,7 +158,7 @@ def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
     path = device_path(config.device)
     dtype = resolve_dtype(config.dtype, torch.device(path))
     model_cfg = model_config(config.model)
-    count = count or LiveBytes()
+    count = count or LiveBytes(host_device="meta" if fake else None)
     torch.manual_seed(config.seed)
     forget_process_caches()
     micro = [planned_batch(config.batch_size, config.max_seq_len, model_cfg.vocab_size)
@@ -168,9 +170,10 @@ def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
         finally:
             forget_process_caches()
     # On CUDA the collated batches wait on the host before their copy to the GPU.
-    host = sum(t.nbytes for batch in micro for t in batch.values()) if path == "cuda" else 0
-    return MemoryPlan(count.peak_bytes, count.peak_op or "", count.breakdown(), host,
-                      path, planned_settings(config, path, dtype))
+    batches = sum(t.nbytes for batch in micro for t in batch.values()) if path == "cuda" else 0
+    return MemoryPlan(count.peak_bytes, count.peak_op or "", count.breakdown(),
+                      batches + count.host_peak_bytes, count.host_peak_bytes, path,
+                      planned_settings(config, path, dtype))
 
 
 def gib(n: int) -> str:
@@ -189,11 +192,14 @@ def plan_report(plan: MemoryPlan) -> str:
             f"{s['dtype']}, batch {s['batch_size']} x {s['max_seq_len']} tokens x "
             f"{s['grad_accum']} micro-batch(es), LoRA r {s['lora_r']}"
             + (", DoRA" if s["use_dora"] else "") + (", NF4 base" if s["quantize"] == "nf4" else "")
-            + (", gradient checkpointing" if s["grad_checkpointing"] else ""))
+            + {False: "", True: ", gradient checkpointing",
+               "offload": ", gradient checkpoints offloaded"}[s["grad_checkpointing"]])
     lines = [head, f"  peak of live tensors {gib(plan.peak_bytes)}   (at {plan.peak_op})"]
     lines += [f"    {CATEGORY_NAMES[c]:<22}{gib(plan.categories[c])}" for c in CATEGORIES]
     if plan.host_bytes:
-        lines.append(f"  host memory for the batches {gib(plan.host_bytes)}")
+        lines.append(f"  host memory {gib(plan.host_bytes)}   (batches "
+                     f"{gib(plan.host_bytes - plan.offloaded_bytes).strip()}, offloaded "
+                     f"checkpoints {gib(plan.offloaded_bytes).strip()})")
     lines.append("  live tensors only: the GPU's caching allocator adds its own slack "
                  "(rounding, fragmentation), and CUDA's context takes ~0.5 GiB more")
     return "\n".join(lines)

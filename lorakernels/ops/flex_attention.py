@@ -15,7 +15,9 @@ from typing import Callable, Optional
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+BLOCK = 128  # FlexAttention's tile, queries and keys
 
 _compiled_flex: Optional[Callable] = None
 
@@ -35,16 +37,66 @@ def packed_mask_mod(segment_ids: Optional[torch.Tensor], sliding_window: Optiona
     return mask_mod
 
 
+def conversation_runs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] → [B, T] index of the token starting each token's conversation: a new one where
+    the id changes or a row starts (as ops/conversation_attention.py reads a packed row)."""
+    T = segment_ids.shape[1]
+    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    positions = torch.arange(T, device=segment_ids.device).expand_as(segment_ids)
+    return torch.where(starts_here, positions, 0).cummax(dim=1).values
+
+
+def first_visible_keys(segment_ids: Optional[torch.Tensor], length: int,
+                       sliding_window: Optional[int], device) -> torch.Tensor:
+    """[B or 1, T]: the first key query q sees. Keys first..q are visible, the rest not, so
+    one integer per query describes the whole mask row (never a [T, T] anything)."""
+    queries = torch.arange(length, device=device)[None, :]
+    first = (conversation_runs(segment_ids) if segment_ids is not None
+             else torch.zeros_like(queries))
+    if sliding_window is not None:
+        first = torch.maximum(first, queries - sliding_window + 1)
+    return first
+
+
+def _ranges(start: torch.Tensor, count: torch.Tensor, blocks: int) -> torch.Tensor:
+    """[..., blocks] int32 rows start, start + 1, ... (the first ``count`` entries matter)."""
+    cols = torch.arange(blocks, device=start.device)
+    return (start[..., None] + cols).clamp(max=blocks - 1).to(torch.int32).where(
+        cols < count[..., None], 0)
+
+
 def packed_block_mask(segment_ids: Optional[torch.Tensor], length: int,
                       sliding_window: Optional[int], device: torch.device) -> BlockMask:
-    """The BlockMask of ``packed_mask_mod`` for [B, T] = segment_ids' shape ([1, length]
-    without)."""
+    """The BlockMask of ``packed_mask_mod`` for [B, T] = segment_ids' shape ([1, length] without).
+
+    Built from each 128-query block's first and last query (``first_visible_keys``), not by
+    evaluating the mask at T² points as ``create_block_mask`` does (17 GB at 131,072 tokens):
+    query block i sees key blocks first(q0) // 128 .. i, of which ceil(first(q1) / 128) .. i - 1
+    are full; the rest are partial, where the kernel evaluates ``packed_mask_mod``. Equal to
+    ``create_block_mask``'s (tests/test_attention.py).
+    """
     if sliding_window is not None and sliding_window >= length:
         sliding_window = None  # the window is the sequence: no term to evaluate
-    batch = 1 if segment_ids is None else segment_ids.shape[0]
     with torch.no_grad():
-        return create_block_mask(packed_mask_mod(segment_ids, sliding_window), batch, None,
-                                 length, length, device=device)
+        runs = None if segment_ids is None else conversation_runs(segment_ids)
+        first = first_visible_keys(segment_ids, length, sliding_window, device)
+        blocks = -(-length // BLOCK)
+        row = torch.arange(blocks, device=first.device)
+        last_query = (row * BLOCK + BLOCK - 1).clamp(max=length - 1)
+        seen_from = first[:, row * BLOCK] // BLOCK
+        whole_rows = row * BLOCK + BLOCK <= length  # torch pads the last block: never full
+        full_from = torch.where(whole_rows, -(-first[:, last_query] // BLOCK), row)
+        full_count = (row - full_from).clamp(min=0)
+        partial_before = torch.minimum(full_from, row) - seen_from
+        partial = _ranges(seen_from, partial_before, blocks)
+        partial.scatter_(-1, partial_before[..., None], row.to(torch.int32).expand_as(
+            partial_before)[..., None])
+        full = _ranges(full_from, full_count, blocks)
+        return BlockMask.from_kv_blocks(
+            (partial_before + 1).to(torch.int32)[:, None], partial[:, None],
+            full_count.to(torch.int32)[:, None], full[:, None], BLOCK_SIZE=BLOCK,
+            mask_mod=packed_mask_mod(runs, sliding_window), seq_lengths=(length, length))
 
 
 def computed_fraction(block_mask: BlockMask) -> float:
