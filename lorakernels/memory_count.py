@@ -29,6 +29,7 @@ Host memory (offloaded checkpoints) is counted apart: storages of tensors on ``h
 offloaded copies are made on the meta device) add to ``host_bytes`` / ``host_peak_bytes``,
 never to the device's ``peak_bytes``.
 """
+import contextlib
 import weakref
 from typing import Dict, Iterable, Optional
 
@@ -36,6 +37,7 @@ import torch
 import torch.nn as nn
 from torch._ops import HigherOrderOperator
 from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -52,8 +54,10 @@ def _storages(tensors: Iterable) -> Iterable[torch.UntypedStorage]:
 
 def _storages_and_devices(tensors: Iterable):
     """(storage, device type) of each strided tensor: a fake tensor's storage is always on
-    meta, its device is the one it stands for."""
+    meta, its device is the one it stands for; an FSDP DTensor's is its rank's shard's."""
     for t in tensors:
+        if isinstance(t, DTensor):
+            t = t.to_local()
         if isinstance(t, torch.Tensor) and t.layout == torch.strided:
             yield t.untyped_storage(), t.device.type
 
@@ -84,6 +88,7 @@ class LiveBytes(TorchDispatchMode):
         self._next_serial = 0
         self._in_backward = False
         self.context: Optional[str] = None  # set by the caller (e.g. "optimizer step")
+        self._making: Optional[str] = None  # the category of what is made now (``making``)
 
     # ----------------------------------------------------------------- labelling
 
@@ -108,9 +113,24 @@ class LiveBytes(TorchDispatchMode):
             if serial is not None:
                 self._label(serial, category)
 
-    def _label(self, serial: int, category: str) -> None:
+    @contextlib.contextmanager
+    def making(self, category: str):
+        """Everything made inside counts as ``category`` (DDP's gradient buckets, FSDP's
+        shards), not as a temporary."""
+        self._label_check(category)
+        self._making = category
+        try:
+            yield self
+        finally:
+            self._making = None
+
+    @staticmethod
+    def _label_check(category: str) -> None:
         if category not in CATEGORIES:
             raise ValueError(f"unknown category {category!r}; one of {', '.join(CATEGORIES)}")
+
+    def _label(self, serial: int, category: str) -> None:
+        self._label_check(category)
         self._category[serial] = category
         self._forward_made.pop(serial, None)
 
@@ -182,7 +202,9 @@ class LiveBytes(TorchDispatchMode):
                 continue
             new = id(storage) not in self._serial
             serial = self._add(storage)
-            if new and not self._in_backward:
+            if new and self._making:
+                self._label(serial, self._making)
+            elif new and not self._in_backward:
                 self._forward_made[serial] = 1
         return out
 

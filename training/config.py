@@ -81,6 +81,7 @@ class TrainConfig:
     allow_changed_resume: bool = False
     plan_memory: bool = False
     plan_json: Optional[str] = None
+    plan_world_size: int = 1
 
     def __post_init__(self):
         defaults = TINY_DEMO_DEFAULTS if self.model == "phi3-tiny" else MODEL_DEFAULTS
@@ -92,7 +93,7 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag(f.name)} must be a finite number, got {value}")
         positive = ("epochs", "lr", "batch_size", "grad_accum", "max_seq_len", "lora_r",
-                    "lora_alpha", "log_every")
+                    "lora_alpha", "log_every", "plan_world_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{flag(name)} must be positive, got {getattr(self, name)}")
@@ -261,6 +262,9 @@ HELP = {
                    "its breakdown, computed on fake weights (no GPU needed: --device cuda "
                    "plans the CUDA path), then exit without training (docs/memory.md)",
     "plan_json": "also write the memory plan as JSON to PATH (implies --plan-memory)",
+    "plan_world_size": "plan one rank of a torchrun run of N processes under --strategy (ddp: "
+                       "the model and DDP's buckets; fsdp: its shards), at the per-rank batch "
+                       "--global-batch-size gives; counted in this one process (default 1)",
 }
 
 

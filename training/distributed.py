@@ -4,12 +4,14 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process 
 every method is a no-op. Each rank reads its own slice of every global batch; only
 rank 0 logs and writes files.
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Dict
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -61,15 +63,18 @@ class Distributed:
         dist.all_reduce(total)
         return total.item()
 
-    def wrap(self, step_loss: torch.nn.Module, device: torch.device,
-             strategy: str) -> torch.nn.Module:
+    def wrap(self, step_loss: torch.nn.Module, device: torch.device, strategy: str,
+             planning: bool = False) -> torch.nn.Module:
         """``ddp``: each rank holds the model, only the LoRA gradients are averaged.
         ``fsdp``: FSDP2 ``fully_shard`` of every decoder layer and of the rest, so each rank
-        holds 1/world_size of the base and LoRA weights and of the optimizer state."""
+        holds 1/world_size of the base and LoRA weights and of the optimizer state.
+        ``planning``: the weights are fake (a memory plan), so DDP compares and broadcasts no
+        values at the start, and the mesh's table of ranks is made of real numbers."""
         if not self.enabled:
             return step_loss
         if strategy == "fsdp":
-            mesh = init_device_mesh(device.type, (self.world_size,))
+            with unset_fake_temporarily() if planning else contextlib.nullcontext():
+                mesh = init_device_mesh(device.type, (self.world_size,))
             for layer in step_loss.model.model.layers:
                 fully_shard(layer, mesh=mesh)
             return fully_shard(step_loss, mesh=mesh)
@@ -77,7 +82,8 @@ class Distributed:
         # Buffers (RoPE tables, NF4 weights) are the same on every rank: broadcasting them
         # each step would only cost time (a 4-bit Phi-3-mini's are ~1.9 GB).
         return torch.nn.parallel.DistributedDataParallel(step_loss, device_ids=ids,
-                                                         broadcast_buffers=False)
+                                                         broadcast_buffers=False,
+                                                         init_sync=not planning)
 
     def barrier(self) -> None:
         if self.enabled:

@@ -9,6 +9,11 @@ runs on a batch of --batch-size rows of --max-seq-len tokens, packed, under
 ``lorakernels.memory_count.LiveBytes``. The result is live tensors: a GPU's caching
 allocator holds somewhat more (rounded blocks, fragmentation). No run directory is
 written.
+
+``--plan-world-size N`` plans rank 0 of N processes in this one: a fake process group
+(torch's ``fake`` backend: every collective a no-op) and train.py's own wrap
+(``Distributed.wrap``: DDP with its gradient buckets, or FSDP2's shards), at the per-rank
+batch of ``per_process_batch``.
 """
 import contextlib
 import json
@@ -18,7 +23,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+import torch.distributed._tools.fake_collectives  # noqa: F401  (fake impls of collectives)
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from lorakernels import settings
 from lorakernels.memory_count import CATEGORIES, LiveBytes
@@ -32,7 +40,8 @@ from model.phi3 import Phi3ForCausalLM
 from model.quantization import quantize_decoder_linears, uses_nf4
 
 from .config import TrainConfig, device_path
-from .loop import StepLoss, add_lora, optimizer_and_schedule, training_step
+from .distributed import Distributed
+from .loop import StepLoss, add_lora, optimizer_and_schedule, per_process_batch, training_step
 
 
 class PlanFailed(RuntimeError):
@@ -114,10 +123,34 @@ def planned_batch(batch_size: int, seq_len: int, vocab_size: int) -> dict:
 def planned_settings(config: TrainConfig, device_path: str, dtype: torch.dtype) -> dict:
     keys = ("model", "batch_size", "grad_accum", "max_seq_len", "lora_r", "target_modules",
             "lora_dropout", "use_dora", "quantize", "grad_checkpointing", "max_grad_norm",
-            "attention")
+            "attention", "strategy")
     chosen = {key: getattr(config, key) for key in keys}
+    chosen["world_size"] = config.plan_world_size
     return dict(chosen, device=config.device, device_path=device_path,
                 dtype=str(dtype).replace("torch.", ""))
+
+
+def planned_allreduce(_, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's built-in hook as far as memory goes (the bucket averaged in place), without the
+    result a fake process group's future cannot give."""
+    buffer = bucket.buffer().div_(dist.get_world_size())
+    done = torch.futures.Future()
+    done.set_result(buffer)
+    return done
+
+
+def wrapped_step(model: Phi3ForCausalLM, config: TrainConfig, ranks: Distributed,
+                 count: LiveBytes) -> torch.nn.Module:
+    """train.py's step module on rank 0 of ``ranks`` (call inside ``count``): what the wrap
+    makes and keeps (DDP's buckets, FSDP's shards) counts from the start."""
+    if not ranks.enabled:
+        return StepLoss(model)
+    with count.making("grads" if config.strategy == "ddp" else "frozen_weights"):
+        step_loss = ranks.wrap(StepLoss(model), torch.device("cpu"), config.strategy,
+                               planning=True)
+    if config.strategy == "ddp":
+        step_loss.register_comm_hook(None, planned_allreduce)
+    return step_loss
 
 
 def count_step(config: TrainConfig, model_cfg: Phi3Config, dtype: torch.dtype, micro: List[dict],
@@ -127,16 +160,18 @@ def count_step(config: TrainConfig, model_cfg: Phi3Config, dtype: torch.dtype, m
     add_lora(model, config)
     model.set_gradient_checkpointing(config.grad_checkpointing)
     model.train()
-    step_loss = StepLoss(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule(params, config, PLANNED_STEPS)
-    for p in params:
-        p.register_post_accumulate_grad_hook(lambda p: count.label([p.grad], "grads"))
-    optimizer.register_step_pre_hook(lambda *_: setattr(count, "context", "optimizer step"))
-    optimizer.register_step_post_hook(lambda *_: setattr(count, "context", None))
+    ranks = Distributed(0, config.plan_world_size)
     with count:
+        step_loss = wrapped_step(model, config, ranks, count)
         count.track_module(model)
-        training_step(step_loss, params, optimizer, scheduler, micro, config.max_grad_norm)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer, scheduler = optimizer_and_schedule(params, config, PLANNED_STEPS)
+        for p in params:
+            p.register_post_accumulate_grad_hook(lambda p: count.label([p.grad], "grads"))
+        optimizer.register_step_pre_hook(lambda *_: setattr(count, "context", "optimizer step"))
+        optimizer.register_step_post_hook(lambda *_: setattr(count, "context", None))
+        training_step(step_loss, params, optimizer, scheduler, micro, config.max_grad_norm,
+                      ranks)
         count.label([t for state in optimizer.state.values() for t in state.values()
                      if isinstance(t, torch.Tensor)], "optimizer_state")
 
@@ -148,13 +183,31 @@ def forget_process_caches() -> None:
     reset_b_index()
 
 
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """A process group of ``world_size`` ranks in this process, this one rank 0, whose
+    collectives do nothing (none for one process)."""
+    if world_size == 1:
+        yield
+        return
+    if dist.is_initialized():
+        raise ValueError("--plan-world-size plans in one process: run it without torchrun")
+    dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
                 fake: bool = True) -> MemoryPlan:
-    """The memory plan of ``config``'s run (one process; see the module docstring).
+    """The memory plan of ``config``'s run (rank 0 of --plan-world-size; see the module
+    docstring).
 
     ``fake=False`` runs the same step on real (random) weights instead: the count the plan
     is checked against (tests/test_memory_plan.py), on the CPU path only.
     """
+    config = per_process_batch(config, Distributed(0, config.plan_world_size))
     path = device_path(config.device)
     dtype = resolve_dtype(config.dtype, torch.device(path))
     model_cfg = model_config(config.model)
@@ -164,6 +217,7 @@ def plan_memory(config: TrainConfig, count: Optional[LiveBytes] = None,
     micro = [planned_batch(config.batch_size, config.max_seq_len, model_cfg.vocab_size)
              for _ in range(config.grad_accum)]
     with settings.override(device_path=path, attention=config.attention), \
+            fake_process_group(config.plan_world_size), \
             FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
         try:
             count_step(config, model_cfg, dtype, micro, count)
@@ -193,7 +247,9 @@ def plan_report(plan: MemoryPlan) -> str:
             f"{s['grad_accum']} micro-batch(es), LoRA r {s['lora_r']}"
             + (", DoRA" if s["use_dora"] else "") + (", NF4 base" if s["quantize"] == "nf4" else "")
             + {False: "", True: ", gradient checkpointing",
-               "offload": ", gradient checkpoints offloaded"}[s["grad_checkpointing"]])
+               "offload": ", gradient checkpoints offloaded"}[s["grad_checkpointing"]]
+            + (f"; rank 0 of {s['world_size']} under {s['strategy']}"
+               if s["world_size"] > 1 else ""))
     lines = [head, f"  peak of live tensors {gib(plan.peak_bytes)}   (at {plan.peak_op})"]
     lines += [f"    {CATEGORY_NAMES[c]:<22}{gib(plan.categories[c])}" for c in CATEGORIES]
     if plan.host_bytes:
