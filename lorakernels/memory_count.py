@@ -89,6 +89,9 @@ class LiveBytes(TorchDispatchMode):
         self._in_backward = False
         self.context: Optional[str] = None  # set by the caller (e.g. "optimizer step")
         self._making: Optional[str] = None  # the category of what is made now (``making``)
+        # FSDP frees and refills its all-gathered weights by resizing their storages in place,
+        # which no op reports: with this set, every op first re-reads the live storages' sizes.
+        self.storages_resize = False
 
     # ----------------------------------------------------------------- labelling
 
@@ -178,6 +181,15 @@ class LiveBytes(TorchDispatchMode):
         self._forward_made.pop(serial, None)
         self.live_bytes -= self._live.pop(serial)
 
+    def _reread_sizes(self) -> None:
+        for serial, nbytes in list(self._live.items()):
+            storage = self._refs[serial]()
+            if storage is not None and storage.nbytes() != nbytes:
+                self._live[serial] = storage.nbytes()
+                self.live_bytes += storage.nbytes() - nbytes
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes, self.peak_op, self._at_peak = self.live_bytes, self._last_op, True
+
     def _enter_phase(self) -> None:
         """A backward starts: what its forward made and still holds is saved for it."""
         in_backward = torch._C._current_graph_task_id() != -1
@@ -196,6 +208,8 @@ class LiveBytes(TorchDispatchMode):
                 else func.overloadpacket.__name__)
         self._last_op = f"{name} in {phase}"
         out = self._run(func, args, kwargs)
+        if self.storages_resize:
+            self._reread_sizes()
         for storage, device in _storages_and_devices(tree_leaves(out)):
             if device == self.host_device:
                 self._add_host(storage)

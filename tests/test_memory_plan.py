@@ -118,6 +118,7 @@ def test_cli_prints_writes_json_and_no_run_directory(tmp_path):
                 "grads", "optimizer_state", "activations", "temporaries", "settings"):
         assert key in record
     assert record["settings"]["batch_size"] == 1 and record["settings"]["max_seq_len"] == 64
+    assert record["settings"]["world_size"] == 1 and record["settings"]["strategy"] == "ddp"
     assert not (tmp_path / "run").exists()
 
 
@@ -125,8 +126,42 @@ def test_cli_prints_writes_json_and_no_run_directory(tmp_path):
     (["--plan-memory", "--device", "tpu"], "--device tpu"),
     (["--plan-json", "/no/such/dir/plan.json"], "--plan-json"),
     (["--plan-memory", "--model", "/no/such/checkpoint"], "--model"),
+    (["--plan-memory", "--plan-world-size", "0"], "--plan-world-size"),
+    (["--plan-memory", "--plan-world-size", "3", "--global-batch-size", "4"],
+     "--global-batch-size"),
 ])
 def test_cli_bad_input_is_one_line_naming_the_flag(tmp_path, args, flag):
     result = run_train(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and flag in result.stderr
+
+
+def test_ddp_rank_holds_the_one_process_plan_and_its_buckets():
+    """DDP's buckets (a copy of the LoRA gradients, made at the wrap) live through the step;
+    the same step on real weights (the fake process group, collectives no-ops) agrees."""
+    alone = plan_memory(tiny())
+    rank = plan_memory(tiny(plan_world_size=2, strategy="ddp"))
+    real = plan_memory(tiny(plan_world_size=2, strategy="ddp"), fake=False)
+    buckets = alone.categories["lora_params"]
+    assert rank.peak_bytes == alone.peak_bytes + buckets
+    assert rank.categories["grads"] == buckets
+    assert real.peak_bytes == pytest.approx(rank.peak_bytes, rel=0.01)
+    assert rank.settings["world_size"] == 2 and rank.settings["strategy"] == "ddp"
+
+
+def test_fsdp_rank_holds_its_shards():
+    """FSDP2 shards the base and LoRA weights: a rank of 2 or 4 holds a half or a quarter."""
+    alone = plan_memory(tiny(strategy="fsdp"))
+    ranks = {n: plan_memory(tiny(plan_world_size=n, strategy="fsdp")) for n in (2, 4)}
+    for n, plan in ranks.items():
+        assert plan.categories["frozen_weights"] == pytest.approx(
+            alone.categories["frozen_weights"] / n, rel=0.01)
+        assert plan.categories["lora_params"] == alone.categories["lora_params"] // n
+    assert ranks[4].peak_bytes < ranks[2].peak_bytes
+    real = plan_memory(tiny(plan_world_size=2, strategy="fsdp"), fake=False)
+    assert real.peak_bytes == pytest.approx(ranks[2].peak_bytes, rel=0.01)
+
+
+def test_global_batch_is_split_per_rank():
+    plan = plan_memory(tiny(plan_world_size=2, global_batch_size=4))
+    assert plan.settings["batch_size"] == 2

@@ -145,6 +145,7 @@ def wrapped_step(model: Phi3ForCausalLM, config: TrainConfig, ranks: Distributed
     makes and keeps (DDP's buckets, FSDP's shards) counts from the start."""
     if not ranks.enabled:
         return StepLoss(model)
+    count.storages_resize = config.strategy == "fsdp"
     with count.making("grads" if config.strategy == "ddp" else "frozen_weights"):
         step_loss = ranks.wrap(StepLoss(model), torch.device("cpu"), config.strategy,
                                planning=True)
