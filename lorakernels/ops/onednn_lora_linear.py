@@ -30,12 +30,21 @@ from ..parts import pair_slices
 ONEDNN_AVAILABLE = (torch.backends.mkldnn.is_available()
                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
-if ONEDNN_AVAILABLE:
-    # torch gives the plain op a fake (shape-only) implementation but not the fused post-op
-    # one: the memory plan (training/memory_plan.py) runs this path on fake tensors.
-    @torch.library.register_fake("mkldnn::_linear_pointwise.binary")
-    def _linear_pointwise_binary_fake(x, other, weight, bias, attr):
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+def _linear_pointwise_binary_fake(x, other, weight, bias, attr):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# torch 2.13 gives the plain op a fake (shape-only) implementation but not the fused post-op
+# one: the memory plan (training/memory_plan.py) runs this path on fake tensors. A torch that
+# has one already (its own Meta kernel) keeps it.
+if ONEDNN_AVAILABLE and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "mkldnn::_linear_pointwise.binary", "Meta"):
+    try:
+        torch.library.register_fake("mkldnn::_linear_pointwise.binary",
+                                    _linear_pointwise_binary_fake)
+    except RuntimeError:  # registered already (by torch's inductor, or a reload): keep that
+        pass
 
 
 def uses_onednn(*tensors: torch.Tensor) -> bool:
