@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from adapter_base import preset_seed, resolve_base_model
-from model.build import ArgumentError, base_config, load_model, resolve_device, resolve_dtype
+from model.build import base_config, load_model, resolve_device, resolve_dtype
 from model.chat import stop_ids, tokenize_chat
-from model.config import DTYPE_CHOICES, QUANTIZE_CHOICES
+from model.config import DTYPE_CHOICES, QUANTIZE_CHOICES, ArgumentError
 
 
 # Below this, logits / temperature overflow: greedy (0) is what such a value means.

@@ -16,9 +16,9 @@ from pathlib import Path
 from lorakernels.adapters import merge_lora
 from lorakernels.weight_files import replace_directory
 from adapter_base import TRAINER_STATE, preset_seed, resolve_base_model
-from model.build import ArgumentError, load_model, resolve_device, resolve_dtype
+from model.build import load_model, resolve_device, resolve_dtype
 from model.chat import stop_ids
-from model.config import DTYPE_CHOICES
+from model.config import DTYPE_CHOICES, ArgumentError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ Ctrl-C, SIGTERM or SIGHUP, with a checkpoint saved once training had begun (docs
 """
 import sys
 
+from model.config import ArgumentError
 from training.config import build_parser, parse_config
 from training.interrupts import Interrupted, exit_status, signal_name
 
@@ -26,8 +27,6 @@ def main(argv=None) -> int:
     from training.divergence import TrainingDiverged
     from training.loop import out_of_memory_message, train
     from training.memory_plan import PlanFailed, run_plan
-
-    from model.build import ArgumentError
 
     try:
         if config.plan_memory:

@@ -13,7 +13,7 @@ from lorakernels.adapters import ADAPTER_WEIGHTS_FILE
 from lorakernels.nf4_layers import NF4Layer
 from lorakernels.weight_files import open_safetensors
 
-from .config import PRESETS, Phi3Config
+from .config import PRESETS, ArgumentError, Phi3Config, check_device_name
 from .loading import CONFIG_FILE, check_weight, resolve_checkpoint_dir
 from .lora import apply_peft_adapter
 from .phi3 import Phi3ForCausalLM
@@ -23,29 +23,13 @@ from .tokenizer import Phi3Tokenizer, load_tokenizer, read_eos_ids
 INIT_STD = 0.02  # Hugging Face's initializer_range for Phi-3: random weights of that spread
 
 
-class ArgumentError(ValueError):
-    """A build argument (``argument``: model, device, ...) whose value cannot work; the
-    command-line tools say it as their flag (``as_flag``)."""
-
-    def __init__(self, argument: str, value, reason: str):
-        super().__init__(f"{argument} {value}: {reason}")
-        self.argument, self.value, self.reason = argument, value, reason
-
-    def as_flag(self) -> str:
-        return f"--{self.argument.replace('_', '-')} {self.value}: {self.reason}"
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto``: CUDA when there is one, else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` checked
     against the GPUs this machine has, so a bad device stops before any work."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ArgumentError("device", name, "unknown device; use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("device", name, "no CUDA GPU is visible to PyTorch here; use cpu or "
                                             "auto")

@@ -1,12 +1,35 @@
 """Phi3Config: the architecture numbers, read from a checkpoint's config.json or a named preset."""
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 # config.json keys that carry no meaning for this implementation (all zero or bookkeeping in
 # every published Phi-3 checkpoint); anything else unknown is an error, not silently dropped.
+class ArgumentError(ValueError):
+    """A build argument (``argument``: model, device, ...) whose value cannot work; the
+    command-line tools say it as their flag (``as_flag``)."""
+
+    def __init__(self, argument: str, value, reason: str):
+        super().__init__(f"{argument} {value}: {reason}")
+        self.argument, self.value, self.reason = argument, value, reason
+
+    def as_flag(self) -> str:
+        return f"--{self.argument.replace('_', '-')} {self.value}: {self.reason}"
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(name: str) -> None:
+    """A device spelled as one: auto, cpu, cuda or cuda:N (whether this machine has it is
+    ``build.resolve_device``'s to say)."""
+    if not DEVICE_NAME.fullmatch(name):
+        raise ArgumentError("device", name, "unknown device; use auto, cpu, cuda or cuda:N")
+
+
 # Phi-3's four decoder projections: the LoRA targets by default (PEFT's module names).
 DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 # The dtypes a model's weights may be loaded in; auto: bf16 on a GPU, fp32 on a CPU.

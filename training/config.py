@@ -3,7 +3,6 @@ order."""
 import argparse
 import dataclasses
 import math
-import re
 import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Union
 import yaml
 
 from lorakernels.settings import ATTENTIONS
-from model.config import DEFAULT_TARGETS, DTYPE_CHOICES, QUANTIZE_CHOICES
+from model.config import (DEFAULT_TARGETS, DTYPE_CHOICES, QUANTIZE_CHOICES, ArgumentError,
+                          check_device_name)
 
 if TYPE_CHECKING:
     from lorakernels.adapters import AdapterLayout
@@ -113,7 +113,7 @@ class TrainConfig:
             self.plan_memory = True
         self.grad_checkpointing = checkpointing_mode(self.grad_checkpointing,
                                                      "--grad-checkpointing")
-        check_device_name(self.device)  # whether the machine has it: check_environment
+        check_device_flag(self.device)  # whether the machine has it: check_environment
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.report_to not in ("none", "tensorboard"):
@@ -268,19 +268,18 @@ HELP = {
 }
 
 
-DEVICE_NAME = re.compile(r"cpu|cuda(:[0-9]+)?")
-
-
-def check_device_name(name: str) -> None:
-    """--device spelled as a device (whether this machine has it is check_environment's)."""
-    if name != "auto" and not DEVICE_NAME.fullmatch(name):
-        raise ValueError(f"--device {name}: unknown device; use auto, cpu, cuda or cuda:N")
+def check_device_flag(name: str) -> None:
+    """--device spelled as a device, or one line naming the flag."""
+    try:
+        check_device_name(name)
+    except ArgumentError as error:
+        raise ValueError(error.as_flag()) from None
 
 
 def device_path(name: str) -> str:
     """The code path (cpu or cuda) that --device ``name`` selects; ``auto``: this machine's.
     A plan of a CUDA run takes the CUDA path on a machine without a GPU."""
-    check_device_name(name)
+    check_device_flag(name)
     if name == "auto":
         import torch  # here, not at import: reading the flags needs no torch
 
