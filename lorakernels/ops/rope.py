@@ -170,12 +170,6 @@ def rope_forward(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return rope_rotate(q, k, cos, sin, False)
 
 
-def rope_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of rope_forward's outputs → gradients of q and k (the inverse rotation)."""
-    return rope_rotate(dq, dk, cos, sin, True)
-
-
 # ----------------------------------------------------------------------------- autograd
 
 
